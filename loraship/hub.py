@@ -1,0 +1,131 @@
+"""Hugging Face Hub transfer: push an artifact folder, fetch a repo or one file.
+
+All calls go through ``huggingface_hub`` and so honour ``HF_ENDPOINT`` (tests
+point it at a stand-in server on loopback) and ``HF_HUB_OFFLINE``. Errors that
+mean "the user must act" (unreachable Hub, missing repo, bad token) become a
+:class:`HubError` whose message names the setting involved.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from loraship.errors import UserError
+
+
+class HubError(UserError):
+    """The Hub could not be reached, or the repo/file/token is wrong."""
+
+
+def looks_like_repo_id(value: str) -> bool:
+    """``owner/name`` with no path that exists locally."""
+    if Path(value).exists():
+        return False
+    parts = value.split("/")
+    return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
+
+
+def _explain(err: Exception, what: str, setting: str) -> HubError:
+    from huggingface_hub import errors as hf_errors
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if isinstance(err, hf_errors.RepositoryNotFoundError):
+        hint = "the repo does not exist or the token cannot see it (check HF_TOKEN)"
+    elif isinstance(err, hf_errors.EntryNotFoundError):
+        hint = "the repo has no such file"
+    elif isinstance(err, hf_errors.LocalEntryNotFoundError):
+        hint = f"the Hub at {endpoint} is unreachable and nothing is cached"
+    elif isinstance(err, hf_errors.HfHubHTTPError):
+        hint = f"the Hub answered: {str(err).splitlines()[0]}"
+    else:
+        hint = f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return HubError(f"{setting}={what!r}: {hint}")
+
+
+def push_folder(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None,
+    repo_type: str = "model",
+    private: bool = True,
+    path_in_repo: str | None = None,
+    commit_message: str = "Upload with loraship",
+    ignore_patterns: Iterable[str] = (".tmp-*", "**/.tmp-*"),
+    setting: str = "HUB_REPO",
+) -> str:
+    """Create ``repo_id`` if needed (private by default) and upload ``folder``.
+
+    Returns the commit URL. Raises :class:`HubError` naming ``setting`` on failure.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or None)
+    try:
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type=repo_type,
+            path_in_repo=path_in_repo,
+            commit_message=commit_message,
+            ignore_patterns=list(ignore_patterns),
+        )
+    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
+        raise _explain(err, repo_id, setting) from err
+    return str(getattr(info, "commit_url", info))
+
+
+def download_repo(
+    repo_id: str,
+    *,
+    token: str | None = None,
+    allow_patterns: Iterable[str] | None = None,
+    repo_type: str = "model",
+    setting: str = "BASE_MODEL",
+) -> Path:
+    """Fetch (or reuse the cached copy of) a repo snapshot; return its local folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            repo_type=repo_type,
+            token=token or None,
+            allow_patterns=list(allow_patterns) if allow_patterns else None,
+            endpoint=os.environ.get("HF_ENDPOINT"),
+        )
+    except Exception as err:  # noqa: BLE001
+        raise _explain(err, repo_id, setting) from err
+    return Path(path)
+
+
+def list_repo_files(repo_id: str, *, token: str | None = None, setting: str = "MODEL") -> list[str]:
+    """File names in a model repo."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or None)
+    try:
+        return list(api.list_repo_files(repo_id))
+    except Exception as err:  # noqa: BLE001
+        raise _explain(err, repo_id, setting) from err
+
+
+def download_file(
+    repo_id: str,
+    filename: str,
+    *,
+    token: str | None = None,
+    setting: str = "MODEL",
+) -> Path:
+    """Fetch one file of a model repo; return its local path."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(
+            hf_hub_download(repo_id, filename, token=token or None, endpoint=os.environ.get("HF_ENDPOINT"))
+        )
+    except Exception as err:  # noqa: BLE001
+        raise _explain(err, f"{repo_id}/{filename}", setting) from err
