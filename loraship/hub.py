@@ -28,20 +28,35 @@ def looks_like_repo_id(value: str) -> bool:
 
 
 def _explain(err: Exception, what: str, setting: str) -> HubError:
+    from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if isinstance(err, hf_errors.RepositoryNotFoundError):
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    # Order matters: GatedRepoError is a RepositoryNotFoundError, and both the remote and
+    # the local "entry not found" errors are EntryNotFoundError.
+    if isinstance(err, hf_errors.GatedRepoError):
+        hint = "the repo is gated: accept its terms on the Hub and use a token (HF_TOKEN) that has access"
+    elif isinstance(err, hf_errors.RepositoryNotFoundError):
         hint = "the repo does not exist or the token cannot see it (check HF_TOKEN)"
-    elif isinstance(err, hf_errors.EntryNotFoundError):
+    elif isinstance(err, hf_errors.RevisionNotFoundError):
+        hint = "the repo has no such revision"
+    elif isinstance(err, hf_errors.RemoteEntryNotFoundError):
         hint = "the repo has no such file"
-    elif isinstance(err, hf_errors.LocalEntryNotFoundError):
-        hint = f"the Hub at {endpoint} is unreachable and nothing is cached"
+    elif isinstance(err, (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled)):
+        if constants.HF_HUB_OFFLINE:
+            hint = "HF_HUB_OFFLINE is set and nothing is cached; unset it or download the files first"
+        else:
+            hint = f"the Hub at {endpoint} is unreachable and nothing is cached"
     elif isinstance(err, hf_errors.HfHubHTTPError):
-        hint = f"the Hub answered: {str(err).splitlines()[0]}"
+        hint = f"the Hub answered: {_first_line(err)}"
     else:
-        hint = f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        hint = f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {_first_line(err)})"
     return HubError(f"{setting}={what!r}: {hint}")
+
+
+def _first_line(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def push_folder(
