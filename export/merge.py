@@ -1,0 +1,433 @@
+"""Merge a PEFT LoRA adapter into the full-precision base, one tensor at a time.
+
+For every weight the adapter touches, the merged weight is
+``W + scaling * B @ A`` (transposed for ``fan_in_fan_out`` layers and for
+embeddings), with ``scaling = alpha / r`` or ``alpha / sqrt(r)`` under rsLoRA;
+``modules_to_save`` weights replace the base's outright.
+
+We read and write safetensors ourselves, tensor by tensor with plain file
+reads, instead of loading the model: peak memory stays near the largest single
+tensor (plus the adapter), whatever the model size. (A memory map would be
+simpler, but every page it touches counts as resident memory until the file
+is closed, so merging a shard would cost the whole shard.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from loraship.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+INDEX_NAME = "model.safetensors.index.json"
+#: Files that describe the model and its tokenizer: copied next to the merged weights.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+CONFIG_FILES = ("config.json", "generation_config.json")
+TIED_INPUT = "model.embed_tokens.weight"
+TIED_OUTPUT = "lm_head.weight"
+
+
+class MergeError(UserError):
+    """The adapter cannot be merged into this base (format, shapes, quantized base)."""
+
+
+# --- safetensors, streamed -------------------------------------------------
+
+_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset where tensor data begins."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    return header, 8 + length
+
+
+def read_tensor(fh, entry: dict, data_start: int) -> "torch.Tensor":
+    """One tensor read with a plain file read (no memory map)."""
+    import torch
+
+    begin, end = entry["data_offsets"]
+    fh.seek(data_start + begin)
+    raw = bytearray(end - begin)
+    fh.readinto(raw)
+    dtype = getattr(torch, _DTYPES[entry["dtype"]][0])
+    if not raw:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
+    """``(name, tensor)`` in file order, one tensor in memory at a time."""
+    header, data_start = read_safetensors_header(path)
+    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+    with open(path, "rb") as fh:
+        for name, entry in entries:
+            yield name, read_tensor(fh, entry, data_start)
+
+
+def load_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
+    return dict(iter_safetensors(path))
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor list is known up front, one tensor at a time."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, str, list[int]]], metadata: dict | None = None):
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in specs:
+            size = math.prod(shape) * _DTYPES[dtype][1]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._expected.append((name, size))
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(blob)))
+        self._fh.write(blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
+        expected_name, size = self._expected[self._next]
+        if name != expected_name:
+            raise RuntimeError(f"tensor {name} written out of order (expected {expected_name})")
+        import torch
+
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if size else b""
+        if len(data) != size:
+            raise RuntimeError(f"tensor {name} has {len(data)} bytes, header says {size}")
+        self._fh.write(memoryview(data))
+        self._next += 1
+
+    def abort(self) -> None:
+        self._fh.close()
+
+    def close(self) -> None:
+        if self._next != len(self._expected):
+            self._fh.close()
+            raise RuntimeError(f"only {self._next} of {len(self._expected)} tensors written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+
+def _dtype_name(tensor: "torch.Tensor") -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    for key, (torch_name, _) in _DTYPES.items():
+        if torch_name == name:
+            return key
+    raise MergeError(f"unsupported tensor dtype {tensor.dtype}")
+
+
+# --- the adapter -----------------------------------------------------------
+
+
+@dataclass
+class LoraDelta:
+    """One adapted weight: ``delta = scaling * B @ A`` (transposed when ``transpose``)."""
+
+    a: "torch.Tensor"
+    b: "torch.Tensor"
+    scaling: float
+    transpose: bool
+
+    def delta(self) -> "torch.Tensor":
+        product = self.b.float() @ self.a.float()
+        if self.transpose:
+            product = product.T
+        return product * self.scaling
+
+
+@dataclass
+class Adapter:
+    """What a PEFT LoRA adapter does to base weights, keyed by the base weight name."""
+
+    config: dict
+    deltas: dict[str, LoraDelta] = field(default_factory=dict)
+    replacements: dict[str, "torch.Tensor"] = field(default_factory=dict)
+
+    @property
+    def touched(self) -> set[str]:
+        return set(self.deltas) | set(self.replacements)
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    # peft matches rank_pattern/alpha_pattern keys against the end of the module name.
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MergeError(f"ADAPTER={str(adapter_dir)!r}: no {ADAPTER_CONFIG}; point ADAPTER at a PEFT adapter folder") from None
+    except json.JSONDecodeError as err:
+        raise MergeError(f"ADAPTER={str(adapter_dir)!r}: {ADAPTER_CONFIG} is not valid JSON ({err})") from None
+
+
+def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
+    """Read a PEFT LoRA adapter folder into base-weight-name -> change."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    where = f"ADAPTER={str(adapter_dir)!r}"
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise MergeError(f"{where}: a {config.get('peft_type')} adapter; only LoRA adapters can be merged")
+    if config.get("use_dora"):
+        raise MergeError(f"{where}: DoRA adapters are not supported; train with use_dora=False")
+    weights_path = adapter_dir / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise MergeError(f"{where}: no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
+    tensors = load_safetensors(weights_path)
+    use_rslora = bool(config.get("use_rslora"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
+    alpha_default = config.get("lora_alpha", 8)
+    pairs: dict[str, dict[str, "torch.Tensor"]] = {}
+    adapter = Adapter(config=config)
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        match = re.match(r"(.+)\.(lora_A|lora_B)\.weight$", name) or re.match(
+            r"(.+)\.(lora_embedding_A|lora_embedding_B)$", name
+        )
+        if match:
+            module, part = match.groups()
+            pairs.setdefault(module, {})[part] = tensor
+        elif name.endswith(".lora_magnitude_vector") or ".lora_magnitude_vector." in name:
+            raise MergeError(f"{where}: DoRA weights found; only plain LoRA adapters are supported")
+        elif ".lora_" in name:
+            raise MergeError(f"{where}: unsupported adapter tensor {key}")
+        else:
+            # modules_to_save (e.g. a retrained lm_head) are stored as full weights.
+            adapter.replacements[name] = tensor
+    for module, parts in pairs.items():
+        embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a = parts.get("lora_embedding_A" if embedding else "lora_A")
+        b = parts.get("lora_embedding_B" if embedding else "lora_B")
+        if a is None or b is None:
+            raise MergeError(f"{where}: {module} has only half of its LoRA pair")
+        rank = a.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), module, alpha_default)
+        scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        # Embedding deltas are stored (dim, vocab) and always transposed; fan_in_fan_out
+        # layers (GPT-2 style Conv1D) keep their weight as (in, out).
+        adapter.deltas[f"{module}.weight"] = LoraDelta(a=a, b=b, scaling=scaling, transpose=embedding or fan_in_fan_out)
+    if not adapter.deltas and not adapter.replacements:
+        raise MergeError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    return adapter
+
+
+# --- the base --------------------------------------------------------------
+
+
+def base_shards(base_dir: Path) -> list[Path]:
+    """The base's safetensors files, in index order."""
+    index = base_dir / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return [base_dir / name for name in dict.fromkeys(weight_map.values())]
+    single = base_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    found = sorted(base_dir.glob("*.safetensors"))
+    if found:
+        return found
+    raise MergeError(
+        f"BASE_MODEL={str(base_dir)!r}: no safetensors weights (model.safetensors or {INDEX_NAME}); "
+        "save the base with safe_serialization=True"
+    )
+
+
+def read_base_config(base_dir: Path) -> dict:
+    path = base_dir / "config.json"
+    if not path.is_file():
+        raise MergeError(f"BASE_MODEL={str(base_dir)!r}: no config.json; not a Hugging Face model folder")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _tied(config: dict) -> bool:
+    text = config.get("text_config") or {}
+    return bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
+
+
+def base_weight_shapes(base_dir: Path) -> dict[str, tuple[list[int], str]]:
+    """Every base weight's shape and safetensors dtype, from the headers alone."""
+    shapes = {}
+    for shard in base_shards(base_dir):
+        header, _ = read_safetensors_header(shard)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                shapes[name] = (entry["shape"], entry["dtype"])
+    return shapes
+
+
+def check_compatible(adapter: Adapter, base_dir: Path) -> list[str]:
+    """Problems that mean this adapter was not trained on this base (empty when it fits)."""
+    config = read_base_config(base_dir)
+    problems = []
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        problems.append(
+            f"BASE_MODEL={str(base_dir)!r}: a {method} checkpoint; merge into the full-precision base "
+            "(the model the quantized one was made from)"
+        )
+        return problems
+    shapes = base_weight_shapes(base_dir)
+    if _tied(config) and TIED_OUTPUT not in shapes and TIED_INPUT in shapes:
+        shapes[TIED_OUTPUT] = shapes[TIED_INPUT]
+    for name, change in sorted(adapter.deltas.items()):
+        if name not in shapes:
+            problems.append(f"BASE_MODEL={str(base_dir)!r}: has no weight {name} that the adapter changes")
+            break
+        shape = list(shapes[name][0])
+        rows, cols = change.b.shape[0], change.a.shape[1]
+        want = [cols, rows] if change.transpose else [rows, cols]
+        if shape != want:
+            problems.append(
+                f"BASE_MODEL={str(base_dir)!r}: does not match the adapter ({name} is {shape} in the base, "
+                f"the adapter expects {want})"
+            )
+            break
+    for name, tensor in sorted(adapter.replacements.items()):
+        if name in shapes and list(shapes[name][0]) != list(tensor.shape):
+            problems.append(
+                f"BASE_MODEL={str(base_dir)!r}: does not match the adapter ({name} is {list(shapes[name][0])} "
+                f"in the base, {list(tensor.shape)} in the adapter)"
+            )
+            break
+    return problems
+
+
+# --- the merge -------------------------------------------------------------
+
+
+def merge_adapter_shard(tensors: dict[str, "torch.Tensor"], adapter: Adapter) -> dict[str, "torch.Tensor"]:
+    """A shard's tensors with the adapter applied (pure: the input is not modified).
+
+    The sum is taken in fp32 and rounded once to the shard's dtype.
+    """
+    merged = {}
+    for name, tensor in tensors.items():
+        merged[name] = merge_tensor(name, tensor, adapter)
+    return merged
+
+
+def merge_tensor(name: str, tensor: "torch.Tensor", adapter: Adapter) -> "torch.Tensor":
+    if name in adapter.replacements:
+        return adapter.replacements[name].to(tensor.dtype).clone()
+    change = adapter.deltas.get(name)
+    if change is None:
+        return tensor
+    return (tensor.float() + change.delta()).to(tensor.dtype)
+
+
+def merge_into_folder(
+    base_dir: str | os.PathLike,
+    adapter: Adapter,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write base + adapter as a Hugging Face folder at ``out_dir`` (which must not exist).
+
+    Shard by shard, tensor by tensor. When the base ties its input and output
+    embeddings and the adapter changes either of them, the two are written as
+    separate weights (and the config unties them): during training the LoRA on
+    ``lm_head`` never changed the embedding lookup, nor the other way round.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    config = read_base_config(base_dir)
+    shards = base_shards(base_dir)
+    shapes = base_weight_shapes(base_dir)
+    tied = _tied(config) and TIED_OUTPUT not in shapes
+    untie = tied and bool({TIED_INPUT, TIED_OUTPUT} & adapter.touched)
+    out_dir.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    for shard in shards:
+        header, data_start = read_safetensors_header(shard)
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        specs = [(k, v["dtype"], v["shape"]) for k, v in entries]
+        if untie and TIED_INPUT in header:
+            entry = header[TIED_INPUT]
+            specs.append((TIED_OUTPUT, entry["dtype"], entry["shape"]))
+        writer = SafetensorsStreamWriter(out_dir / shard.name, specs, metadata={"format": "pt"})
+        try:
+            with open(shard, "rb") as fh:
+                for name, entry in entries:
+                    tensor = read_tensor(fh, entry, data_start)
+                    writer.write(name, merge_tensor(name, tensor, adapter))
+                    weight_map[name] = shard.name
+                    if progress:
+                        progress(1)
+                    if untie and name == TIED_INPUT:
+                        tied_input = tensor
+                    del tensor
+                if untie and TIED_INPUT in header:
+                    writer.write(TIED_OUTPUT, merge_tensor(TIED_OUTPUT, tied_input, adapter))
+                    weight_map[TIED_OUTPUT] = shard.name
+                    del tied_input
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close()
+    if len(shards) > 1 or (base_dir / INDEX_NAME).is_file():
+        index = json.loads((base_dir / INDEX_NAME).read_text(encoding="utf-8")) if (base_dir / INDEX_NAME).is_file() else {}
+        index["weight_map"] = weight_map
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    if untie:
+        if "text_config" in config and "tie_word_embeddings" in config["text_config"]:
+            config["text_config"]["tie_word_embeddings"] = False
+        config["tie_word_embeddings"] = False
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    copy_model_files(base_dir, out_dir, tokenizer_dir)
+    return out_dir
+
+
+def copy_model_files(base_dir: Path, out_dir: Path, tokenizer_dir: str | os.PathLike | None) -> None:
+    """generation config and tokenizer (the training-time one when the adapter carries it)."""
+    if (base_dir / "generation_config.json").is_file():
+        shutil.copy2(base_dir / "generation_config.json", out_dir / "generation_config.json")
+    source = Path(tokenizer_dir) if tokenizer_dir and has_tokenizer(Path(tokenizer_dir)) else base_dir
+    if not has_tokenizer(source):
+        raise MergeError(f"BASE_MODEL={str(base_dir)!r}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer_config.json").is_file() and (
+        (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+    )
+
+
+def count_tensors(base_dir: Path) -> int:
+    return len(base_weight_shapes(base_dir))
