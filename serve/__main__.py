@@ -1,0 +1,97 @@
+"""`python -m serve` serves the chat UI and the API; `python -m serve chat [PROMPT]` chats in the terminal."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from loraship.cli import report_errors
+from loraship.envsettings import settings_help
+from serve.settings import ServeSettings, load_serve_settings
+
+HELP = f"""Serve a GGUF on the CPU: a chat UI for people and an OpenAI-compatible API
+(/v1/chat/completions, /v1/models, /health) for programs, on one port.
+
+\b
+{settings_help(ServeSettings).replace(chr(10) * 2, chr(10) * 2 + chr(8) + chr(10))}
+"""
+
+
+def _resolve(settings: ServeSettings):
+    from serve.model import resolve_model_path
+
+    return resolve_model_path(settings.model, settings.model_file, settings.token())
+
+
+@click.group(invoke_without_command=True, help=HELP)
+@click.pass_context
+@report_errors
+def main(ctx: click.Context) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from serve.app import serve_forever
+
+    settings = load_serve_settings()
+    serve_forever(settings, _resolve(settings))
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@report_errors
+def chat(prompt: str | None) -> None:
+    """Chat in the terminal; with PROMPT, print one answer on stdout and exit."""
+    from serve.chat import ContextOverflow, build_messages, trim_to_context
+    from serve.model import load_llama, stream_chat, token_counter
+
+    settings = load_serve_settings()
+    path = _resolve(settings)
+    llama = load_llama(path, settings.n_ctx, settings.threads())
+    count = token_counter(llama)
+    history: list[dict] = []
+
+    def answer(text: str) -> str:
+        messages = build_messages(settings.system_prompt, history, text)
+        try:
+            trimmed = trim_to_context(messages, count, settings.n_ctx, settings.max_tokens)
+        except ContextOverflow as err:
+            from serve.model import ServeError
+
+            raise ServeError(str(err)) from None
+        notice = trimmed.notice(settings.n_ctx)
+        if notice:
+            click.echo(f"[{notice}]", err=True)
+        pieces = []
+        for piece in stream_chat(llama, trimmed.messages, settings.max_tokens, settings.temperature):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return "".join(pieces)
+
+    if prompt is not None:
+        if not prompt.strip():
+            from serve.model import ServeError
+
+            raise ServeError("PROMPT is empty: give a question, or no argument for an interactive chat")
+        answer(prompt)
+        return
+    click.echo(f"chatting with {path.name} (Ctrl-D to quit)", err=True)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            click.echo("", err=True)
+            return
+        if not text.strip():
+            continue
+        try:
+            reply = answer(text)
+        except Exception as err:  # noqa: BLE001 - keep the conversation alive
+            click.echo(f"error: {err}", err=True)
+            continue
+        history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+
+
+if __name__ == "__main__":
+    main()

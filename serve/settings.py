@@ -1,0 +1,80 @@
+"""What `python -m serve` reads from the environment (or a `.env` file).
+
+One declaration gives validation, `--help` and the README table. The names
+are fixed: the Space and the container set them as plain environment
+variables (the container overrides ``HOST`` with ``0.0.0.0``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loraship.envsettings import EmptyIsNone, load_settings
+
+ENV_FILES = (".env",)
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, protected_namespaces=())
+
+    model: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        description=(
+            "A local .gguf path or a Hugging Face repo id (owner/name). Unset: the newest "
+            "*Q4_K_M*.gguf export under outputs/ that has a manifest.json, else the embedded "
+            "SmolLM2-135M-Instruct."
+        ),
+    )
+    model_file: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        description="The .gguf file inside the MODEL repo. Unset: the repo's single *Q4_K_M.gguf.",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="Address to listen on (the container and the Space set 0.0.0.0).",
+    )
+    port: int = Field(default=7860, ge=1, le=65535, description="Port for the chat UI and the API alike.")
+    n_ctx: int = Field(
+        default=2048,
+        ge=256,
+        le=131072,
+        description="Context window in tokens; longer conversations lose their oldest turns.",
+    )
+    n_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=512,
+        description="CPU threads for llama.cpp. Unset: every core this process may use.",
+    )
+    system_prompt: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        max_length=8000,
+        description="Default system prompt of the chat UI and `chat`. Unset: the chat template's own default.",
+    )
+    max_tokens: int = Field(default=512, ge=1, le=32768, description="Default longest answer, in tokens.")
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="Default sampling temperature (0 = greedy).")
+    hf_token: SecretStr | None = Field(
+        default=None, description="Hugging Face token, for a private MODEL repo. Never printed."
+    )
+
+    def threads(self) -> int:
+        """Threads to give llama.cpp: the setting, else the cores this process may run on."""
+        if self.n_threads:
+            return self.n_threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            return max(1, os.cpu_count() or 1)
+
+    def token(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+
+def load_serve_settings(**overrides) -> ServeSettings:
+    """Read and validate every setting at once (a SettingsError lists all problems)."""
+    return load_settings(ServeSettings, ENV_FILES, **overrides)
