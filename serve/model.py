@@ -227,7 +227,7 @@ def resolve_model_path(model: str | None, model_file: str | None = None, token: 
             f"MODEL={str(path)!r}: the GGUF carries no tokenizer.chat_template, so there is no chat "
             "format to follow; export it from a model whose tokenizer has one"
         )
-    return path
+    return path.absolute()
 
 
 def model_settings(path: Path, n_ctx: int, n_threads: int):
