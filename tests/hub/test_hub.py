@@ -11,10 +11,10 @@ TOKEN = "hf_stub_token_for_tests"
 
 @pytest.fixture
 def artifact_folder(tmp_path):
-    """An adapter-like folder: a >10 MB binary (LFS-sized on the real Hub) and small text files."""
+    """An adapter-like folder: a small binary, a model card, a nested manifest, a temporary."""
     folder = tmp_path / "adapter"
     (folder / "nested").mkdir(parents=True)
-    (folder / "adapter_model.safetensors").write_bytes(os.urandom(10 * 1024 * 1024 + 123))
+    (folder / "adapter_model.safetensors").write_bytes(os.urandom(4096))
     (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# A tiny adapter\n")
     (folder / "nested" / "manifest.json").write_text('{"stage": "train"}\n')
     (folder / ".tmp-half-written").write_text("must not be uploaded")
@@ -34,9 +34,12 @@ def test_push_folder_uploads_every_file_except_temporaries(hub_server, artifact_
 
     assert hub_server.repo_files("me/adapter") == _expected(artifact_folder)
     assert url.startswith(hub_server.url + "/me/adapter/commit/")
+    assert all(r.status == 200 for r in hub_server.requests)
 
 
 def test_pushed_repo_lists_and_downloads_back_byte_identical(hub_server, artifact_folder):
+    # Over 10 MB: the real Hub would want LFS/Xet here; the round trip must stay byte-exact.
+    (artifact_folder / "adapter_model.safetensors").write_bytes(os.urandom(10 * 1024 * 1024 + 123))
     push_folder(artifact_folder, "me/adapter", token=TOKEN)
     expected = _expected(artifact_folder)
 
