@@ -1,0 +1,443 @@
+"""Training rows: read them, turn every format into one conversation form, render, mask.
+
+The pipeline per row is::
+
+    raw row --to_conversation--> [{"role", "content"}, ...]
+            --render_conversation--> text + the character spans the assistant wrote
+            --tokenize_conversation--> input_ids + labels (-100 outside the loss)
+
+The formatting and masking functions are pure (a row and a tokenizer in, lists
+out), so the tests pin exact labels for one row of every supported format.
+Reading files and the Hub, length filtering and the seeded split live below them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from train.settings import DATA_SUFFIXES, TrainError
+
+IGNORE_INDEX = -100
+
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
+
+# Columns that identify each format, checked in this order by DATASET_FORMAT=auto.
+FORMAT_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("sharegpt", ("conversations",)),
+    ("messages", ("messages",)),
+    ("alpaca", ("instruction", "output")),
+    ("instruction_response", ("instruction", "response")),
+    ("gsm8k", ("question", "answer")),
+    ("text", ("text",)),
+]
+
+
+class RowError(ValueError):
+    """What is wrong with one row (the caller adds where the row is)."""
+
+
+# --------------------------------------------------------------------------
+# Formats -> one conversation form
+# --------------------------------------------------------------------------
+
+
+def detect_format(columns: Sequence[str]) -> str:
+    """The format whose identifying columns are all present."""
+    present = set(columns)
+    for name, needed in FORMAT_COLUMNS:
+        if set(needed) <= present:
+            return name
+    known = "; ".join(f"{name}: {'+'.join(cols)}" for name, cols in FORMAT_COLUMNS)
+    raise TrainError(
+        f"DATASET_FORMAT=auto: cannot tell the format from columns {sorted(present)}; "
+        f"expected one of ({known}); set DATASET_FORMAT explicitly if the columns are right"
+    )
+
+
+def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):  # CSV/Parquet gaps come back as NaN
+        if required:
+            raise RowError(f"missing '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"'{key}' must be text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise RowError(f"'{key}' is empty")
+    return value
+
+
+def _turns(items: Any, column: str, role_key: str, content_key: str) -> list[dict[str, str]]:
+    if not isinstance(items, (list, tuple)) or not items:
+        raise RowError(f"'{column}' must be a non-empty list of turns")
+    messages = []
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, dict):
+            raise RowError(f"'{column}' turn {i} is not an object")
+        role = item.get(role_key, item.get("role"))
+        content = item.get(content_key, item.get("content"))
+        if role not in ROLE_NAMES:
+            raise RowError(f"'{column}' turn {i} has unknown {role_key} {role!r} (allowed: {', '.join(ROLE_NAMES)})")
+        if not isinstance(content, str):
+            raise RowError(f"'{column}' turn {i} has no text in '{content_key}'")
+        messages.append({"role": ROLE_NAMES[role], "content": content})
+    return messages
+
+
+_INST = re.compile(r"<s>\s*\[INST\](?P<user>.*?)\[/INST\](?P<answer>.*?)(?:</s>|(?=<s>)|\Z)", re.DOTALL)
+_SYS = re.compile(r"^\s*<<SYS>>(?P<system>.*?)<</SYS>>", re.DOTALL)
+
+
+def parse_llama2_text(text: str) -> list[dict[str, str]]:
+    """Turn ``<s>[INST] q [/INST] a </s>`` text (one or more exchanges) back into turns."""
+    messages: list[dict[str, str]] = []
+    for match in _INST.finditer(text):
+        user = match.group("user")
+        sys_match = _SYS.match(user)
+        if sys_match and not messages:
+            messages.append({"role": "system", "content": sys_match.group("system").strip()})
+            user = user[sys_match.end() :]
+        messages.append({"role": "user", "content": user.strip()})
+        answer = match.group("answer").strip()
+        if answer:
+            messages.append({"role": "assistant", "content": answer})
+    if not messages:
+        raise RowError("'text' is not in the '<s>[INST] prompt [/INST] answer </s>' form")
+    return messages
+
+
+def to_conversation(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """One row of any supported format as ``[{"role", "content"}, ...]``."""
+    if fmt == "sharegpt":
+        messages = _turns(row.get("conversations"), "conversations", "from", "value")
+    elif fmt == "messages":
+        messages = _turns(row.get("messages"), "messages", "role", "content")
+    elif fmt in ("alpaca", "instruction_response"):
+        answer_key = "output" if fmt == "alpaca" else "response"
+        prompt = _text(row, "instruction")
+        extra = _text(row, "input", required=False).strip() or _text(row, "context", required=False).strip()
+        if extra:
+            prompt = f"{prompt.rstrip()}\n\n{extra}"
+        messages = []
+        system = _text(row, "system", required=False).strip()
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(row, answer_key)}]
+    elif fmt == "gsm8k":
+        messages = [
+            {"role": "user", "content": _text(row, "question")},
+            {"role": "assistant", "content": _text(row, "answer")},
+        ]
+    elif fmt == "text":
+        messages = parse_llama2_text(_text(row, "text"))
+    else:  # settings validation makes this unreachable
+        raise RowError(f"unknown format {fmt!r}")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise RowError("has no assistant answer to learn from")
+    return messages
+
+
+# --------------------------------------------------------------------------
+# Rendering and masking (pure)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    text: str
+    #: ``(start, end)`` character ranges of ``text`` the assistant wrote (its end-of-turn marker included).
+    assistant_spans: tuple[tuple[int, int], ...]
+
+
+def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> RenderedConversation:
+    """Render with the tokenizer's chat template and find each assistant turn in the text.
+
+    Each assistant turn is located by rendering the conversation up to it (with
+    the generation prompt) and up to and including it: the difference is what
+    the model must produce, the end-of-turn token included so that it learns to
+    stop. This works for any template that renders earlier turns identically
+    when later turns are appended, which every chat template we ship or know does.
+    """
+
+    def render(part: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True) if i else ""
+        through = render(messages[: i + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise TrainError(
+                "the chat template renders earlier turns differently once later ones are added, so assistant "
+                "turns cannot be located; set ASSISTANT_ONLY_LOSS=false or CHAT_TEMPLATE to a prefix-stable template"
+            )
+        spans.append((len(before), len(through)))
+    return RenderedConversation(text=text, assistant_spans=tuple(spans))
+
+
+def label_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
+    """True for each token whose text starts inside one of ``spans``."""
+    mask = []
+    for start, end in offsets:
+        mask.append(end > start and any(lo <= start < hi for lo, hi in spans))
+    return mask
+
+
+def tokenize_conversation(
+    tokenizer: Any, rendered: RenderedConversation, *, assistant_only: bool = True
+) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)``; labels are -100 outside the assistant's text when ``assistant_only``."""
+    # The template writes the special tokens (bos included) as text already.
+    encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoded["input_ids"])
+    if not assistant_only:
+        return input_ids, list(input_ids)
+    mask = label_mask(encoded["offset_mapping"], rendered.assistant_spans)
+    return input_ids, [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, mask)]
+
+
+# --------------------------------------------------------------------------
+# Reading rows
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceRow:
+    where: str  # "data/x.jsonl line 7": what a user needs to find the row
+    row: dict[str, Any]
+
+
+def _data_files(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in DATA_SUFFIXES:
+            raise TrainError(f"DATASET={str(path)!r}: unsupported file type; use {', '.join(DATA_SUFFIXES)}")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise TrainError(f"DATASET={str(path)!r}: the folder holds no {', '.join(DATA_SUFFIXES)} files")
+    return files
+
+
+def _read_file(path: Path) -> Iterator[SourceRow]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or (suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {number}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise TrainError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(row, dict):
+                    raise TrainError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                yield SourceRow(where, row)
+    elif suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise TrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+        for number, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                raise TrainError(f"{path} row {number}: expected a JSON object, got {type(row).__name__}")
+            yield SourceRow(f"{path} row {number}", row)
+    elif suffix == ".csv":
+        with open(path, encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield SourceRow(f"{path} line {reader.line_num}", dict(row))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield SourceRow(f"{path} row {number}", row)
+
+
+def _read_hub(repo_id: str, config: str | None, split: str, token: str | None) -> Iterator[SourceRow]:
+    import datasets
+
+    try:
+        data = datasets.load_dataset(repo_id, config, split=split, token=token)
+    except Exception as err:  # noqa: BLE001 - unreachable Hub, missing repo/config/split: one clear line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TrainError(
+            f"DATASET={repo_id!r}: could not load split {split!r}"
+            + (f" of config {config!r}" if config else "")
+            + f" from the Hub ({first}); check DATASET, DATASET_CONFIG, DATASET_SPLIT and HF_TOKEN"
+        ) from err
+    label = f"{repo_id}[{config + ':' if config else ''}{split}]"
+    for number, row in enumerate(data, 1):
+        yield SourceRow(f"{label} row {number}", row)
+
+
+def read_rows(
+    dataset: str, *, config: str | None = None, split: str = "train", max_samples: int | None = None,
+    token: str | None = None,
+) -> list[SourceRow]:
+    """The first ``max_samples`` rows of a local file/folder or Hub dataset, each with where it came from."""
+    path = Path(dataset).expanduser()
+    if path.exists():
+        source: Iterator[SourceRow] = (r for f in _data_files(path) for r in _read_file(f))
+    else:
+        source = _read_hub(dataset, config, split, token)
+    rows = []
+    for row in source:
+        rows.append(row)
+        if max_samples is not None and len(rows) >= max_samples:
+            break
+    if not rows:
+        raise TrainError(f"DATASET={dataset!r}: no rows found")
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Rows -> examples, filtered and split
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+
+
+@dataclass
+class DataReport:
+    dataset: str
+    format: str
+    rows: int = 0
+    kept: int = 0
+    dropped_long: int = 0
+    truncated: int = 0
+    dropped_no_loss: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+    train_tokens: int = 0
+    train_loss_tokens: int = 0
+    eval_tokens: int = 0
+    longest: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return [
+            f"data: {self.rows} rows from {self.dataset} (format: {self.format})",
+            f"data: kept {self.kept}; dropped {self.dropped_long} longer than MAX_SEQ_LENGTH, "
+            f"truncated {self.truncated}, dropped {self.dropped_no_loss} with no trainable tokens left",
+            f"data: split {self.train_rows} train / {self.eval_rows} eval; train tokens {self.train_tokens} "
+            f"({self.train_loss_tokens} in the loss), eval tokens {self.eval_tokens}, longest row {self.longest}",
+        ]
+
+
+MAX_ROW_ERRORS_SHOWN = 10
+
+
+def build_examples(
+    rows: Sequence[SourceRow], tokenizer: Any, *, fmt: str, max_seq_length: int, long_rows: str = "drop",
+    assistant_only: bool = True, report: DataReport | None = None,
+) -> list[Example]:
+    """Tokenize and mask every row; enforce MAX_SEQ_LENGTH; malformed rows are an error naming each."""
+    report = report or DataReport(dataset="", format=fmt)
+    report.rows = len(rows)
+    examples, problems = [], []
+    for source in rows:
+        try:
+            messages = to_conversation(source.row, fmt)
+        except RowError as err:
+            problems.append(f"{source.where}: {err} (DATASET_FORMAT={fmt})")
+            continue
+        input_ids, labels = tokenize_conversation(
+            tokenizer, render_conversation(tokenizer, messages), assistant_only=assistant_only
+        )
+        if len(input_ids) > max_seq_length:
+            if long_rows == "drop":
+                report.dropped_long += 1
+                continue
+            input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
+            report.truncated += 1
+        if all(label == IGNORE_INDEX for label in labels):
+            report.dropped_no_loss += 1
+            continue
+        examples.append(Example(input_ids, labels, source.where))
+    if problems:
+        shown = problems[:MAX_ROW_ERRORS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more malformed rows")
+        raise TrainError("\n".join(shown))
+    report.kept = len(examples)
+    if not examples:
+        raise TrainError(
+            f"DATASET={report.dataset!r}: no rows left after filtering ({report.dropped_long} longer than "
+            f"MAX_SEQ_LENGTH={max_seq_length}, {report.dropped_no_loss} with no assistant tokens); "
+            "raise MAX_SEQ_LENGTH or set LONG_ROWS=truncate"
+        )
+    return examples
+
+
+def split_examples(
+    examples: Sequence[Example], *, eval_fraction: float, eval_size: int | None, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Seeded shuffle, then the first ``eval_size`` (or ``eval_fraction`` of all, at least one) go to eval."""
+    n_eval = eval_size if eval_size is not None else (max(1, round(len(examples) * eval_fraction)) if eval_fraction > 0 else 0)
+    if n_eval >= len(examples):
+        what = f"EVAL_SIZE={eval_size}" if eval_size is not None else f"EVAL_FRACTION={eval_fraction}"
+        raise TrainError(
+            f"{what}: leaves no training rows ({len(examples)} rows after filtering); lower it or add data"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    eval_part = [examples[i] for i in sorted(order[:n_eval])]
+    train_part = [examples[i] for i in order[n_eval:]]
+    return train_part, eval_part
+
+
+def prepare_data(settings: Any, tokenizer: Any, token: str | None = None) -> tuple[list[Example], list[Example], DataReport]:
+    """Everything from DATASET to the tokenized train and eval examples, with counts."""
+    rows = read_rows(
+        settings.dataset, config=settings.dataset_config, split=settings.dataset_split,
+        max_samples=settings.max_samples, token=token,
+    )
+    fmt = settings.dataset_format
+    if fmt == "auto":
+        fmt = detect_format(list(rows[0].row.keys()))
+    report = DataReport(dataset=settings.dataset, format=fmt)
+    examples = build_examples(
+        rows, tokenizer, fmt=fmt, max_seq_length=settings.max_seq_length, long_rows=settings.long_rows,
+        assistant_only=settings.assistant_only_loss, report=report,
+    )
+    train, evaluation = split_examples(
+        examples, eval_fraction=settings.eval_fraction, eval_size=settings.eval_size, seed=settings.seed
+    )
+    report.train_rows, report.eval_rows = len(train), len(evaluation)
+    report.train_tokens = sum(len(e.input_ids) for e in train)
+    report.train_loss_tokens = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in train)
+    report.eval_tokens = sum(len(e.input_ids) for e in evaluation)
+    report.longest = max(len(e.input_ids) for e in examples)
+    return train, evaluation, report
+
+
+def to_hf_dataset(examples: Sequence[Example]):
+    """A ``datasets.Dataset`` with exactly ``input_ids`` and ``labels`` (what the trainer consumes)."""
+    import datasets
+
+    return datasets.Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    )

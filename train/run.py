@@ -1,0 +1,261 @@
+"""The training story, top to bottom: settings -> data -> model -> SFT -> adapter folder.
+
+1. decide what 'auto' means on this machine (GPU or not) and say so;
+2. tokenizer + data: every row rendered with the chat template, masked, filtered, split (counts printed);
+3. base model (4-bit NF4 on CUDA) + fresh LoRA adapters;
+4. trl's SFTTrainer on our own ``input_ids``/``labels`` (dataset preparation skipped, so our
+   masks are exactly what trains), eval every EVAL_STEPS, checkpoints for resuming;
+5. the best checkpoint by eval loss becomes ``OUTPUT_DIR/adapter/`` (written atomically) with
+   tokenizer, chat template, model card and manifest; loss.png and train_summary.json beside it;
+6. push to the Hub when HUB_REPO is set.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+# This module is the heavy part of the stage: __main__ imports it only after the
+# settings are valid, so --help and settings errors stay instant.
+from transformers import TrainerCallback
+
+from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
+from loraship.envsettings import public_settings
+from loraship.manifest import build_manifest, write_manifest
+from train import card, data, model
+from train.settings import TrainSettings, cuda_available
+
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Run the whole stage; returns the summary (None for a dry run)."""
+    started = time.time()
+    output_dir = Path(settings.output_dir)
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+
+    # 1. What the settings mean here.
+    plan = model.plan_for(settings, cuda=cuda_available())
+    for notice in plan.notices:
+        echo(f"note: {notice}")
+    model_path = model.resolve_model_path(plan.base_model_resolved)
+
+    # 2. Data, rendered with the base model's own chat template.
+    tokenizer = model.load_tokenizer(model_path, chat_template=settings.chat_template, token=token)
+    train_examples, eval_examples, report = data.prepare_data(settings, tokenizer, token)
+    for line in report.lines():
+        echo(line)
+    if dry_run:
+        echo("dry run: stopping before the model is loaded")
+        return None
+
+    # 3. Base model and adapters.
+    from transformers import set_seed
+
+    set_seed(settings.seed)
+    echo(f"model: loading {plan.base_model_resolved} ({'4-bit NF4' if plan.load_in_4bit else plan.compute_dtype}, "
+         f"compute {plan.compute_dtype}, {'CUDA' if plan.cuda else 'CPU'})")
+    base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token)
+    peft_model = model.add_lora(base, settings)
+
+    # 4. Supervised fine-tuning.
+    remove_stale_temporaries(output_dir)
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    trainer = build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo)
+    resume = last_checkpoint(checkpoints)
+    resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else None
+    if resume:
+        echo(f"resume: continuing from {resume} (step {resumed_from})")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    runtime = time.time() - started
+
+    # 5. The adapter folder, the summary and the plot.
+    summary = summarize(settings, plan, trainer, report, runtime, resumed_from)
+    adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
+    echo(f"adapter: {adapter_dir}")
+    train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
+    card.plot_losses(train_curve, eval_curve, output_dir / "loss.png", summary["best_step"])
+
+    # 6. Publish.
+    if settings.hub_repo:
+        from loraship.hub import push_folder
+
+        summary["hub_commit"] = push_folder(adapter_dir, settings.hub_repo, token=token, private=settings.hub_private)
+        echo(f"hub: pushed {adapter_dir} to {settings.hub_repo} ({'private' if settings.hub_private else 'public'})")
+    write_json(output_dir / "train_summary.json", summary)
+    echo(f"done: {summary['global_step']} steps in {runtime:.0f} s; best eval loss {summary['best_eval_loss']} "
+         f"at step {summary['best_step']}; see {output_dir / 'loss.png'}")
+    return summary
+
+
+def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo):
+    from trl import SFTConfig, SFTTrainer
+
+    has_eval = bool(eval_examples)
+    # TensorBoard event files go to OUTPUT_DIR/runs (transformers reads this variable).
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(settings.output_dir) / "runs")
+    args = SFTConfig(
+        output_dir=str(checkpoints),
+        max_steps=settings.max_steps or -1,
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        optim=plan.optimizer,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        load_best_model_at_end=settings.best_by_eval and has_eval,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        bf16=plan.cuda,
+        fp16=False,
+        use_cpu=not plan.cuda,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        report_to=["tensorboard"],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        include_num_input_tokens_seen="non_padding",
+        # Our rows are already rendered, masked and cut to MAX_SEQ_LENGTH: trl must not
+        # re-tokenize, re-mask or truncate them (tests/train pin the labels that reach the model).
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        packing=False,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=data.to_hf_dataset(train_examples),
+        eval_dataset=data.to_hf_dataset(eval_examples) if has_eval else None,
+        processing_class=tokenizer,
+        callbacks=[EvalLossAverage(settings.eval_average_window, echo)],
+    )
+    if plan.load_in_4bit and plan.compute_dtype == "float32":
+        model.keep_adapter_float32(trainer.model)
+    return trainer
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` folder (it has trainer_state.json), if any."""
+    if not checkpoints.is_dir():
+        return None
+    found = [
+        p for p in checkpoints.glob("checkpoint-*")
+        if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])) if found else None
+
+
+class EvalLossAverage(TrainerCallback):
+    """Logs the moving average of the last few eval losses (seed 000's stability monitor)."""
+
+    def __init__(self, window: int, echo: Callable[[str], None]):
+        self.window, self.echo, self.values = window, echo, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # On resume the earlier evaluations are in the restored state.
+        self.values = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or "eval_loss" not in metrics:
+            return
+        self.values.append(float(metrics["eval_loss"]))
+        average = card.moving_average(self.values, self.window)
+        state.log_history.append({"eval_loss_moving_average": average, "step": state.global_step})
+        self.echo(
+            f"step {state.global_step}: eval loss {self.values[-1]:.4f}, "
+            f"moving average of last {min(self.window, len(self.values))}: {average:.4f}"
+        )
+
+
+def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int | None) -> dict[str, Any]:
+    state = trainer.state
+    train_curve, eval_curve = card.loss_curves(state.log_history)
+    averages = [e["eval_loss_moving_average"] for e in state.log_history if "eval_loss_moving_average" in e]
+    best_step = None
+    if state.best_model_checkpoint:
+        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+    best_loss = state.best_metric if best_step is not None else (eval_curve[-1][1] if eval_curve else None)
+    return {
+        "base_model": plan.base_model,
+        "base_model_resolved": plan.base_model_resolved,
+        "device": "CUDA " + _gpu_name() if plan.cuda else "CPU",
+        "load_in_4bit": plan.load_in_4bit,
+        "compute_dtype": plan.compute_dtype,
+        "optimizer": plan.optimizer,
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "resumed_from_step": resumed_from,
+        "runtime_s": round(runtime, 2),
+        "final_train_loss": train_curve[-1][1] if train_curve else None,
+        "best_step": best_step,
+        "best_eval_loss": best_loss,
+        "train_losses": train_curve,
+        "eval_losses": eval_curve,
+        "eval_loss_moving_average": averages,
+        "tokens": {
+            "train_rows_tokens": report.train_tokens,
+            "train_loss_tokens": report.train_loss_tokens,
+            "eval_rows_tokens": report.eval_tokens,
+            "input_tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+        },
+        "data": asdict(report),
+        "hub_repo": settings.hub_repo,
+        "settings": public_settings(settings),
+    }
+
+
+def _gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def write_adapter(final: Path, peft_model, tokenizer, settings, plan, summary) -> Path:
+    """PEFT adapter + tokenizer (with its chat template) + model card + manifest, all or nothing."""
+    with atomic_path(final) as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        dataset_is_hub = not Path(settings.dataset).expanduser().exists()
+        (tmp / "README.md").write_text(card.model_card(summary, dataset_is_hub=dataset_is_hub), encoding="utf-8")
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = build_manifest(
+            kind="adapter",
+            stage="train",
+            folder=tmp,
+            files=files,
+            inputs={
+                "base_model": plan.base_model,
+                "base_model_resolved": plan.base_model_resolved,
+                "dataset": settings.dataset,
+                "load_in_4bit": plan.load_in_4bit,
+            },
+            settings=public_settings(settings),
+            libraries=LIBRARIES,
+            extra={
+                "global_step": summary["global_step"],
+                "best_step": summary["best_step"],
+                "best_eval_loss": summary["best_eval_loss"],
+                "final_train_loss": summary["final_train_loss"],
+                "chat_template_from": "base model" if not settings.chat_template else f"CHAT_TEMPLATE={settings.chat_template} (if the base had none)",
+            },
+        )
+        write_manifest(tmp, manifest)
+    return final

@@ -1,0 +1,277 @@
+"""Every knob of ``python -m train``, read from the environment, ``.env`` and a recipe.
+
+Precedence, strongest first: the process environment, ``./.env``, the recipe
+named by ``RECIPE`` (``recipes/<name>.env``), the defaults below. All problems
+are collected and reported together (one line each) before anything heavy is
+loaded: field checks come from pydantic, cross-field checks from
+:func:`cross_field_problems`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loraship.envsettings import CommaList, EmptyIsNone, SettingsError, load_settings
+from loraship.errors import UserError
+from loraship.hub import looks_like_repo_id
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+#: What BASE_MODEL=auto means on a machine with a CUDA GPU.
+GPU_DEFAULT_BASE = "meta-llama/Llama-3.2-1B-Instruct"
+#: Optimizers whose bitsandbytes kernels exist only for CUDA.
+CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit")
+
+
+class TrainError(UserError):
+    """A user mistake in training input: a setting, a dataset row, a model folder."""
+
+
+def bundled_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def _check_dataset(value: str) -> str:
+    if Path(value).expanduser().exists():
+        return value
+    if value.lower().endswith(DATA_SUFFIXES) or not looks_like_repo_id(value):
+        raise ValueError(
+            "no such local file or folder, and not a Hub dataset id (owner/name); "
+            f"local data may be {', '.join(DATA_SUFFIXES)} files or a folder of them"
+        )
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _check_base_model(value: str) -> str:
+    if value in ("embedded", "auto") or Path(value).expanduser().is_dir():
+        return value
+    if value.startswith((".", "/", "~")) or not looks_like_repo_id(value):
+        raise ValueError(
+            "not a local model folder, not a Hub model id (owner/name), not 'embedded' or 'auto'"
+        )
+    return value
+
+
+def _check_chat_template(value: str | None) -> str | None:
+    if value is None or value in bundled_templates() or Path(value).expanduser().is_file():
+        return value
+    raise ValueError(
+        f"must be a bundled template ({', '.join(bundled_templates())}) or a .jinja file that exists"
+    )
+
+
+class TrainSettings(BaseSettings):
+    """QLoRA SFT settings. Field names are the lower-case environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", env_file_encoding="utf-8", validate_default=True
+    )
+
+    # --- what to train -----------------------------------------------------
+    base_model: Annotated[str, AfterValidator(_check_base_model)] = Field(
+        "auto",
+        description="Base model: a Hub id, a local Hugging Face folder, 'embedded' (SmolLM2-135M-Instruct "
+        f"shipped with loraship) or 'auto' ('embedded' without a CUDA GPU, {GPU_DEFAULT_BASE} with one).",
+    )
+    chat_template: Annotated[str | None, EmptyIsNone, AfterValidator(_check_chat_template)] = Field(
+        None,
+        description="Chat template for a base model that has none: a bundled name (llama3, llama2) or a .jinja "
+        "file. The base model's own template always wins.",
+    )
+    dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
+        "data/quokka/train.jsonl",
+        description="Training data: a Hub dataset id or a local JSON/JSONL/CSV/Parquet file or folder.",
+    )
+    dataset_format: Literal["auto", "sharegpt", "messages", "alpaca", "instruction_response", "gsm8k", "text"] = Field(
+        "auto",
+        description="Row format; 'auto' detects it from the columns: conversations(from/value), messages(role/content), "
+        "instruction/input/output, instruction/response, question/answer, or text ('<s>[INST] q [/INST] a </s>').",
+    )
+    dataset_config: Annotated[str | None, EmptyIsNone] = Field(
+        None, description="Hub dataset configuration name (e.g. 'main' for openai/gsm8k)."
+    )
+    dataset_split: str = Field("train", description="Hub dataset split to read.")
+    max_samples: Annotated[int | None, EmptyIsNone] = Field(
+        None, ge=1, description="Use only the first N rows of the dataset (before the train/eval split)."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of rows held out for evaluation (seeded); 0 means no eval split."
+    )
+    eval_size: Annotated[int | None, EmptyIsNone] = Field(
+        None, ge=1, description="A fixed number of eval rows; overrides EVAL_FRACTION when set."
+    )
+    max_seq_length: int = Field(1024, ge=16, le=131072, description="Longest tokenized row, in tokens.")
+    long_rows: Literal["drop", "truncate"] = Field(
+        "drop", description="Rows longer than MAX_SEQ_LENGTH: 'drop' them or 'truncate' them (keep the start)."
+    )
+    assistant_only_loss: bool = Field(
+        True, description="Train only on the assistant's tokens (false: every token of the rendered conversation)."
+    )
+
+    # --- adapter -------------------------------------------------------------
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    lora_target_modules: CommaList = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Modules that get LoRA adapters, comma-separated ('all-linear' for every linear layer).",
+    )
+    load_in_4bit: Annotated[Literal["auto", "true", "false"], BeforeValidator(_lower)] = Field(
+        "auto",
+        description="Load the base in 4-bit NF4 (QLoRA). 'auto': true on CUDA (bf16 compute), false on CPU "
+        "(plain fp32 LoRA is faster there); 'true' on CPU uses float32 compute.",
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+
+    # --- optimisation --------------------------------------------------------
+    max_steps: Annotated[int | None, EmptyIsNone] = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides NUM_EPOCHS)."
+    )
+    num_epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the training rows (when MAX_STEPS is unset).")
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    batch_size: int = Field(2, ge=1, le=4096, description="Rows per device per forward pass.")
+    grad_accum: int = Field(4, ge=1, le=4096, description="Forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM).")
+    optimizer: Literal["auto", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
+        "auto",
+        description="Optimizer. 'auto': adamw_8bit on CUDA, adamw_torch on CPU. The 8-bit and paged ones need CUDA.",
+    )
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, ge=0, description="Seed for the split, shuffling and adapter init.")
+
+    # --- eval, checkpoints, logs -------------------------------------------
+    eval_steps: int = Field(50, ge=1, description="Evaluate the eval split every N optimizer steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N steps (resume starts from the last).")
+    best_by_eval: bool = Field(
+        True,
+        description="The final adapter is the checkpoint with the lowest eval loss (needs an eval split and "
+        "SAVE_STEPS a multiple of EVAL_STEPS); false: the last step's.",
+    )
+    eval_average_window: int = Field(3, ge=1, le=100, description="Evaluations in the logged moving average of eval loss.")
+    logging_steps: int = Field(10, ge=1, description="Log the train loss every N steps.")
+    save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
+    output_dir: Path = Field(
+        Path("outputs/train"),
+        description="Run folder: checkpoints/, runs/ (TensorBoard), adapter/, loss.png, train_summary.json.",
+    )
+
+    # --- publishing ----------------------------------------------------------
+    hub_repo: Annotated[str | None, EmptyIsNone] = Field(
+        None, description="Push the adapter folder to this Hub repo (owner/name) at the end."
+    )
+    hub_private: bool = Field(True, description="Create the Hub repo as private.")
+    hf_token: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, description="Hugging Face token (gated base models, pushing). Never printed or written."
+    )
+    recipe: Annotated[str | None, EmptyIsNone] = Field(
+        None, description="Load recipes/<name>.env first; variables set in the environment or .env win over it."
+    )
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.env"))
+
+
+def recipe_path(name: str) -> Path:
+    return RECIPES_DIR / f"{name}.env"
+
+
+def _requested_recipe(dotenv_file: Path) -> str | None:
+    value = os.environ.get("RECIPE")
+    if value is None and dotenv_file.is_file():
+        from dotenv import dotenv_values
+
+        value = dotenv_values(dotenv_file).get("RECIPE")
+    return (value or "").strip() or None
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def cross_field_problems(s: TrainSettings, *, cuda: bool, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Problems that involve more than one setting (or the machine). ``skip``: fields already reported."""
+    problems = []
+
+    def ok(*fields: str) -> bool:
+        return not (set(fields) & skip)
+
+    has_eval = s.eval_fraction > 0 or s.eval_size is not None
+    if s.best_by_eval and ok("best_by_eval", "eval_fraction", "eval_size") and not has_eval:
+        problems.append(
+            "BEST_BY_EVAL=true: needs an eval split; set EVAL_FRACTION>0 or EVAL_SIZE, or BEST_BY_EVAL=false"
+        )
+    if s.best_by_eval and has_eval and ok("save_steps", "eval_steps", "best_by_eval") and s.save_steps % s.eval_steps:
+        problems.append(
+            f"SAVE_STEPS={s.save_steps}: must be a multiple of EVAL_STEPS={s.eval_steps} while BEST_BY_EVAL=true "
+            f"(the best checkpoint must exist on disk), e.g. SAVE_STEPS={s.eval_steps * max(1, s.save_steps // s.eval_steps)}"
+        )
+    if not cuda and s.optimizer in CUDA_ONLY_OPTIMIZERS and ok("optimizer"):
+        problems.append(
+            f"OPTIMIZER={s.optimizer!r}: needs a CUDA GPU (bitsandbytes); on this machine use adamw_torch or auto"
+        )
+    if s.max_steps is not None and ok("max_steps", "warmup_steps") and s.warmup_steps >= s.max_steps:
+        problems.append(f"WARMUP_STEPS={s.warmup_steps}: must be below MAX_STEPS={s.max_steps}")
+    if s.hub_repo is not None and ok("hub_repo") and not looks_like_repo_id(s.hub_repo):
+        problems.append(f"HUB_REPO={s.hub_repo!r}: must be a Hub repo id, owner/name")
+    if ok("lora_target_modules") and not s.lora_target_modules:
+        problems.append("LORA_TARGET_MODULES='': name at least one module, e.g. q_proj,v_proj")
+    return problems
+
+
+def load_train_settings(dotenv_file: str | os.PathLike = ".env", *, cuda: bool | None = None) -> TrainSettings:
+    """Settings from environment > .env > recipe > defaults; every problem raised together."""
+    dotenv_file = Path(dotenv_file)
+    problems: list[str] = []
+    files: list[Path] = []
+    recipe = _requested_recipe(dotenv_file)
+    if recipe is not None:
+        if recipe_path(recipe).is_file():
+            files.append(recipe_path(recipe))
+        else:
+            problems.append(f"RECIPE={recipe!r}: no such recipe; choose one of {', '.join(recipe_names())}")
+    files.append(dotenv_file)
+
+    bad_fields: set[str] = set()
+    try:
+        settings = load_settings(TrainSettings, files)
+    except SettingsError as err:
+        problems.extend(err.problems)
+        # Re-read with the broken fields at their defaults so the cross-field
+        # checks can still report everything else in this same pass.
+        bad_fields = {line.split("=")[0].split(":")[0].lower() for line in err.problems}
+        defaults = {
+            name: info.get_default(call_default_factory=True)
+            for name, info in TrainSettings.model_fields.items()
+            if name in bad_fields
+        }
+        try:
+            settings = load_settings(TrainSettings, files, **defaults)
+        except SettingsError:
+            raise SettingsError(problems) from None
+    if recipe is not None and not recipe_path(recipe).is_file():
+        bad_fields.add("recipe")
+    if cuda is None:
+        cuda = cuda_available()
+    problems.extend(cross_field_problems(settings, cuda=cuda, skip=frozenset(bad_fields)))
+    if problems:
+        raise SettingsError(problems)
+    return settings
