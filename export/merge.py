@@ -288,14 +288,18 @@ def base_weight_shapes(base_dir: Path) -> dict[str, tuple[list[int], str]]:
     return shapes
 
 
-def check_compatible(adapter: Adapter, base_dir: Path) -> list[str]:
-    """Problems that mean this adapter was not trained on this base (empty when it fits)."""
+def check_compatible(adapter: Adapter, base_dir: Path, label: str | None = None) -> list[str]:
+    """Problems that mean this adapter was not trained on this base (empty when it fits).
+
+    ``label`` is how the base was named (BASE_MODEL's value) for the messages.
+    """
     config = read_base_config(base_dir)
+    where = f"BASE_MODEL={label or str(base_dir)!r}"
     problems = []
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")
         problems.append(
-            f"BASE_MODEL={str(base_dir)!r}: a {method} checkpoint; merge into the full-precision base "
+            f"{where}: a {method} checkpoint; merge into the full-precision base "
             "(the model the quantized one was made from)"
         )
         return problems
@@ -304,21 +308,21 @@ def check_compatible(adapter: Adapter, base_dir: Path) -> list[str]:
         shapes[TIED_OUTPUT] = shapes[TIED_INPUT]
     for name, change in sorted(adapter.deltas.items()):
         if name not in shapes:
-            problems.append(f"BASE_MODEL={str(base_dir)!r}: has no weight {name} that the adapter changes")
+            problems.append(f"{where}: has no weight {name} that the adapter changes")
             break
         shape = list(shapes[name][0])
         rows, cols = change.b.shape[0], change.a.shape[1]
         want = [cols, rows] if change.transpose else [rows, cols]
         if shape != want:
             problems.append(
-                f"BASE_MODEL={str(base_dir)!r}: does not match the adapter ({name} is {shape} in the base, "
+                f"{where}: does not match the adapter ({name} is {shape} in the base, "
                 f"the adapter expects {want})"
             )
             break
     for name, tensor in sorted(adapter.replacements.items()):
         if name in shapes and list(shapes[name][0]) != list(tensor.shape):
             problems.append(
-                f"BASE_MODEL={str(base_dir)!r}: does not match the adapter ({name} is {list(shapes[name][0])} "
+                f"{where}: does not match the adapter ({name} is {list(shapes[name][0])} "
                 f"in the base, {list(tensor.shape)} in the adapter)"
             )
             break

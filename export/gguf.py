@@ -1,0 +1,152 @@
+"""HF folder -> GGUF with llama.cpp's converter, then llama.cpp's quantizer.
+
+Both run in child processes: the converter because its vendored gguf-py must
+be the one imported (PyPI ``gguf`` lacks what it needs), the quantizer so that
+llama.cpp's log (which names every tensor that could not get the requested
+type) can be captured and reported instead of scrolling past.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.converter import converter_command, converter_env, gguf_py_command
+from export.settings import QUANTIZED_TYPES
+from loraship.errors import UserError
+
+
+class GGUFError(UserError):
+    """The converter or the quantizer refused the model."""
+
+
+def _tail(text: str, lines: int = 8) -> str:
+    kept = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, converter_dir: Path) -> Path:
+    """Run ``convert_hf_to_gguf.py`` on a merged HF folder; ``outtype`` is ``f16`` or ``bf16``."""
+    cmd = converter_command(
+        "convert_hf_to_gguf.py", converter_dir, str(model_dir), "--outfile", str(out_path), "--outtype", outtype,
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    if result.returncode != 0 or not out_path.is_file():
+        raise GGUFError(
+            f"llama.cpp's converter failed on {model_dir} (is the architecture supported by llama.cpp?):\n"
+            + _tail(result.stderr or result.stdout)
+        )
+    return out_path
+
+
+def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, converter_dir: Path) -> Path:
+    """The adapter as a LoRA GGUF. ``--base`` is always a local folder, or the script reaches for the Hub."""
+    cmd = converter_command(
+        "convert_lora_to_gguf.py", converter_dir, str(adapter_dir), "--base", str(base_dir),
+        "--outfile", str(out_path), "--outtype", "f16",
+    )
+    result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
+    if result.returncode != 0 or not out_path.is_file():
+        raise GGUFError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n" + _tail(result.stderr or result.stdout))
+    return out_path
+
+
+@dataclass
+class Fallback:
+    tensor: str
+    wanted: str
+    got: str
+
+
+@dataclass
+class QuantizeReport:
+    """What llama.cpp did to each tensor: the fallbacks it needed and the types in the file."""
+
+    quant_type: str
+    fallbacks: list[Fallback] = field(default_factory=list)
+    n_tensors: int = 0
+    type_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def n_fallback(self) -> int:
+        return len(self.fallbacks)
+
+    def summary(self) -> dict[str, int]:
+        """``{"q4_K->q5_0": 120, ...}``: how many tensors fell back from which type to which."""
+        counts: dict[str, int] = {}
+        for fb in self.fallbacks:
+            key = f"{fb.wanted}->{fb.got}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def to_json(self) -> dict:
+        return {
+            "fallback_tensors": self.n_fallback,
+            "total_tensors": self.n_tensors,
+            "fallbacks": self.summary(),
+            "tensor_types": self.type_counts,
+        }
+
+
+# llama-quant.cpp: "warning: NAME - ncols N not divisible by K (required for type T) ... -> falling back to U"
+_FALLBACK = re.compile(
+    r"warning:\s+(?P<name>\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(?P<wanted>\S+)\).*?"
+    r"-> falling back to\s+(?P<got>\S+)"
+)
+
+_QUANTIZE_SCRIPT = """
+import ctypes, sys
+import llama_cpp
+
+@llama_cpp.llama_log_callback
+def _log(level, text, user_data):
+    sys.stderr.write(text.decode("utf-8", "replace"))
+
+llama_cpp.llama_log_set(_log, ctypes.c_void_p(0))
+src, dst, ftype, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, ftype)
+params.nthread = threads
+sys.exit(0 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0 else 3)
+"""
+
+
+def quantize_gguf(src: Path, dst: Path, quant_type: str, threads: int = 0) -> QuantizeReport:
+    """Quantize an F16 GGUF with ``llama_cpp.llama_model_quantize``; report every fallback."""
+    import sys
+
+    ftype = QUANTIZED_TYPES[quant_type]
+    cmd = [sys.executable, "-c", _QUANTIZE_SCRIPT, str(src), str(dst), ftype, str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0 or not dst.is_file():
+        raise GGUFError(f"llama.cpp could not quantize {src.name} to {quant_type}:\n" + _tail(result.stderr))
+    fallbacks = [Fallback(m["name"], m["wanted"], m["got"]) for m in _FALLBACK.finditer(result.stderr)]
+    return QuantizeReport(quant_type=quant_type, fallbacks=fallbacks)
+
+
+_READ_TYPES = """
+import json, sys
+from gguf import GGUFReader
+reader = GGUFReader(sys.argv[1])
+print(json.dumps({t.name: t.tensor_type.name for t in reader.tensors}))
+"""
+
+
+def read_tensor_types(path: Path, converter_dir: Path) -> dict[str, str]:
+    """``{tensor name: type}`` read back from a GGUF file with llama.cpp's own gguf-py."""
+    result = subprocess.run(
+        gguf_py_command(converter_dir, _READ_TYPES, str(path)), capture_output=True, text=True, env=converter_env()
+    )
+    if result.returncode != 0:
+        raise GGUFError(f"could not read the tensors of {path.name}:\n" + _tail(result.stderr))
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def count_types(types: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind in types.values():
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

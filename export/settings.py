@@ -1,0 +1,131 @@
+"""Export settings: environment variables (or a .env file), validated all at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from loraship.envsettings import CommaList, EmptyIsNone
+
+#: Types the converter writes itself (no quantize step).
+CONVERTER_TYPES = ("F16", "BF16")
+#: Types made from the F16 file by llama.cpp's quantizer, with their llama_ftype names.
+QUANTIZED_TYPES = {
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_K_S": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+QUANT_TYPES = (*CONVERTER_TYPES, *QUANTIZED_TYPES)
+DEFAULT_EVAL_TEXT = Path(__file__).with_name("heldout.txt")
+
+
+class ExportSettings(BaseSettings):
+    """What `python -m export` reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", env_file_encoding="utf-8")
+
+    adapter: str = Field(
+        "outputs/train",
+        description="The adapter: a train OUTPUT_DIR (holding adapter/), an adapter folder itself, or a Hub repo id.",
+    )
+    base_model: Annotated[str | None, EmptyIsNone] = Field(
+        None,
+        description="Full-precision base to merge into: a local HF folder, a Hub repo id, or `embedded` "
+        "(default: the base the adapter's manifest / adapter_config.json names).",
+    )
+    quant_types: CommaList = Field(
+        default_factory=lambda: ["Q4_K_M"],
+        description=f"GGUF types to write besides F16 (always written: it is the source of every "
+        f"quantization and the perplexity reference). One or more of {', '.join(QUANT_TYPES)}.",
+    )
+    output_dir: Path = Field(Path("outputs/export"), description="Folder for the GGUF files, manifest, card and Modelfile.")
+    hub_repo: Annotated[str | None, EmptyIsNone] = Field(
+        None, description="Push the result to this Hub model repo (owner/name); unset: no push."
+    )
+    hf_token: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        None, description="Hugging Face token for HUB_REPO and gated or private repos (never printed or written)."
+    )
+    export_lora_gguf: bool = Field(
+        False, description="Also write the adapter itself as a LoRA GGUF (for llama.cpp --lora on the base GGUF)."
+    )
+    eval_text: Annotated[Path | None, EmptyIsNone] = Field(
+        None,
+        description="Held-out plain text for the perplexity check (paragraphs separated by blank lines; "
+        "default: a short general-prose file shipped with export).",
+    )
+    stop_check: Literal["natural", "eos_token"] = Field(
+        "natural",
+        description="`natural`: a short greedy chat must end by itself (the fine-tune still emits EOS). "
+        "`eos_token`: only check that the GGUF's end-of-generation ids match the tokenizer and that llama.cpp "
+        "stops on them (for random-init test models, which never stop by themselves).",
+    )
+    eval_ctx: int = Field(256, ge=16, le=8192, description="Context window (tokens) for the perplexity check.")
+    threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp (0: all cores).")
+    model_name: Annotated[str | None, EmptyIsNone] = Field(
+        None,
+        description="File name stem for the GGUF files and the Ollama model (default: from the adapter folder).",
+    )
+
+    @field_validator("quant_types")
+    @classmethod
+    def _known_quant_types(cls, value: list[str]) -> list[str]:
+        wanted = [v.strip().upper() for v in value]
+        unknown = [v for v in wanted if v not in QUANT_TYPES]
+        if unknown:
+            raise ValueError(f"unknown quant type {', '.join(unknown)}; choose from {', '.join(QUANT_TYPES)}")
+        if not wanted:
+            raise ValueError("give at least one quant type")
+        return list(dict.fromkeys(wanted))
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_exists(cls, value: str) -> str:
+        from loraship.hub import looks_like_repo_id
+
+        value = value.strip()
+        if not value:
+            raise ValueError("empty; give a train OUTPUT_DIR, an adapter folder or a Hub repo id")
+        path = Path(value).expanduser()
+        if path.exists():
+            if not (path / "adapter_config.json").is_file() and not (path / "adapter" / "adapter_config.json").is_file():
+                raise ValueError("no adapter_config.json in it or in its adapter/ folder; run `make train` first")
+            return value
+        if looks_like_repo_id(value):
+            return value
+        raise ValueError("no such folder (and not a Hub repo id); run `make train` first or point ADAPTER at an adapter")
+
+    @field_validator("hub_repo")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError("not a Hub repo id; use owner/name")
+        return value
+
+    @field_validator("eval_text")
+    @classmethod
+    def _eval_text_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("no such file")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return value
