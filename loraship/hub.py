@@ -28,6 +28,7 @@ def looks_like_repo_id(value: str) -> bool:
 
 
 def _explain(err: Exception, what: str, setting: str) -> HubError:
+    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
@@ -47,11 +48,21 @@ def _explain(err: Exception, what: str, setting: str) -> HubError:
             hint = "HF_HUB_OFFLINE is set and nothing is cached; unset it or download the files first"
         else:
             hint = f"the Hub at {endpoint} is unreachable and nothing is cached"
+    elif isinstance(err, hf_errors.HfHubHTTPError) and _status(err) in (401, 403):
+        hint = f"the Hub refused the request (HTTP {_status(err)}): set HF_TOKEN to a token with write access"
     elif isinstance(err, hf_errors.HfHubHTTPError):
         hint = f"the Hub answered: {_first_line(err)}"
-    else:
+    elif isinstance(err, (httpx2.RequestError, OSError)):
         hint = f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {_first_line(err)})"
+    else:
+        # Raised by huggingface_hub before talking to the Hub (bad argument, bad README metadata...).
+        hint = f"{type(err).__name__}: {_first_line(err)}"
     return HubError(f"{setting}={what!r}: {hint}")
+
+
+def _status(err) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
 
 
 def _first_line(err: Exception) -> str:
@@ -70,16 +81,23 @@ def push_folder(
     commit_message: str = "Upload with loraship",
     ignore_patterns: Iterable[str] = (".tmp-*", "**/.tmp-*"),
     setting: str = "HUB_REPO",
+    space_sdk: str = "docker",
 ) -> str:
     """Create ``repo_id`` if needed (private by default) and upload ``folder``.
+
+    ``space_sdk`` only matters when ``repo_type="space"`` and the Space is new.
 
     Returns the commit URL. Raises :class:`HubError` naming ``setting`` on failure.
     """
     from huggingface_hub import HfApi
 
+    if not Path(folder).is_dir():
+        raise HubError(f"{setting}={repo_id!r}: nothing to upload, {str(folder)!r} is not a folder")
+    # The Hub refuses a Space without an SDK; loraship's Spaces are Docker Spaces.
+    space_args = {"space_sdk": space_sdk} if repo_type == "space" else {}
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or None)
     try:
-        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_args)
         info = api.upload_folder(
             folder_path=str(folder),
             repo_id=repo_id,

@@ -1,6 +1,7 @@
 """loraship.hub against the stand-in Hub: real huggingface_hub calls, loopback only."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -98,7 +99,7 @@ def test_seeded_public_file_downloads_without_a_token(hub_server):
 @pytest.mark.parametrize(
     ("call", "setting"),
     [
-        (lambda: push_folder(".", "me/adapter", token=TOKEN), "HUB_REPO"),
+        (lambda: push_folder(Path(__file__).parent, "me/adapter", token=TOKEN), "HUB_REPO"),
         (lambda: list_repo_files("org/model", token=TOKEN), "MODEL"),
         (lambda: download_file("org/model", "model.gguf", token=TOKEN), "MODEL"),
         (lambda: download_repo("org/base", token=TOKEN), "BASE_MODEL"),
@@ -148,3 +149,28 @@ def test_missing_file_in_an_existing_repo_is_named(hub_server):
 
     with pytest.raises(HubError, match="MODEL='org/model/model.gguf': the repo has no such file"):
         download_file("org/model", "model.gguf")
+
+
+def test_push_folder_can_create_a_docker_space(hub_server, artifact_folder):
+    push_folder(artifact_folder, "me/chat", token=TOKEN, repo_type="space")
+
+    create = next(r for r in hub_server.requests if r.path == "/api/repos/create")
+    assert (create.json["type"], create.json["sdk"]) == ("space", "docker")
+    assert hub_server.repo_files("me/chat", repo_type="space") == _expected(artifact_folder)
+
+
+def test_pushing_a_missing_folder_names_it_without_calling_the_hub(hub_server, tmp_path):
+    with pytest.raises(HubError, match="HUB_REPO='me/adapter': nothing to upload, .* is not a folder"):
+        push_folder(tmp_path / "absent", "me/adapter", token=TOKEN)
+
+    assert hub_server.requests == []
+
+
+def test_pushing_without_a_token_asks_for_hf_token(hub_server, artifact_folder):
+    with pytest.raises(HubError) as caught:
+        push_folder(artifact_folder, "me/adapter", token=None)
+
+    assert str(caught.value) == (
+        "HUB_REPO='me/adapter': the Hub refused the request (HTTP 401): set HF_TOKEN to a token with write access"
+    )
+    assert not hub_server.repo_exists("me/adapter")
