@@ -140,3 +140,40 @@ def test_without_model_the_newest_export_with_a_manifest_is_served(tmp_path, mon
 def test_without_model_or_exports_the_embedded_gguf_is_served(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path(None) == embedded_gguf_path()
+
+
+def tiny_gguf_bytes(tmp_path: Path) -> bytes:
+    """A valid, tensor-less GGUF with a chat template: enough for everything before llama.cpp."""
+    import gguf
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def test_a_hub_repo_without_model_file_serves_its_q4_k_m(hub_server, tmp_path):
+    data = tiny_gguf_bytes(tmp_path)
+    hub_server.add_file("me/quokka-gguf", "quokka-F16.gguf", data)
+    hub_server.add_file("me/quokka-gguf", "quokka-Q4_K_M.gguf", data)
+    path = resolve_model_path("me/quokka-gguf")
+    assert path.name == "quokka-Q4_K_M.gguf" and path.read_bytes() == data
+    downloaded = [r.path for r in hub_server.requests if r.method == "GET" and r.path.endswith(".gguf")]
+    assert not any("F16" in p for p in downloaded)
+
+
+def test_a_hub_repo_with_model_file_serves_that_file(hub_server, tmp_path):
+    data = tiny_gguf_bytes(tmp_path)
+    hub_server.add_file("me/quokka-gguf", "quokka-F16.gguf", data)
+    hub_server.add_file("me/quokka-gguf", "quokka-Q4_K_M.gguf", data)
+    assert resolve_model_path("me/quokka-gguf", "quokka-F16.gguf").name == "quokka-F16.gguf"
+
+
+def test_a_hub_repo_without_a_q4_k_m_says_to_set_model_file(hub_server, tmp_path):
+    hub_server.add_file("me/other", "model-Q8_0.gguf", tiny_gguf_bytes(tmp_path))
+    with pytest.raises(ServeError, match="MODEL='me/other'.*set MODEL_FILE"):
+        resolve_model_path("me/other")
