@@ -86,7 +86,7 @@ def _first_json_object(text: str) -> dict | None:
 
 
 _NUMBER = r"(-?\d+(?:\.\d+)?)"
-_LABELLED = re.compile(rf"\b(?:overall\s+)?(?:score|rating|grade)\b\s*(?:is|of|:|=)?\s*\**\s*{_NUMBER}", re.IGNORECASE)
+_LABELLED = re.compile(rf"\b(?:overall\s+)?(?:score|rating|grade)\b[\"']?\s*(?:is|of|:|=)?\s*\**\s*{_NUMBER}", re.IGNORECASE)
 _OUT_OF_FIVE = re.compile(rf"(?<![\w.]){_NUMBER}\s*(?:/|out\s+of)\s*5\b", re.IGNORECASE)
 _ANY_NUMBER = re.compile(rf"(?<![\w.]){_NUMBER}")
 
@@ -97,8 +97,9 @@ def parse_judge_score(reply: str) -> int | None:
     In order:
 
     1. a JSON object in the reply decides alone: its ``score`` if that is an
-       integer from 1 to 5 (``4``, ``4.0``, ``"4"``), else None;
-    2. prose with labelled scores (``Score: 4``, ``rating 4``, ``4/5``,
+       integer from 1 to 5 (``4``, ``4.0``, ``"4"``), else None; JSON cut
+       short (a judge stopped by its token limit) is read as prose;
+    2. prose with labelled scores (``Score: 4``, ``"score": 4``, ``rating 4``, ``4/5``,
        ``4 out of 5``): their value if they all agree and it is on the scale,
        else None;
     3. otherwise the reply's only number, if it is on the scale; several
