@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraship.envsettings import CommaList, EmptyIsNone, load_settings
@@ -62,6 +62,7 @@ class EvalSettings(BaseSettings):
     )
     gsm8k_file: Annotated[Path | None, EmptyIsNone] = Field(
         default=None,
+        validate_default=True,
         description="GSM8K-style jsonl (question, answer ending in `#### N`) for the gsm8k task.",
     )
     limit: int | None = Field(
@@ -80,6 +81,7 @@ class EvalSettings(BaseSettings):
     )
     judge_url: Annotated[str | None, EmptyIsNone] = Field(
         default=None,
+        validate_default=True,
         description="OpenAI-compatible base URL of the judge model (e.g. http://127.0.0.1:8080/v1), for the judge task.",
     )
     judge_model: str = Field(default="judge", min_length=1, description="Model name sent to the judge endpoint.")
@@ -103,13 +105,16 @@ class EvalSettings(BaseSettings):
             raise ValueError(f"name at least one task from {', '.join(TASKS)}")
         return value
 
-    @model_validator(mode="after")
-    def _task_inputs(self) -> "EvalSettings":
-        if "gsm8k" in self.tasks and self.gsm8k_file is None:
-            raise ValueError("the gsm8k task needs GSM8K_FILE (a jsonl with question and answer)")
-        if "judge" in self.tasks and self.judge_url is None:
-            raise ValueError("the judge task needs JUDGE_URL (an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1)")
-        return self
+    @field_validator("gsm8k_file", "judge_url")
+    @classmethod
+    def _needed_by_tasks(cls, value, info: ValidationInfo):
+        # Checked per field (defaults included) so each missing input gets its own error line.
+        tasks = info.data.get("tasks") or []
+        if value is None and info.field_name == "gsm8k_file" and "gsm8k" in tasks:
+            raise ValueError("the gsm8k task needs a GSM8K-style jsonl (question, answer ending in '#### N')")
+        if value is None and info.field_name == "judge_url" and "judge" in tasks:
+            raise ValueError("the judge task needs an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8080/v1")
+        return value
 
     def api_key(self) -> str | None:
         return self.judge_api_key.get_secret_value() if self.judge_api_key else None
