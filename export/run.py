@@ -173,7 +173,7 @@ def run_export(settings: ExportSettings) -> Path:
         from tqdm import tqdm
 
         with tqdm(total=count_tensors(base_dir), desc="merge", unit="tensor", disable=None) as bar:
-            merged = merge_into_folder(base_dir, adapter, work / "merged", tokenizer_dir=source.folder, progress=bar.update)
+            merged = merge_into_folder(base_dir, adapter, work / name, tokenizer_dir=source.folder, progress=bar.update)
         del adapter
         timings["merge_s"] = time.perf_counter() - started
         tokenizer = verify.load_tokenizer(merged)
