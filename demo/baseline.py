@@ -37,8 +37,15 @@ def write_null_adapter(adapter_dir: str | os.PathLike, target: str | os.PathLike
         tensors[name] = tensors[name].new_zeros(tensors[name].shape)
     source_manifest = read_manifest(adapter_dir) or read_manifest(adapter_dir.parent) or {}
     with atomic_path(target) as tmp:
-        shutil.copytree(adapter_dir, tmp, ignore=shutil.ignore_patterns(WEIGHTS, "manifest.json", "checkpoint-*"))
+        shutil.copytree(adapter_dir, tmp, ignore=shutil.ignore_patterns(WEIGHTS, "manifest.json", "README.md", "checkpoint-*"))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(
+            "# Base model as a null adapter\n\n"
+            f"The adapter from `{adapter_dir}` with every LoRA B matrix set to zero: merged, it gives the base "
+            "model unchanged. `python -m demo` exports it like the tune, so base and tune are compared as "
+            "GGUFs made by the same code.\n",
+            encoding="utf-8",
+        )
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         write_manifest(tmp, build_manifest(
             kind="adapter", stage="demo", folder=tmp, files=files,
