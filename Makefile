@@ -15,7 +15,7 @@ PIP := $(BIN)/python -m pip
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup test train export serve demo chat bench-serve bench-export clean help settings-docs
+.PHONY: setup test train export serve demo chat bench-serve bench-export clean help readme
 
 help:
 	@echo "make setup   build .venv (first use of any target does this)"
@@ -70,3 +70,6 @@ bench-export: $(STAMP)
 
 clean:
 	rm -rf outputs test-artifacts .pytest_cache
+
+readme: $(STAMP)
+	$(BIN)/python tools/readme_settings.py
