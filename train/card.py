@@ -64,17 +64,16 @@ def _yaml_scalar(value: Any) -> str:
 def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
     """README.md for the adapter: YAML metadata the Hub indexes, then what was done and measured."""
     settings = summary["settings"]
-    base_hub = summary["base_model"] if "/" in summary["base_model"] and not summary["base_model"].startswith((".", "/")) else None
-    front = ["---", "library_name: peft", "pipeline_tag: text-generation", "tags:", "  - lora", "  - qlora" if summary["load_in_4bit"] else "  - lora-fp32", "  - loraship"]
-    if base_hub:
-        front.append(f"base_model: {_yaml_scalar(base_hub)}")
-    else:
-        front.append(f"base_model: {_yaml_scalar(summary['base_model'])}")
+    front = ["---", "library_name: peft", "pipeline_tag: text-generation", "tags:", "  - lora", "  - loraship"]
+    if summary["load_in_4bit"]:
+        front.append("  - qlora")
+    if summary.get("base_model_hub_id"):
+        front.append(f"base_model: {_yaml_scalar(summary['base_model_hub_id'])}")
     if dataset_is_hub:
         front += ["datasets:", f"  - {_yaml_scalar(settings['DATASET'])}"]
     front.append("hyperparameters:")
     for key in CARD_HYPERPARAMETERS:
-        value = settings.get(key)
+        value = summary["optimizer"] if key == "OPTIMIZER" else settings.get(key)
         if isinstance(value, list):
             value = ",".join(value)
         if value is not None:
@@ -92,16 +91,18 @@ def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
         ]
     front.append("---")
 
-    rows = "\n".join(f"| `{k}` | `{settings.get(k)}` |" for k in CARD_HYPERPARAMETERS)
+    rows = "\n".join(
+        f"| `{k}` | `{summary['optimizer'] if k == 'OPTIMIZER' else settings.get(k)}` |" for k in CARD_HYPERPARAMETERS
+    )
     eval_line = (
         f"Best eval loss **{summary['best_eval_loss']:.4f}** at step {summary['best_step']} "
         f"(this adapter is that checkpoint)." if summary.get("best_eval_loss") is not None
         else "No eval split: this adapter is the last step's."
     )
     body = f"""
-# LoRA adapter for {summary['base_model']}
+# LoRA adapter for {summary.get('base_model_hub_id') or summary['base_model']}
 
-Trained with [loraship](https://github.com/) `python -m train`: supervised fine-tuning with
+Trained with loraship's `python -m train`: supervised fine-tuning with
 {'QLoRA (4-bit NF4 base, double quantization)' if summary['load_in_4bit'] else 'LoRA on a full-precision base'},
 loss on {'assistant tokens only' if settings.get('ASSISTANT_ONLY_LOSS') else 'every token'}.
 

@@ -58,6 +58,15 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
     )
 
 
+def hub_id_of(base_model: str) -> str | None:
+    """The Hub id a model card should name as ``base_model`` (None for a local folder)."""
+    if base_model == "embedded":
+        from loraship.embedded import EMBEDDED_HUB_ID
+
+        return EMBEDDED_HUB_ID
+    return None if Path(base_model).expanduser().exists() else base_model
+
+
 def resolve_model_path(base_model: str) -> str:
     """A local folder for 'embedded' and local paths; a Hub id otherwise (transformers fetches it)."""
     if base_model == "embedded":

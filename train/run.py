@@ -75,7 +75,7 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
     runtime = time.time() - started
 
     # 5. The adapter folder, the summary and the plot.
-    summary = summarize(settings, plan, trainer, report, runtime, resumed_from)
+    summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
     adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
     echo(f"adapter: {adapter_dir}")
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
@@ -185,7 +185,7 @@ class EvalLossAverage(TrainerCallback):
         )
 
 
-def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int | None) -> dict[str, Any]:
+def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int | None, model_path: str) -> dict[str, Any]:
     state = trainer.state
     train_curve, eval_curve = card.loss_curves(state.log_history)
     averages = [e["eval_loss_moving_average"] for e in state.log_history if "eval_loss_moving_average" in e]
@@ -195,7 +195,8 @@ def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int
     best_loss = state.best_metric if best_step is not None else (eval_curve[-1][1] if eval_curve else None)
     return {
         "base_model": plan.base_model,
-        "base_model_resolved": plan.base_model_resolved,
+        "base_model_resolved": model_path,
+        "base_model_hub_id": model.hub_id_of(plan.base_model_resolved),
         "device": "CUDA " + _gpu_name() if plan.cuda else "CPU",
         "load_in_4bit": plan.load_in_4bit,
         "compute_dtype": plan.compute_dtype,
@@ -243,7 +244,8 @@ def write_adapter(final: Path, peft_model, tokenizer, settings, plan, summary) -
             files=files,
             inputs={
                 "base_model": plan.base_model,
-                "base_model_resolved": plan.base_model_resolved,
+                "base_model_resolved": summary["base_model_resolved"],
+                "base_model_hub_id": summary["base_model_hub_id"],
                 "dataset": settings.dataset,
                 "load_in_4bit": plan.load_in_4bit,
             },

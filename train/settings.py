@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraship.envsettings import CommaList, EmptyIsNone, SettingsError, load_settings
@@ -37,37 +37,33 @@ def bundled_templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
 
 
-def _check_dataset(value: str) -> str:
+def dataset_problem(value: str) -> str | None:
     if Path(value).expanduser().exists():
-        return value
+        return None
     if value.lower().endswith(DATA_SUFFIXES) or not looks_like_repo_id(value):
-        raise ValueError(
+        return (
             "no such local file or folder, and not a Hub dataset id (owner/name); "
             f"local data may be {', '.join(DATA_SUFFIXES)} files or a folder of them"
         )
-    return value
+    return None
 
 
 def _lower(value: object) -> object:
     return value.strip().lower() if isinstance(value, str) else value
 
 
-def _check_base_model(value: str) -> str:
+def base_model_problem(value: str) -> str | None:
     if value in ("embedded", "auto") or Path(value).expanduser().is_dir():
-        return value
+        return None
     if value.startswith((".", "/", "~")) or not looks_like_repo_id(value):
-        raise ValueError(
-            "not a local model folder, not a Hub model id (owner/name), not 'embedded' or 'auto'"
-        )
-    return value
+        return "not a local model folder, not a Hub model id (owner/name), not 'embedded' or 'auto'"
+    return None
 
 
-def _check_chat_template(value: str | None) -> str | None:
+def chat_template_problem(value: str | None) -> str | None:
     if value is None or value in bundled_templates() or Path(value).expanduser().is_file():
-        return value
-    raise ValueError(
-        f"must be a bundled template ({', '.join(bundled_templates())}) or a .jinja file that exists"
-    )
+        return None
+    return f"must be a bundled template ({', '.join(bundled_templates())}) or a .jinja file that exists"
 
 
 class TrainSettings(BaseSettings):
@@ -78,17 +74,17 @@ class TrainSettings(BaseSettings):
     )
 
     # --- what to train -----------------------------------------------------
-    base_model: Annotated[str, AfterValidator(_check_base_model)] = Field(
+    base_model: str = Field(
         "auto",
         description="Base model: a Hub id, a local Hugging Face folder, 'embedded' (SmolLM2-135M-Instruct "
         f"shipped with loraship) or 'auto' ('embedded' without a CUDA GPU, {GPU_DEFAULT_BASE} with one).",
     )
-    chat_template: Annotated[str | None, EmptyIsNone, AfterValidator(_check_chat_template)] = Field(
+    chat_template: Annotated[str | None, EmptyIsNone] = Field(
         None,
         description="Chat template for a base model that has none: a bundled name (llama3, llama2) or a .jinja "
         "file. The base model's own template always wins.",
     )
-    dataset: Annotated[str, AfterValidator(_check_dataset)] = Field(
+    dataset: str = Field(
         "data/quokka/train.jsonl",
         description="Training data: a Hub dataset id or a local JSON/JSONL/CSV/Parquet file or folder.",
     )
@@ -213,6 +209,17 @@ def cross_field_problems(s: TrainSettings, *, cuda: bool, skip: frozenset[str] =
 
     def ok(*fields: str) -> bool:
         return not (set(fields) & skip)
+
+    # Paths are checked here, not in the fields: a default path may not exist in this folder,
+    # and the re-read after field errors (load_train_settings) falls back to defaults.
+    for var, value, check in (
+        ("BASE_MODEL", s.base_model, base_model_problem),
+        ("DATASET", s.dataset, dataset_problem),
+        ("CHAT_TEMPLATE", s.chat_template, chat_template_problem),
+    ):
+        problem = check(value) if ok(var.lower()) else None
+        if problem:
+            problems.append(f"{var}={value!r}: {problem}")
 
     has_eval = s.eval_fraction > 0 or s.eval_size is not None
     if s.best_by_eval and ok("best_by_eval", "eval_fraction", "eval_size") and not has_eval:
