@@ -1,0 +1,82 @@
+#!/bin/sh
+# Entry point of the training image (Dockerfile.train). Everything comes from
+# environment variables, so one env file drives a whole run:
+#
+#   (no argument) | all   train; then, when EXPORT=1, export in the same run
+#   train                 python -m train only
+#   export                python -m export only
+#   help                  this text
+#   anything else         run it as a command (e.g. `bash`, `python -m train --help`)
+#
+# train reads RECIPE, OUTPUT_DIR (default outputs/train), HUB_REPO, HF_TOKEN...
+# export shares some names with train (OUTPUT_DIR, HUB_REPO), so here it reads:
+#   ADAPTER    the adapter to export          (default: train's OUTPUT_DIR)
+#   EXPORT_DIR where the GGUF files go        (default: outputs/export)
+#   GGUF_REPO  the Hub repo for the GGUF      (default: HUB_REPO + "-GGUF"; unset HUB_REPO: no push)
+# Relative paths are under /data, the working directory.
+set -eu
+
+usage() {
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+check_data_writable() {
+    if ! [ -w . ]; then
+        echo "error: $(pwd) is not writable by uid $(id -u): mount a folder you own and run with" \
+             "--user \"\$(id -u):\$(id -g)\" (or chown it to uid $(id -u))" >&2
+        exit 2
+    fi
+}
+
+run_train() {
+    python -m train "$@"
+}
+
+run_export() {
+    train_dir=${OUTPUT_DIR:-outputs/train}
+    gguf_repo=${GGUF_REPO:-}
+    if [ -z "$gguf_repo" ] && [ -n "${HUB_REPO:-}" ]; then
+        gguf_repo="${HUB_REPO}-GGUF"
+    fi
+    ADAPTER=${ADAPTER:-$train_dir} OUTPUT_DIR=${EXPORT_DIR:-outputs/export} HUB_REPO=$gguf_repo \
+        python -m export "$@"
+}
+
+stage=${1:-all}
+case "$stage" in
+    all)
+        [ "$#" -gt 0 ] && shift
+        # A bad EXPORT is refused before hours of training, not after.
+        case "${EXPORT:-0}" in
+            1|true|yes) export_after=1 ;;
+            0|false|no) export_after=0 ;;
+            *)
+                echo "error: EXPORT='${EXPORT}': use 1 to export the GGUF after training, 0 not to" >&2
+                exit 2
+                ;;
+        esac
+        check_data_writable
+        echo "loraship: train" >&2
+        run_train "$@"
+        if [ "$export_after" = 1 ]; then
+            echo "loraship: export" >&2
+            run_export
+        fi
+        ;;
+    train)
+        shift
+        check_data_writable
+        run_train "$@"
+        ;;
+    export)
+        shift
+        check_data_writable
+        run_export "$@"
+        ;;
+    help|-h|--help)
+        usage
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac
