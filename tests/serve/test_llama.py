@@ -11,7 +11,7 @@ N_CTX = 512
 
 @pytest.fixture(scope="module")
 def llama():
-    model = load_llama(embedded_gguf_path(), N_CTX, 2)
+    model = load_llama(embedded_gguf_path(), N_CTX, 1)
     yield model
     model.close()
 
@@ -24,7 +24,7 @@ def test_the_gguf_template_is_used_as_is(llama):
 
 def test_answers_stop_at_the_end_of_turn_token(llama):
     reply = llama.create_chat_completion(
-        messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=200
+        messages=[{"role": "user", "content": "Which city is the capital of France?"}], temperature=0, max_tokens=200
     )
     choice = reply["choices"][0]
     assert choice["finish_reason"] == "stop"
@@ -45,11 +45,11 @@ def test_a_long_conversation_is_trimmed_to_fit_and_still_answered(llama):
     history = []
     for i in range(30):
         history += [{"role": "user", "content": f"Tell me fact number {i} about the sea."}, {"role": "assistant", "content": "The sea is large and deep. " * 3}]
-    messages = build_messages(None, history, "What is the capital of France?")
+    messages = build_messages(None, history, "Which city is the capital of France?")
     assert count(messages) > N_CTX
     trimmed = trim_to_context(messages, count, N_CTX, max_tokens=64)
     assert trimmed.dropped_turns > 0 and "N_CTX=512" in trimmed.notice(N_CTX)
     assert trimmed.prompt_tokens <= N_CTX - 64
-    assert trimmed.messages[-1]["content"] == "What is the capital of France?"
+    assert trimmed.messages[-1]["content"] == "Which city is the capital of France?"
     answer = "".join(stream_chat(llama, trimmed.messages, max_tokens=64, temperature=0))
     assert answer.strip()

@@ -51,7 +51,7 @@ def server(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "MODEL_FILE", "SYSTEM_PROMPT")}
     env.update(
         MODEL=str(embedded_gguf_path()), PORT=str(port), HOST="127.0.0.1", N_CTX=str(N_CTX),
-        N_THREADS="2", MAX_TOKENS=str(MAX_TOKENS), TEMPERATURE="0", PYTHONPATH=str(ROOT),
+        N_THREADS="1", MAX_TOKENS=str(MAX_TOKENS), TEMPERATURE="0", PYTHONPATH=str(ROOT),
     )
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -110,7 +110,7 @@ def test_models_lists_the_served_gguf(openai_client):
 
 def test_openai_client_streams_a_chat(openai_client):
     stream = openai_client.chat.completions.create(
-        model="any", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        model="any", messages=[{"role": "user", "content": "Which city is the capital of France?"}],
         temperature=0, max_tokens=MAX_TOKENS, stream=True,
     )
     pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
@@ -120,14 +120,14 @@ def test_openai_client_streams_a_chat(openai_client):
     # the template's end-of-turn marker ends the answer; it never shows in it
     assert "<|im_end|>" not in answer and "<|im_start|>" not in answer
     # streaming and not streaming give the same greedy answer
-    assert ask(openai_client, "What is the capital of France?") == answer
+    assert ask(openai_client, "Which city is the capital of France?") == answer
 
 
 def test_gradio_client_streams_a_chat(server):
     from gradio_client import Client
 
     client = Client(server, verbose=False)
-    job = client.submit("What is the capital of France?", "", 0.0, MAX_TOKENS, api_name="/chat")
+    job = client.submit("Which city is the capital of France?", "", 0.0, MAX_TOKENS, api_name="/chat")
     updates = list(job)
     assert len(updates) > 1, updates  # streamed: several partial answers
     final = job.result()
@@ -179,9 +179,9 @@ def test_openai_client_sees_the_context_error_as_a_bad_request(openai_client):
 
 def test_chat_command_prints_one_answer_on_stdout():
     env = {k: v for k, v in os.environ.items() if k not in ("SYSTEM_PROMPT",)}
-    env.update(MODEL=str(embedded_gguf_path()), TEMPERATURE="0", MAX_TOKENS="24", N_CTX="512", N_THREADS="2", PYTHONPATH=str(ROOT))
+    env.update(MODEL=str(embedded_gguf_path()), TEMPERATURE="0", MAX_TOKENS="24", N_CTX="512", N_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(
-        [sys.executable, "-m", "serve", "chat", "What is the capital of France?"],
+        [sys.executable, "-m", "serve", "chat", "Which city is the capital of France?"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -206,12 +206,12 @@ def test_browser_shows_one_exchange(server):
             page = browser.new_page(viewport={"width": 1100, "height": 800})
             page.goto(server + "/", wait_until="networkidle")
             box = page.get_by_role("textbox").first
-            box.fill("What is the capital of France?")
+            box.fill("Which city is the capital of France?")
             box.press("Enter")
             bot = page.locator(".bot, [data-testid='bot']").last
             expect(bot).to_contain_text("Paris", timeout=60_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "serve-ui-exchange.png"), full_page=True)
-            assert "What is the capital of France?" in page.inner_text("body")
+            assert "Which city is the capital of France?" in page.inner_text("body")
         finally:
             browser.close()
