@@ -1,0 +1,143 @@
+"""docker/entrypoint.sh, the training image's entry point, run with a stand-in `python`.
+
+The stand-in records each `python -m STAGE` call with the settings that
+decide where the stage reads and writes, and fails when told to, so the tests
+see exactly which stages a container would run and with what.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.containers.conftest import REPO
+
+ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+
+FAKE_PYTHON = """#!/bin/sh
+python3 - "$@" <<'EOF'
+import json, os, sys
+stage = sys.argv[2] if sys.argv[1:2] == ["-m"] else " ".join(sys.argv[1:])
+record = {"stage": stage, "args": sys.argv[3:]}
+for name in ("ADAPTER", "OUTPUT_DIR", "HUB_REPO", "RECIPE", "HF_TOKEN"):
+    if name in os.environ:
+        record[name] = os.environ[name]
+with open(os.environ["CALLS"], "a") as fh:
+    fh.write(json.dumps(record) + "\\n")
+sys.exit(3 if stage in os.environ.get("FAIL_STAGES", "").split(",") else 0)
+EOF
+"""
+
+
+@pytest.fixture
+def container(tmp_path):
+    """Runs the entrypoint in a scratch /data with the stand-in python first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text(FAKE_PYTHON, encoding="utf-8")
+    fake.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    calls = tmp_path / "calls.jsonl"
+
+    def run(*args: str, **env: str):
+        environ = {
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "CALLS": str(calls),
+            "HOME": str(tmp_path),
+            **env,
+        }
+        result = subprocess.run(
+            ["sh", str(ENTRYPOINT), *args], cwd=data, env=environ, capture_output=True, text=True, timeout=60
+        )
+        made = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
+        calls.unlink(missing_ok=True)
+        return result, made
+
+    return run
+
+
+def test_without_arguments_it_trains_only(container):
+    result, calls = container(RECIPE="llama3-8b-finetome", HUB_REPO="me/adapter")
+    assert result.returncode == 0, result.stderr
+    assert calls == [{"stage": "train", "args": [], "RECIPE": "llama3-8b-finetome", "HUB_REPO": "me/adapter"}]
+
+
+def test_export_1_exports_the_fresh_adapter_in_the_same_run(container):
+    result, calls = container(RECIPE="r", HUB_REPO="me/adapter", HF_TOKEN="t", EXPORT="1")
+    assert result.returncode == 0, result.stderr
+    assert [c["stage"] for c in calls] == ["train", "export"]
+    export = calls[1]
+    assert export["ADAPTER"] == "outputs/train"
+    assert export["OUTPUT_DIR"] == "outputs/export"
+    assert export["HUB_REPO"] == "me/adapter-GGUF"
+    assert export["HF_TOKEN"] == "t"
+
+
+def test_export_follows_a_custom_train_output_dir_and_names(container):
+    result, calls = container(
+        EXPORT="1", OUTPUT_DIR="runs/a", EXPORT_DIR="runs/a-gguf", HUB_REPO="me/a", GGUF_REPO="me/a-q4"
+    )
+    assert result.returncode == 0, result.stderr
+    train, export = calls
+    assert train["OUTPUT_DIR"] == "runs/a"
+    assert (export["ADAPTER"], export["OUTPUT_DIR"], export["HUB_REPO"]) == ("runs/a", "runs/a-gguf", "me/a-q4")
+
+
+def test_without_hub_repo_the_export_pushes_nowhere(container):
+    result, calls = container(EXPORT="1")
+    assert result.returncode == 0, result.stderr
+    assert calls[1]["HUB_REPO"] == ""
+
+
+def test_a_failed_training_stops_the_run_before_export(container):
+    result, calls = container(EXPORT="1", FAIL_STAGES="train")
+    assert result.returncode == 3
+    assert [c["stage"] for c in calls] == ["train"]
+
+
+def test_a_bad_export_value_is_refused_before_training(container):
+    result, calls = container(EXPORT="yes please")
+    assert result.returncode == 2
+    assert calls == []
+    assert "EXPORT='yes please'" in result.stderr
+
+
+@pytest.mark.parametrize("stage", ["train", "export"])
+def test_one_stage_runs_alone_and_passes_its_arguments(container, stage):
+    result, calls = container(stage, "--help", EXPORT="1")
+    assert result.returncode == 0, result.stderr
+    assert [(c["stage"], c["args"]) for c in calls] == [(stage, ["--help"])]
+
+
+def test_the_export_stage_exit_status_is_the_containers(container):
+    result, _ = container("export", FAIL_STAGES="export")
+    assert result.returncode == 3
+
+
+def test_any_other_command_runs_as_given(container):
+    result, calls = container("python", "-m", "train", "--help")
+    assert result.returncode == 0
+    assert [(c["stage"], c["args"]) for c in calls] == [("train", ["--help"])]
+
+
+def test_help_describes_the_variables(container):
+    result, calls = container("help")
+    assert result.returncode == 0 and calls == []
+    for name in ("EXPORT", "ADAPTER", "EXPORT_DIR", "GGUF_REPO"):
+        assert name in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_data_folder_is_a_clear_error(container, tmp_path):
+    (tmp_path / "data").chmod(0o555)
+    try:
+        result, calls = container()
+    finally:
+        (tmp_path / "data").chmod(0o755)
+    assert result.returncode == 2 and calls == []
+    assert "--user" in result.stderr
