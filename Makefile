@@ -73,3 +73,21 @@ clean:
 
 readme: $(STAMP)
 	$(BIN)/python tools/readme_settings.py
+
+# --- container images ----------------------------------------------------------
+# `make images` builds both images with docker (podman where docker is absent);
+# `make image-test` is what CI runs: podman set up from scratch, hadolint, the
+# serve image built, started and asked a question (.ci/images.sh).
+CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && echo docker || echo podman)
+SERVE_TAG ?= loraship-serve
+TRAIN_TAG ?= loraship-train
+IMAGE_BUILD_ARGS ?=
+
+.PHONY: images image-test
+
+images:
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f Dockerfile.serve -t $(SERVE_TAG) .
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f Dockerfile.train -t $(TRAIN_TAG) .
+
+image-test: $(STAMP)
+	.ci/images.sh
