@@ -217,10 +217,17 @@ def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int
             "eval_rows_tokens": report.eval_tokens,
             "input_tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
         },
+        "gpu_peak_memory_gib": _gpu_peak_memory_gib() if plan.cuda else None,
         "data": asdict(report),
         "hub_repo": settings.hub_repo,
         "settings": public_settings(settings),
     }
+
+
+def _gpu_peak_memory_gib() -> float:
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def _gpu_name() -> str:
