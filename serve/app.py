@@ -256,4 +256,4 @@ def serve_forever(settings: ServeSettings, path: Path) -> None:
     app = build_app(settings, path)
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"serving {path} on http://{shown}:{settings.port}  (chat UI at /, OpenAI API at /v1, /health)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)

@@ -140,10 +140,13 @@ def test_concurrent_chats_from_ui_and_api_never_mix(server, openai_client):
 
     prompts = ["Name a fruit.", "What is 2 + 2?", "Name a colour.", "Say something about cats."]
     alone = [ask(openai_client, p) for p in prompts]
-    ui = Client(server, verbose=False)
+    # one browser session each, as two people would have
+    people = [Client(server, verbose=False) for _ in prompts]
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         futures = [
-            pool.submit(ask, openai_client, p) if i % 2 == 0 else pool.submit(ui.predict, p, "", 0.0, MAX_TOKENS, api_name="/chat")
+            pool.submit(ask, openai_client, p)
+            if i % 2 == 0
+            else pool.submit(people[i].predict, p, "", 0.0, MAX_TOKENS, api_name="/chat")
             for i, p in enumerate(prompts)
         ]
         together = [f.result(timeout=120) for f in futures]
