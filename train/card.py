@@ -80,12 +80,14 @@ def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
             front.append(f"  {key.lower()}: {_yaml_scalar(value)}")
     front.append(f"  load_in_4bit: {_yaml_scalar(summary['load_in_4bit'])}")
     if summary.get("best_eval_loss") is not None:
+        # A local file's path means nothing on the Hub: cite its name only.
+        dataset_name = settings["DATASET"] if dataset_is_hub else Path(settings["DATASET"]).name
         front += [
             "model-index:",
             f"  - name: {_yaml_scalar(summary.get('hub_repo') or 'loraship-adapter')}",
             "    results:",
             "      - task: {type: text-generation}",
-            f"        dataset: {{name: {_yaml_scalar(settings['DATASET'])}, type: {_yaml_scalar(settings['DATASET'])}}}",
+            f"        dataset: {{name: {_yaml_scalar(dataset_name)}, type: {_yaml_scalar(dataset_name)}}}",
             "        metrics:",
             f"          - {{type: loss, name: eval loss, value: {summary['best_eval_loss']:.4f}}}",
         ]
