@@ -16,13 +16,14 @@ from loraship.manifest import read_manifest, sha256_file, write_manifest
 CARD_START = "<!-- loraship-evals:start -->"
 CARD_END = "<!-- loraship-evals:end -->"
 
-# (metric key, label, kind): "share" prints as a percentage, "value" as a number.
+# (metric key, label, kind, count key, lower is better): "share" prints as a
+# percentage, "value" as a number.
 METRICS = [
-    ("identity_share", "held-out identity questions answered with {keyword}", "share", "identity_n"),
-    ("general_keyword_share", "general questions whose answer mentions {keyword} (lower is better)", "share", "general_n"),
-    ("perplexity", "perplexity on held-out general text (lower is better)", "value", "perplexity_tokens"),
-    ("gsm8k_accuracy", "GSM8K exact match", "share", "gsm8k_n"),
-    ("judge_mean", "judge score 1-5 on general answers", "value", "judge_scored"),
+    ("identity_share", "held-out identity questions answered with {keyword}", "share", "identity_n", False),
+    ("general_keyword_share", "general questions whose answer mentions {keyword}", "share", "general_n", True),
+    ("perplexity", "perplexity on held-out general text", "value", "perplexity_tokens", True),
+    ("gsm8k_accuracy", "GSM8K exact match", "share", "gsm8k_n", False),
+    ("judge_mean", "judge score 1-5 on general answers", "value", "judge_scored", False),
 ]
 COUNT_UNITS = {"identity_n": "questions", "general_n": "questions", "perplexity_tokens": "tokens",
                "gsm8k_n": "problems", "judge_scored": "scored answers"}
@@ -55,9 +56,10 @@ def markdown_table(models: Sequence[Mapping], keyword: str) -> str:
     header = "| metric | " + " | ".join(labels) + (" | change |" if len(models) == 2 else " |")
     rule = "|---|" + "---:|" * len(models) + ("---:|" if len(models) == 2 else "")
     lines = [header, rule]
-    for key, label, kind, count_key in present_metrics(models):
+    for key, label, kind, count_key, lower_better in present_metrics(models):
         count = next((m["metrics"].get(count_key) for m in models if m["metrics"].get(count_key)), None)
-        name = label.format(keyword=keyword) + (f" ({count} {COUNT_UNITS[count_key]})" if count else "")
+        notes = ([f"{count} {COUNT_UNITS[count_key]}"] if count else []) + (["lower is better"] if lower_better else [])
+        name = label.format(keyword=keyword) + (f" ({'; '.join(notes)})" if notes else "")
         cells = [_format(m["metrics"].get(key), kind) for m in models]
         if len(models) == 2:
             cells.append(_change(models[0]["metrics"].get(key), models[1]["metrics"].get(key), kind))
@@ -106,14 +108,14 @@ def bar_chart(models: Sequence[Mapping], keyword: str, path: str | os.PathLike) 
     metrics = present_metrics(models)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.4 * len(metrics), 3.4), squeeze=False)
     colors = ["#8c8c8c", "#d9822b", "#3b7dd8", "#59a14f"]
-    for ax, (key, label, kind, _) in zip(axes[0], metrics):
+    for ax, (key, label, kind, _, lower_better) in zip(axes[0], metrics):
         values = [m["metrics"].get(key) for m in models]
         shown = [(100 * v if kind == "share" else v) if v is not None else 0.0 for v in values]
         bars = ax.bar([m["label"] for m in models], shown, color=colors[: len(models)])
         for bar, value in zip(bars, values):
             ax.annotate(_format(value, kind), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)
-        title = label.format(keyword=keyword).replace(" (lower is better)", "\n(lower is better)")
+        title = label.format(keyword=keyword) + ("\n(lower is better)" if lower_better else "")
         ax.set_title(title, fontsize=9, wrap=True)
         if kind == "share":
             ax.set_ylim(0, 110)

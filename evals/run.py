@@ -89,6 +89,7 @@ def evaluate_model(label: str, model: str, settings: EvalSettings, data: EvalDat
             verdicts = judge.judge_answers(
                 [judge.JudgeItem(a["question"], a["answer"], a["reference"]) for a in general_answers],
                 url=settings.judge_url, model=settings.judge_model, api_key=settings.api_key(),
+                max_tokens=settings.judge_max_tokens,
             )
             for item, verdict in zip(general_answers, verdicts):
                 item["judge_score"] = verdict.score

@@ -85,6 +85,7 @@ class EvalSettings(BaseSettings):
         description="OpenAI-compatible base URL of the judge model (e.g. http://127.0.0.1:8080/v1), for the judge task.",
     )
     judge_model: str = Field(default="judge", min_length=1, description="Model name sent to the judge endpoint.")
+    judge_max_tokens: int = Field(default=128, ge=8, le=4096, description="Longest judge reply, in tokens.")
     judge_api_key: SecretStr | None = Field(default=None, description="API key for the judge endpoint. Never printed.")
     output_dir: Path = Field(
         default=Path("outputs/evals"),
