@@ -8,6 +8,7 @@ type) can be captured and reported instead of scrolling past.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import subprocess
@@ -23,6 +24,12 @@ class GGUFError(UserError):
     """The converter or the quantizer refused the model."""
 
 
+def _raise_if_disk_full(output: str, path: Path) -> None:
+    # The child's ENOSPC becomes ours, so the caller reports it as a full disk (naming OUTPUT_DIR).
+    if "No space left on device" in output or "Disk quota exceeded" in output:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
 def _tail(text: str, lines: int = 8) -> str:
     kept = [line for line in text.strip().splitlines() if line.strip()]
     return "\n".join(kept[-lines:])
@@ -35,6 +42,7 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, converter_dir
     )
     result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
     if result.returncode != 0 or not out_path.is_file():
+        _raise_if_disk_full(result.stderr + result.stdout, out_path)
         raise GGUFError(
             f"llama.cpp's converter failed on {model_dir} (is the architecture supported by llama.cpp?):\n"
             + _tail(result.stderr or result.stdout)
@@ -50,6 +58,7 @@ def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, conv
     )
     result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
     if result.returncode != 0 or not out_path.is_file():
+        _raise_if_disk_full(result.stderr + result.stdout, out_path)
         raise GGUFError(f"llama.cpp's LoRA converter failed on {adapter_dir}:\n" + _tail(result.stderr or result.stdout))
     return out_path
 
@@ -87,6 +96,7 @@ class QuantizeReport:
             "fallback_tensors": self.n_fallback,
             "total_tensors": self.n_tensors,
             "fallbacks": self.summary(),
+            "fallback_tensor_list": {fb.tensor: f"{fb.wanted}->{fb.got}" for fb in self.fallbacks},
             "tensor_types": self.type_counts,
         }
 
@@ -122,6 +132,7 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, threads: int = 0) -> Qu
     cmd = [sys.executable, "-c", _QUANTIZE_SCRIPT, str(src), str(dst), ftype, str(threads)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not dst.is_file():
+        _raise_if_disk_full(result.stderr, dst)
         raise GGUFError(f"llama.cpp could not quantize {src.name} to {quant_type}:\n" + _tail(result.stderr))
     fallbacks = [Fallback(m["name"], m["wanted"], m["got"]) for m in _FALLBACK.finditer(result.stderr)]
     return QuantizeReport(quant_type=quant_type, fallbacks=fallbacks)
