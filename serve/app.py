@@ -21,6 +21,7 @@ from serve.settings import ServeSettings
 
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
+MESSAGE_PLACEHOLDER = "Type a message and press Enter"
 
 
 def max_body_bytes(n_ctx: int) -> int:
@@ -184,27 +185,28 @@ def build_chat_ui(llama, settings: ServeSettings, count_tokens: Callable[..., in
             except Exception as err:  # noqa: BLE001 - a person gets a sentence, not a traceback
                 raise gr.Error(f"The model could not answer: {err}") from None
 
-    with gr.Blocks(title=f"loraship: {model_name}") as demo:
-        gr.ChatInterface(
-            respond,
-            title=f"Chat with {model_name}",
-            description=f"Runs on this machine's CPU with llama.cpp. Context window: {n_ctx} tokens. "
-            "The same model answers the OpenAI-compatible API at /v1.",
-            additional_inputs=[
-                gr.Textbox(
-                    value=settings.system_prompt or "",
-                    label="System prompt",
-                    placeholder="Empty: the chat template's own default",
-                    lines=2,
-                ),
-                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature"),
-                gr.Slider(1, max(settings.max_tokens, min(4096, n_ctx)), value=settings.max_tokens, step=1, label="Max new tokens"),
-            ],
-            additional_inputs_accordion=gr.Accordion("Settings", open=False),
-            api_name="chat",
-            fill_height=True,
-        )
-    return demo
+    # Components made outside any Blocks are rendered by the ChatInterface
+    # itself, inside its settings accordion under the chat.
+    return gr.ChatInterface(
+        respond,
+        title=f"Chat with {model_name}",
+        description=f"Runs on this machine's CPU with llama.cpp. Context window: {n_ctx} tokens. "
+        "The same model answers the OpenAI-compatible API at /v1.",
+        textbox=gr.Textbox(placeholder=MESSAGE_PLACEHOLDER, show_label=False, scale=7, autofocus=True, submit_btn=True),
+        additional_inputs=[
+            gr.Textbox(
+                value=settings.system_prompt or "",
+                label="System prompt",
+                placeholder="Empty: the chat template's own default",
+                lines=2,
+            ),
+            gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature"),
+            gr.Slider(1, max(settings.max_tokens, min(4096, n_ctx)), value=settings.max_tokens, step=1, label="Max new tokens"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Settings", open=False),
+        api_name="chat",
+        fill_height=True,
+    )
 
 
 def build_app(settings: ServeSettings, path: Path):

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from loraship.embedded import embedded_gguf_path
+from serve.app import MESSAGE_PLACEHOLDER
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -207,14 +208,17 @@ def test_browser_shows_one_exchange(server):
         browser = p.chromium.launch(executable_path=chromium, args=args)
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 800})
-            page.goto(server + "/", wait_until="networkidle")
-            box = page.get_by_role("textbox").first
+            # not "networkidle": the page may keep asking for web fonts this offline machine cannot fetch
+            page.goto(server + "/", wait_until="domcontentloaded")
+            box = page.get_by_placeholder(MESSAGE_PLACEHOLDER)
+            expect(box).to_be_visible(timeout=30_000)
             box.fill("Which city is the capital of France?")
             box.press("Enter")
-            bot = page.locator(".bot, [data-testid='bot']").last
-            expect(bot).to_contain_text("Paris", timeout=60_000)
-            page.wait_for_timeout(500)
+            # the question never says "Paris": only the answer can
+            expect(page.locator("body")).to_contain_text("Paris", timeout=60_000)
+            page.wait_for_timeout(1500)  # let the last streamed tokens land
             page.screenshot(path=str(ARTIFACTS / "serve-ui-exchange.png"), full_page=True)
-            assert "Which city is the capital of France?" in page.inner_text("body")
+            text = page.inner_text("body")
+            assert "Which city is the capital of France?" in text and "Traceback" not in text
         finally:
             browser.close()
