@@ -22,6 +22,7 @@ from serve.settings import ServeSettings
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
 MESSAGE_PLACEHOLDER = "Type a message and press Enter"
+DRAIN_LIMIT = 64 * 1024 * 1024
 
 
 def max_body_bytes(n_ctx: int) -> int:
@@ -113,10 +114,6 @@ class RequestValidator:
             413, f"the request body is larger than {self.limit} bytes, more than any prompt that fits "
             f"the context window (N_CTX={self.n_ctx})", "request_too_large",
         )
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length and length.isdigit() and int(length) > self.limit:
-            raise too_big
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -124,11 +121,18 @@ class RequestValidator:
                 raise RequestRejected(400, "the client went away", "client_closed")
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
+            if size <= self.limit:
+                chunks.append(chunk)
+            elif size > DRAIN_LIMIT:
                 raise too_big
-            chunks.append(chunk)
             if not message.get("more_body"):
-                return b"".join(chunks)
+                break
+        # An oversized body is read to its end (up to DRAIN_LIMIT) before the
+        # answer: a client still sending when the connection closes sees a
+        # reset instead of the 413 and its reason.
+        if size > self.limit:
+            raise too_big
+        return b"".join(chunks)
 
     @staticmethod
     async def _reject(send, rejected: RequestRejected):
