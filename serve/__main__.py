@@ -42,8 +42,10 @@ def main(ctx: click.Context) -> None:
 def chat(prompt: str | None) -> None:
     """Chat in the terminal; with PROMPT, print one answer on stdout and exit."""
     from serve.chat import ContextOverflow, build_messages, trim_to_context
-    from serve.model import load_llama, stream_chat, token_counter
+    from serve.model import ServeError, load_llama, stream_chat, token_counter
 
+    if prompt is not None and not prompt.strip():
+        raise ServeError("PROMPT is empty: give a question, or no argument for an interactive chat")
     settings = load_serve_settings()
     path = _resolve(settings)
     llama = load_llama(path, settings.n_ctx, settings.threads())
@@ -55,8 +57,6 @@ def chat(prompt: str | None) -> None:
         try:
             trimmed = trim_to_context(messages, count, settings.n_ctx, settings.max_tokens)
         except ContextOverflow as err:
-            from serve.model import ServeError
-
             raise ServeError(str(err)) from None
         notice = trimmed.notice(settings.n_ctx)
         if notice:
@@ -70,10 +70,6 @@ def chat(prompt: str | None) -> None:
         return "".join(pieces)
 
     if prompt is not None:
-        if not prompt.strip():
-            from serve.model import ServeError
-
-            raise ServeError("PROMPT is empty: give a question, or no argument for an interactive chat")
         answer(prompt)
         return
     click.echo(f"chatting with {path.name} (Ctrl-D to quit)", err=True)

@@ -222,3 +222,23 @@ def test_browser_shows_one_exchange(server):
             assert "Which city is the capital of France?" in text and "Traceback" not in text
         finally:
             browser.close()
+
+
+def test_chat_command_without_prompt_is_an_interactive_conversation():
+    env = {k: v for k, v in os.environ.items() if k not in ("SYSTEM_PROMPT",)}
+    env.update(MODEL=str(embedded_gguf_path()), TEMPERATURE="0", MAX_TOKENS="24", N_CTX="512", N_THREADS="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-m", "serve", "chat"], input="Which city is the capital of France?\n\nSay that again.\n",
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    answers = [line for line in result.stdout.split("> ") if line.strip()]
+    assert len(answers) == 2 and "Paris" in answers[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_command_with_an_empty_prompt_is_a_usage_error():
+    env = dict(os.environ, MODEL=str(embedded_gguf_path()), PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-m", "serve", "chat", "  "], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: PROMPT is empty")
