@@ -56,8 +56,12 @@ def check_request(path: str, raw: bytes, count_tokens: Callable[..., int], n_ctx
         raise RequestRejected(400, "the request body must be a JSON object", "invalid_json")
     if path == COMPLETION_PATH:
         prompt = body.get("prompt")
-        if isinstance(prompt, str) and not prompt.strip():
-            raise RequestRejected(400, "the prompt is empty", "empty_prompt", "prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise RequestRejected(400, "the prompt is empty", "empty_prompt", "prompt")
+            _check_fits(count_tokens(prompt), n_ctx, "prompt")
         return
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -70,13 +74,19 @@ def check_request(path: str, raw: bytes, count_tokens: Callable[..., int], n_ctx
         tokens = count_tokens(messages, **template_inputs)
     except Exception as err:  # noqa: BLE001 - the template rejects the conversation: say why
         raise RequestRejected(400, f"the chat template cannot format these messages: {err}", "invalid_messages", "messages") from None
+    _check_fits(tokens, n_ctx, "messages")
+
+
+def _check_fits(tokens: int, n_ctx: int, param: str) -> None:
+    # Checked here, not left to llama-cpp-python: a streamed request would
+    # otherwise get a 200 and a stream that ends with no answer and no reason.
     if tokens >= n_ctx:
         raise RequestRejected(
             400,
             f"the prompt is {tokens} tokens, but the context window (N_CTX) is {n_ctx} tokens: "
-            "shorten the messages or drop older ones",
+            "shorten it or drop older messages",
             "context_length_exceeded",
-            "messages",
+            param,
         )
 
 

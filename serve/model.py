@@ -263,7 +263,8 @@ def load_llama(path: Path, n_ctx: int, n_threads: int):
 
 
 def token_counter(llama):
-    """``count(messages) -> prompt tokens`` exactly as llama-cpp-python's chat handler will build them.
+    """``count(messages) -> prompt tokens`` exactly as llama-cpp-python's chat handler will build them
+    (``count(text)`` for a plain completion prompt).
 
     The same sandboxed Jinja formatter and the GGUF's own template; the
     template adds BOS itself, so tokenizing must not add a second one.
@@ -281,7 +282,9 @@ def token_counter(llama):
         bos_token=text_of(llama.token_bos()),
     )
 
-    def count(messages: list[dict], **template_inputs) -> int:
+    def count(messages: list[dict] | str, **template_inputs) -> int:
+        if isinstance(messages, str):  # a plain completion prompt, tokenized as create_completion does
+            return len(llama.tokenize(messages.encode("utf-8"), add_bos=True, special=True))
         prompt = formatter(messages=messages, **template_inputs).prompt
         return len(llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 

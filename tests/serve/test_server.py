@@ -174,6 +174,13 @@ def test_bad_requests_get_a_4xx_with_a_reason_and_the_server_keeps_serving(serve
     assert_still_serving(server, openai_client)
 
 
+def test_plain_completions_are_checked_too(server, openai_client):
+    for body, reason in (({"prompt": " "}, "empty"), ({"prompt": "word " * 2000, "stream": True}, "context window")):
+        got, answer = http("POST", server + "/v1/completions", json.dumps(body).encode())
+        assert got == 400 and reason in answer["error"]["message"]
+    assert_still_serving(server, openai_client)
+
+
 def test_openai_client_sees_the_context_error_as_a_bad_request(openai_client):
     import openai
 
