@@ -75,6 +75,7 @@ def build_base(folder: Path) -> Path:
             tensor = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
         writer.write(name, tensor)
     writer.close()
+    config.architectures = ["LlamaForCausalLM"]  # the converter picks its model class from this
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -151,7 +152,7 @@ def path_loraship(work: Path, base: Path, adapter: Path) -> dict:
     subprocess.run([sys.executable, "-m", "export", "--env-file", "/nonexistent/.env"], check=True, env=env,
                    cwd=str(ROOT), stdout=subprocess.DEVNULL)
     manifest = json.loads((work / "export" / "manifest.json").read_text())
-    return {k: v for k, v in manifest["extra"]["timings"].items()}
+    return {**manifest["extra"]["timings"], "memory": manifest["extra"]["memory"]}
 
 
 PATHS = {"convert_only": path_convert_only, "loraship": path_loraship, "plain": path_plain}
@@ -206,7 +207,8 @@ def measure(name: str, work: Path, base: Path, adapter: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"path {name} failed (exit {proc.returncode})")
     detail = json.loads(out.strip().splitlines()[-1])
-    return {"path": name, "wall_s": round(wall, 1), "peak_rss_gib": round(peak["rss"] / GIB, 3),
+    memory = detail.pop("memory", None)
+    return {"path": name, "export_manifest_memory_mib": memory, "wall_s": round(wall, 1), "peak_rss_gib": round(peak["rss"] / GIB, 3),
             "peak_anon_rss_gib": round(peak["anon"] / GIB, 3),
             "max_single_process_rss_gib": round(detail.pop("maxrss_kib") / 1024**2, 3),
             "steps_s": {k: round(v, 1) for k, v in detail.items()}}
@@ -224,6 +226,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-export")
     parser.add_argument("--keep", action="store_true", help="keep the model, adapter and outputs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 2-layer, 256-wide model of the same vocabulary: checks the script, measures nothing")
     parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -231,6 +235,10 @@ def main() -> None:
     if args.path:
         return child(args)
 
+    if args.smoke:
+        CONFIG.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+        args.workdir = args.workdir.with_name(args.workdir.name + "-smoke")
     work = args.workdir
     base, adapter = work / "base", work / "adapter"
     if not (base / "model.safetensors").is_file():
@@ -247,6 +255,7 @@ def main() -> None:
     by = {r["path"]: r for r in rows}
     reference = by["convert_only"]["steps_s"]["convert_s"] + by["convert_only"]["steps_s"]["quantize_s"]
     ours = by["loraship"]["steps_s"]
+    export_memory = by["loraship"]["export_manifest_memory_mib"]
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1)},
@@ -260,7 +269,8 @@ def main() -> None:
                 (ours["merge_s"] + ours["convert_s"] + ours["quantize_s"]) / reference, 3),
             "whole_export_over_convert_quantize": round(by["loraship"]["wall_s"] / reference, 3),
         },
-        "command": "python bench/export_memory.py",
+        "command": "python bench/export_memory.py" + (" --smoke" if args.smoke else ""),
+        "export_manifest_memory_mib": export_memory,
     }
     print(f"\nmodel: {model_bytes / GIB:.2f} GiB bf16 safetensors; {os.cpu_count()} CPUs")
     print(f"{'path':<14}{'wall s':>8}{'peak RSS GiB':>14}{'peak anon GiB':>15}{'max 1-proc GiB':>16}  steps")
@@ -273,7 +283,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     from loraship.atomic import write_json
 
-    write_json(results / "export_memory.json", result)
+    write_json(results / ("export_memory_smoke.json" if args.smoke else "export_memory.json"), result)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -82,6 +82,14 @@ def resolve_base(value: str, token: str | None) -> Path:
     raise ExportError(f"BASE_MODEL={value!r}: no such folder, not a Hub repo id and not `embedded`")
 
 
+def _peak_rss_mib(children: bool = False) -> float:
+    """Peak resident memory so far of this process (or of its largest finished child)."""
+    import resource
+
+    who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
 def default_name(base_model: str) -> str:
     from loraship.embedded import EMBEDDED, EMBEDDED_NAME
 
@@ -176,6 +184,7 @@ def run_export(settings: ExportSettings) -> Path:
             merged = merge_into_folder(base_dir, adapter, work / name, tokenizer_dir=source.folder, progress=bar.update)
         del adapter
         timings["merge_s"] = time.perf_counter() - started
+        memory = {"merge_peak_rss_mib": _peak_rss_mib()}
         tokenizer = verify.load_tokenizer(merged)
 
         # 2. Convert (F16 always: it is the quantizer's source and the perplexity reference).
@@ -228,11 +237,13 @@ def run_export(settings: ExportSettings) -> Path:
         (work / "Modelfile").write_text(ollama_modelfile(default.name, eos_texts), encoding="utf-8")
         extra_files = ["README.md", "Modelfile"] + ([lora_name] if lora_name else [])
         timings["total_s"] = time.perf_counter() - started
+        memory.update(export_process_peak_rss_mib=_peak_rss_mib(), largest_child_peak_rss_mib=_peak_rss_mib(children=True))
         manifest = export_manifest(
             work, files, extra_files,
             inputs={"adapter": source.given, "base_model": base_name},
             settings=public_settings(settings),
-            extra={"eval_text": str(eval_path), "timings": {k: round(v, 2) for k, v in timings.items()}},
+            extra={"eval_text": str(eval_path), "timings": {k: round(v, 2) for k, v in timings.items()},
+                   "memory": memory},
         )
         write_manifest(work, manifest)
         finals = [f.name for f in files] + extra_files
