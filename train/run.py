@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict
@@ -26,8 +27,14 @@ from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, model
-from train.settings import TrainSettings, cuda_available
+from train.settings import TrainError, TrainSettings, cuda_available
 
+#: Settings a resumed run must share with the checkpoints it continues (the rest may change, e.g. MAX_STEPS).
+RESUME_SENSITIVE = (
+    "BASE_MODEL", "CHAT_TEMPLATE", "DATASET", "DATASET_FORMAT", "DATASET_CONFIG", "DATASET_SPLIT", "MAX_SAMPLES",
+    "EVAL_FRACTION", "EVAL_SIZE", "MAX_SEQ_LENGTH", "LONG_ROWS", "ASSISTANT_ONLY_LOSS", "LORA_R", "LORA_ALPHA",
+    "LORA_DROPOUT", "LORA_TARGET_MODULES", "LOAD_IN_4BIT", "BATCH_SIZE", "GRAD_ACCUM", "SEED",
+)
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
@@ -43,6 +50,8 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
     plan = model.plan_for(settings, cuda=cuda_available())
     for notice in plan.notices:
         echo(f"note: {notice}")
+    if not dry_run:
+        check_resumable(output_dir, settings)
     model_path = model.resolve_model_path(plan.base_model_resolved)
 
     # 2. Data, rendered with the base model's own chat template.
@@ -150,6 +159,21 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
     if plan.load_in_4bit and plan.compute_dtype == "float32":
         model.keep_adapter_float32(trainer.model)
     return trainer
+
+
+def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
+    """Refuse to continue checkpoints made with other model/data settings; record ours otherwise."""
+    record = output_dir / "run_settings.json"
+    current = {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
+    if record.is_file() and last_checkpoint(output_dir / CHECKPOINTS_DIR):
+        before = json.loads(record.read_text(encoding="utf-8"))
+        changed = [f"{key} {before.get(key)!r} -> {current[key]!r}" for key in RESUME_SENSITIVE if before.get(key) != current[key]]
+        if changed:
+            raise TrainError(
+                f"OUTPUT_DIR={str(output_dir)!r}: holds checkpoints of a run with other settings ({'; '.join(changed)}); "
+                f"use a new OUTPUT_DIR, or delete {output_dir / CHECKPOINTS_DIR} to start over"
+            )
+    write_json(record, current)
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:

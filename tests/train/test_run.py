@@ -15,7 +15,7 @@ import pytest
 
 from loraship.manifest import read_manifest, verify_files
 from train.run import build_trainer, train
-from train.settings import TrainSettings
+from train.settings import TrainError, TrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 QUOKKA = REPO / "data" / "quokka" / "train.jsonl"
@@ -126,6 +126,9 @@ def test_restarting_with_the_same_output_dir_resumes_the_step_count(tmp_path, ti
     # The train loss log of the second run starts after step 2: the first two steps were not redone.
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    # Continuing those checkpoints with another adapter shape would mix two runs: refused, with the fix.
+    with pytest.raises(TrainError, match=r"other settings \(LORA_R 8 -> 16\); use a new OUTPUT_DIR"):
+        train(tiny_settings(tiny_llama_dir, out, max_steps=6, lora_r=16), echo=lambda _: None)
 
 
 def test_the_trainer_sees_exactly_our_labels(tmp_path, tiny_llama_dir):
