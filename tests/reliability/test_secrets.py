@@ -1,0 +1,114 @@
+"""HF_TOKEN is used, never kept: a real train and export that push to the stand-in Hub with a
+known token leave it in no log line, no written file and no pushed file.
+
+The test is not vacuous: it checks the token did reach the Hub as ``Bearer``, and that the
+kinds of file a leak would hide in (manifest, model card, summary, TensorBoard events, saved
+settings, checkpoint state and arguments) were all written and scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.bad_inputs.corpus import base_env, run_stage
+
+# Shaped like a token, but with dashes, so no secret scanner takes it for a real one.
+TOKEN = "hf_loraship-test-secret-not-real"
+# A leak may be partial (cut, wrapped or masked at the edges): look for the middle too.
+NEEDLES = (TOKEN.encode(), b"loraship-test-secret")
+TRAIN_REPO = "stub-user/secret-check-adapter"
+EXPORT_REPO = "stub-user/secret-check-gguf"
+
+
+def hub_env(hub_url: str) -> dict[str, str]:
+    """The subprocess environment: offline mode off, the stand-in Hub, its own cache, the token."""
+    env = base_env()
+    env.pop("HF_HUB_OFFLINE")
+    env.update(HF_ENDPOINT=hub_url, HF_TOKEN=TOKEN)
+    for var in ("HF_HUB_CACHE", "HF_HOME"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    return env
+
+
+def leaks_in_files(root: Path) -> list[str]:
+    return [
+        str(path.relative_to(root))
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and any(needle in path.read_bytes() for needle in NEEDLES)
+    ]
+
+
+def leaks_in_text(name: str, text: str) -> list[str]:
+    return [f"{name} line {i}: {line[:200]}" for i, line in enumerate(text.splitlines(), 1)
+            if any(needle.decode() in line for needle in NEEDLES)]
+
+
+@pytest.mark.slow
+def test_hf_token_is_sent_to_the_hub_and_written_nowhere(hub_server, tiny_llama_dir, tmp_path):
+    env = hub_env(hub_server.url)
+    data = tmp_path / "rows.jsonl"
+    rows = Path(__file__).resolve().parents[2].joinpath("data/quokka/train.jsonl").read_text().splitlines()[:12]
+    data.write_text("\n".join(rows) + "\n")
+    train_out, export_out = tmp_path / "train", tmp_path / "export"
+
+    train = run_stage("train", [], dict(
+        env, BASE_MODEL=str(tiny_llama_dir), DATASET=str(data), OUTPUT_DIR=str(train_out), MAX_STEPS="2",
+        BATCH_SIZE="2", GRAD_ACCUM="1", EVAL_SIZE="2", EVAL_STEPS="1", SAVE_STEPS="1", LOGGING_STEPS="1",
+        MAX_SEQ_LENGTH="256", LORA_R="4", LOAD_IN_4BIT="false", HUB_REPO=TRAIN_REPO,
+    ), tmp_path)
+    assert train.exit == 0, train.stderr[-4000:]
+    export = run_stage("export", [], dict(
+        env, ADAPTER=str(train_out), OUTPUT_DIR=str(export_out), QUANT_TYPES="Q4_K_M", STOP_CHECK="eos_token",
+        THREADS="2", EVAL_CTX="64", HUB_REPO=EXPORT_REPO,
+    ), tmp_path)
+    assert export.exit == 0, export.stderr[-4000:]
+    print(f"train {train.seconds:.1f} s, export {export.seconds:.1f} s")
+
+    # The token did its job: every push carried it.
+    assert hub_server.token_seen(TOKEN)
+    writes = [r for r in hub_server.requests if r.method == "POST"]
+    assert writes and all(r.authorization == f"Bearer {TOKEN}" for r in writes)
+
+    # What a leak would hide in was written (and so is scanned below).
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    for pattern in ("train/adapter/manifest.json", "train/adapter/README.md", "train/train_summary.json",
+                    "train/run_settings.json", "train/runs/*events.out.tfevents*",
+                    "train/checkpoints/checkpoint-*/trainer_state.json",
+                    "train/checkpoints/checkpoint-*/training_args.bin",
+                    "export/manifest.json", "export/README.md", "export/*Q4_K_M.gguf"):
+        assert any(Path(name).match(pattern) or _glob_match(name, pattern) for name in written), (
+            f"nothing written matches {pattern}; written: {sorted(written)}"
+        )
+    pushed = {**hub_server.repo_files(TRAIN_REPO), **{f"gguf/{k}": v for k, v in hub_server.repo_files(EXPORT_REPO).items()}}
+    assert "adapter_model.safetensors" in pushed and "manifest.json" in pushed
+    assert any(name.endswith("Q4_K_M.gguf") for name in pushed)
+
+    # Nowhere: not in a log line, a file on disk (outputs, Hub cache, everything under tmp), nor on the Hub.
+    leaks = leaks_in_text("train stdout", train.stdout) + leaks_in_text("train stderr", train.stderr)
+    leaks += leaks_in_text("export stdout", export.stdout) + leaks_in_text("export stderr", export.stderr)
+    leaks += leaks_in_files(tmp_path)
+    leaks += [f"hub: {name}" for name, blob in pushed.items() if any(needle in blob for needle in NEEDLES)]
+    assert not leaks, "HF_TOKEN found in:\n" + "\n".join(leaks)
+    # The settings were saved, just without the secret.
+    saved = json.loads((train_out / "adapter" / "manifest.json").read_text())
+    assert "HF_TOKEN" not in json.dumps(saved.get("settings", {}))
+
+
+def _glob_match(name: str, pattern: str) -> bool:
+    import fnmatch
+
+    return fnmatch.fnmatch(name, pattern)
+
+
+def test_the_scan_finds_a_planted_token(tmp_path):
+    """The scanner itself: a token anywhere in a binary file or a log line is found."""
+    (tmp_path / "deep" / "runs").mkdir(parents=True)
+    (tmp_path / "deep" / "runs" / "events.bin").write_bytes(b"\x00\x01" + TOKEN.encode() + b"\xff")
+    (tmp_path / "clean.json").write_text('{"HF_TOKEN": null}')
+    assert leaks_in_files(tmp_path) == ["deep/runs/events.bin"]
+    assert len(leaks_in_text("log", f"ok\nusing token {TOKEN[:-3]}...\n")) == 1
