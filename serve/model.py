@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from loraship.errors import UserError
-from loraship.hub import download_repo, looks_like_repo_id
+from loraship.hub import HubError, download_repo, looks_like_repo_id
 from loraship.manifest import MANIFEST_NAME, find_file_entry, read_manifest, verify_files
 
 GGUF_MAGIC = b"GGUF"
@@ -214,7 +214,11 @@ def resolve_model_path(model: str | None, model_file: str | None = None, token: 
         path = newest_export() or embedded_gguf_path()
     elif looks_like_repo_id(model):
         patterns = [model_file or DEFAULT_PATTERN, MANIFEST_NAME]
-        folder = download_repo(model, token=token, allow_patterns=patterns, setting="MODEL")
+        try:
+            folder = download_repo(model, token=token, allow_patterns=patterns, setting="MODEL")
+        except HubError as err:
+            # "outputs/export" reads as a repo id too: say that no such local path exists either.
+            raise ServeError(f"{err} (and there is no local file or folder {model!r})") from None
         path = _pick_in_folder(folder, model_file, f"MODEL={model!r}")
     else:
         path = Path(model).expanduser()
