@@ -223,3 +223,26 @@ def test_split_is_seeded_and_respects_fraction_and_fixed_size():
     assert len(split_examples(examples, eval_fraction=0.2, eval_size=7, seed=1)[1]) == 7
     with pytest.raises(TrainError, match="EVAL_SIZE=50: leaves no training rows"):
         split_examples(examples, eval_fraction=0.0, eval_size=50, seed=1)
+
+
+@pytest.fixture
+def own_datasets_cache(tmp_path, monkeypatch):
+    """datasets keeps its own processed cache, keyed by repo and commit: keep it per test."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+
+
+def test_hub_dataset_rows_are_read_and_located(hub_server, own_datasets_cache):
+    rows = [{"question": f"What is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(5)]
+    hub_server.add_file("me/mini-gsm", "data/train.jsonl", "".join(json.dumps(r) + "\n" for r in rows),
+                        repo_type="dataset")
+    got = read_rows("me/mini-gsm", max_samples=3)
+    assert [r.row for r in got] == rows[:3]
+    assert [r.where for r in got] == [f"me/mini-gsm[train] row {i}" for i in (1, 2, 3)]
+    assert detect_format(list(got[0].row)) == "gsm8k"
+
+
+def test_a_missing_hub_dataset_is_one_clear_error(hub_server, own_datasets_cache):
+    with pytest.raises(TrainError, match=r"DATASET='me/absent': could not load split 'train' from the Hub .*check DATASET"):
+        read_rows("me/absent")
