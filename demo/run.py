@@ -109,16 +109,19 @@ def run_demo(settings: DemoSettings) -> dict:
     quant = settings.demo_quant
     seconds: dict[str, float] = {}
 
-    seconds["train"] = run_stage("train", ["train"], stage_env(RECIPE="demo", OUTPUT_DIR=str(train_dir)))
+    # BASE_MODEL, when the user sets it, replaces the recipe's embedded model in train and export alike.
+    user_base = os.environ.get("BASE_MODEL")
+    seconds["train"] = run_stage("train", ["train"], stage_env(
+        RECIPE="demo", OUTPUT_DIR=str(train_dir), BASE_MODEL=user_base))
     seconds["export"] = run_stage("export (tuned)", ["export"], stage_env(
         ADAPTER=str(train_dir), OUTPUT_DIR=str(export_dir), QUANT_TYPES=f"F16,{quant}", MODEL_NAME="quokka",
-        BASE_MODEL=os.environ.get("BASE_MODEL")))
+        BASE_MODEL=user_base))
 
     say("base: the trained adapter with its LoRA B matrices zeroed (merges to the base itself)")
     write_null_adapter(train_dir / "adapter", null_adapter)
     seconds["export_base"] = run_stage("export (base)", ["export"], stage_env(
         ADAPTER=str(null_adapter), OUTPUT_DIR=str(base_dir), QUANT_TYPES=f"F16,{quant}", MODEL_NAME="base",
-        BASE_MODEL=os.environ.get("BASE_MODEL")))
+        BASE_MODEL=user_base))
 
     tuned_gguf, base_gguf = gguf_in(export_dir, quant), gguf_in(base_dir, quant)
     seconds["evals"] = run_stage("evaluate base vs tuned", ["evals"], stage_env(

@@ -152,11 +152,13 @@ def replace_card_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
-def update_model_card(folder: str | os.PathLike, section: str) -> Path | None:
+def update_model_card(folder: str | os.PathLike, section: str, attachments: Sequence[str] = ()) -> Path | None:
     """Put ``section`` into ``folder/README.md`` atomically; None when the folder has no card.
 
-    When the folder's manifest lists README.md, its size and sha256 are
-    updated too, so the folder still verifies.
+    ``attachments`` are files already copied into ``folder`` that the card
+    links to (the chart). The folder's manifest, when it has one, is brought
+    up to date for the card and the attachments, so the folder still verifies
+    and lists everything in it.
     """
     folder = Path(folder)
     card = folder / "README.md"
@@ -165,11 +167,16 @@ def update_model_card(folder: str | os.PathLike, section: str) -> Path | None:
     write_text(card, replace_card_section(card.read_text(encoding="utf-8"), section))
     manifest = read_manifest(folder)
     if manifest is not None:
-        for entry in manifest.get("files", []):
-            if entry.get("name") == "README.md":
-                entry["size"] = card.stat().st_size
-                entry["sha256"] = sha256_file(card)
-                write_manifest(folder, manifest)
-                break
+        entries = manifest.setdefault("files", [])
+        for name in ("README.md", *attachments):
+            entry = next((e for e in entries if e.get("name") == name), None)
+            if entry is None and name == "README.md":
+                continue  # a card the manifest does not track stays untracked
+            if entry is None:
+                entry = {"name": name}
+                entries.append(entry)
+            entry["size"] = (folder / name).stat().st_size
+            entry["sha256"] = sha256_file(folder / name)
+        write_manifest(folder, manifest)
     return card
 

@@ -162,8 +162,9 @@ def run(settings: EvalSettings) -> dict:
         import shutil
 
         # The chart travels with the card so the image link in the README resolves.
-        shutil.copyfile(out / "comparison.png", folder / ".tmp-evals-comparison.png")
-        (folder / ".tmp-evals-comparison.png").replace(folder / "evals-comparison.png")
-        report.update_model_card(folder, report.card_section(result, "evals-comparison.png"))
+        chart = "evals-comparison.png"
+        with atomic_path(folder / chart) as tmp:
+            shutil.copyfile(out / "comparison.png", tmp)
+        report.update_model_card(folder, report.card_section(result, chart), attachments=[chart])
         result["card"] = str(folder / "README.md")
     return result

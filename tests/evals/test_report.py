@@ -74,10 +74,12 @@ def test_updating_the_card_keeps_the_folder_verifiable(tmp_path):
     (tmp_path / "README.md").write_text("# card\n", encoding="utf-8")
     write_manifest(tmp_path, build_manifest(kind="gguf", stage="export", folder=tmp_path,
                                             files=["model.gguf", "README.md"]))
-    card = update_model_card(tmp_path, card_section(REPORT))
+    (tmp_path / "chart.png").write_bytes(b"png")
+    card = update_model_card(tmp_path, card_section(REPORT, "chart.png"), attachments=["chart.png"])
     assert "| metric | base | tuned | change |" in card.read_text(encoding="utf-8")
     manifest = json.loads((tmp_path / "manifest.json").read_text(encoding="utf-8"))
     assert verify_files(tmp_path, manifest) == []
+    assert sorted(f["name"] for f in manifest["files"]) == ["README.md", "chart.png", "model.gguf"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
