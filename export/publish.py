@@ -91,7 +91,7 @@ def model_card(
 
 `{adapter_source}` (a LoRA adapter) merged into the full-precision `{base_repo or base_model}`,
 converted with llama.cpp's own converter and quantized with llama.cpp, by
-[loraship](https://github.com/) `python -m export`.
+loraship's `python -m export`.
 
 {chr(10).join(rows)}
 

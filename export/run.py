@@ -172,7 +172,8 @@ def run_export(settings: ExportSettings) -> Path:
     name = settings.model_name or default_name(base_name)
     eval_path = settings.eval_text or DEFAULT_EVAL_TEXT
     texts = verify.read_eval_texts(eval_path)
-    remove_stale_temporaries(out) if out.is_dir() else None
+    if out.is_dir():
+        remove_stale_temporaries(out)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -213,7 +214,7 @@ def run_export(settings: ExportSettings) -> Path:
         lora_name = None
         if settings.export_lora_gguf:
             lora_name = f"{name}-LoRA-F16.gguf"
-            gguf.convert_lora_to_gguf(source.folder, merged, work / lora_name, converter_dir)
+            gguf.convert_lora_to_gguf(source.folder, base_dir, work / lora_name, converter_dir)
         shutil.rmtree(merged)
 
         # 4. Verify every file; measure perplexity on held-out text.
