@@ -263,6 +263,7 @@ def build_app(settings: ServeSettings, path: Path):
 
     app.add_middleware(RequestValidator, count_tokens=count_tokens, n_ctx=settings.n_ctx)
     demo = build_chat_ui(llama, settings, count_tokens, model_name)
+    app.state.chat_ui = demo
     return gr.mount_gradio_app(app, demo, path="/", footer_links=["api"])
 
 

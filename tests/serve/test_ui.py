@@ -16,12 +16,9 @@ def respond():
     import gradio as gr
 
     app = build_app(load_serve_settings(n_ctx=N_CTX, n_threads=1, max_tokens=16, temperature=0), embedded_gguf_path())
-    interfaces = [b for b in app.routes if getattr(b, "path", None) == ""]  # the Gradio mount at "/"
-    blocks = interfaces[0].app.get_blocks() if interfaces and hasattr(interfaces[0].app, "get_blocks") else None
-    chat = blocks if isinstance(blocks, gr.ChatInterface) else None
-    if chat is None:
-        pytest.fail("the Gradio ChatInterface is not mounted at /")
-    return chat.fn
+    assert isinstance(app.state.chat_ui, gr.ChatInterface)
+    assert any(getattr(route, "path", None) == "" for route in app.routes)  # mounted at "/"
+    return app.state.chat_ui.fn
 
 
 def collect(fn, *args) -> list[str]:
