@@ -11,12 +11,13 @@ entry of ``cases.yaml`` has:
 ``args``
     command-line arguments after ``python -m STAGE`` (default none).
 ``env``
-    environment variables on top of the stage's defaults (``STAGE_DEFAULTS``).
+    environment variables on top of the stage's defaults (``STAGE_DEFAULTS``); ``null``
+    unsets a default.
 ``files``
     files to create in the case's folder before the run: ``path: content`` where
     content is text, ``{repeat: TEXT, times: N}``, or ``{latin1: TEXT}`` (each
     character one byte, for invalid UTF-8); a path ending in ``/`` is an empty folder.
-``exit`` (CLI) or ``status`` (api: one HTTP status or a list of acceptable ones)
+``exit``
     the expected exit status (2: the user's mistake, reported in one line each).
 ``errors``
     what stderr's ``error:`` lines must say: each item a fragment, or a list of
@@ -25,6 +26,12 @@ entry of ``cases.yaml`` has:
 ``fast``
     true for settings errors: they must be reported before any model loads, so
     the whole run must finish within ``FAST_SECONDS``.
+``request``, ``status``, ``message`` (``stage: api`` only)
+    the HTTP request (``method``, default POST; ``path``, default /v1/chat/completions; a
+    body as ``json``, ``text`` or ``latin1``), the status it must get (one, or a list of
+    acceptable ones) and a fragment the answer's body must contain.
+``note``
+    why the case exists, when its id does not say it all.
 ``xfail``
     a stage bug this case exposes (the reason names it); the case is a strict
     xfail, so fixing the stage turns it into a failure until the mark is removed.
@@ -194,7 +201,11 @@ def base_env() -> dict[str, str]:
 def stage_env(case: Case, inputs: dict[str, str]) -> dict[str, str]:
     env = base_env()
     env.update(expand(STAGE_DEFAULTS.get(case.stage, {}), inputs))
-    env.update({k: str(v) for k, v in expand(case.env or {}, inputs).items()})
+    for key, value in expand(case.env or {}, inputs).items():
+        if value is None:  # `VAR: null` unsets a stage default
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 

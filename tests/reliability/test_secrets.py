@@ -112,3 +112,29 @@ def test_the_scan_finds_a_planted_token(tmp_path):
     (tmp_path / "clean.json").write_text('{"HF_TOKEN": null}')
     assert leaks_in_files(tmp_path) == ["deep/runs/events.bin"]
     assert len(leaks_in_text("log", f"ok\nusing token {TOKEN[:-3]}...\n")) == 1
+
+
+@pytest.mark.parametrize("stage, mistake", [
+    ("train", {"LORA_R": "0", "DATASET": "./missing.jsonl"}),
+    ("export", {"QUANT_TYPES": "Q9_X", "ADAPTER": "./missing"}),
+    ("serve", {"N_CTX": "1", "TEMPERATURE": "9"}),
+])
+def test_settings_errors_never_echo_the_token(tmp_path, stage, mistake):
+    env = dict(base_env(), HF_TOKEN=TOKEN, OUTPUT_DIR=str(tmp_path / "out"), **mistake)
+
+    run = run_stage(stage, [], env, tmp_path)
+
+    assert run.exit == 2 and len(run.error_lines()) >= 2, run.stderr[-3000:]
+    assert not leaks_in_text("stdout", run.stdout) + leaks_in_text("stderr", run.stderr)
+    assert leaks_in_files(tmp_path) == []
+
+
+def test_a_refused_hub_download_names_model_but_not_the_token(hub_server, tmp_path):
+    env = dict(hub_env(hub_server.url), MODEL="stub-user/no-such-model")
+
+    run = run_stage("serve", ["chat", "Hello"], env, tmp_path)
+
+    assert run.exit == 2, run.stderr[-3000:]
+    assert any("MODEL='stub-user/no-such-model'" in line for line in run.error_lines()), run.stderr[-3000:]
+    assert hub_server.token_seen(TOKEN)
+    assert not leaks_in_text("stdout", run.stdout) + leaks_in_text("stderr", run.stderr)
