@@ -82,10 +82,13 @@ def push_folder(
     ignore_patterns: Iterable[str] = (".tmp-*", "**/.tmp-*"),
     setting: str = "HUB_REPO",
     space_sdk: str = "docker",
+    delete_patterns: Iterable[str] | None = None,
 ) -> str:
     """Create ``repo_id`` if needed (private by default) and upload ``folder``.
 
     ``space_sdk`` only matters when ``repo_type="space"`` and the Space is new.
+    ``delete_patterns`` (relative to ``path_in_repo``): remote files matching them that the
+    upload does not bring are deleted in the same commit, so the folder mirrors ``folder``.
 
     Returns the commit URL. Raises :class:`HubError` naming ``setting`` on failure.
     """
@@ -105,6 +108,7 @@ def push_folder(
             path_in_repo=path_in_repo,
             commit_message=commit_message,
             ignore_patterns=list(ignore_patterns),
+            delete_patterns=list(delete_patterns) if delete_patterns else None,
         )
     except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
         raise _explain(err, repo_id, setting) from err
@@ -135,13 +139,20 @@ def download_repo(
     return Path(path)
 
 
-def list_repo_files(repo_id: str, *, token: str | None = None, setting: str = "MODEL") -> list[str]:
-    """File names in a model repo."""
+def list_repo_files(
+    repo_id: str, *, token: str | None = None, setting: str = "MODEL", missing_ok: bool = False
+) -> list[str]:
+    """File names in a model repo; with ``missing_ok``, ``[]`` for a repo that does not exist (yet)."""
     from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf_errors
 
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token or None)
     try:
         return list(api.list_repo_files(repo_id))
+    except hf_errors.RepositoryNotFoundError as err:
+        if missing_ok and not isinstance(err, hf_errors.GatedRepoError):
+            return []
+        raise _explain(err, repo_id, setting) from err
     except Exception as err:  # noqa: BLE001
         raise _explain(err, repo_id, setting) from err
 

@@ -2,10 +2,13 @@
 
 Settings come from the environment, then ./.env, then the recipe named by RECIPE
 (recipes/<name>.env), then the defaults. Every invalid setting is reported at
-once (exit status 2) before any model or dataset is loaded.
+once (exit status 2) before any model or dataset is loaded. SIGTERM saves a checkpoint
+at the step reached and exits with status 75: rerun with the same OUTPUT_DIR to continue.
 """
 
 from __future__ import annotations
+
+import sys
 
 import click
 
@@ -34,9 +37,14 @@ EPILOG = _verbatim(
 def main(dry_run: bool, env_file: str) -> None:
     """Fine-tune a chat model with (Q)LoRA and write OUTPUT_DIR/adapter/."""
     settings = load_train_settings(env_file)
+    from train.checkpoints import Preempted
     from train.run import train
 
-    train(settings, dry_run=dry_run, echo=click.echo)
+    try:
+        train(settings, dry_run=dry_run, echo=click.echo)
+    except Preempted as stop:
+        click.echo(str(stop), err=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, model
+from train.checkpoints import (
+    CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
+    point_best_checkpoint_here, pull_checkpoints, step_of,
+)
 from train.settings import TrainError, TrainSettings, cuda_available
 
 #: Settings a resumed run must share with the checkpoints it continues (the rest may change, e.g. MAX_STEPS).
@@ -37,20 +41,48 @@ RESUME_SENSITIVE = (
 )
 LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "bitsandbytes", "accelerate")
 ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> dict[str, Any] | None:
-    """Run the whole stage; returns the summary (None for a dry run)."""
+    """Run the whole stage; returns the summary (None for a dry run).
+
+    SIGTERM at any point raises :class:`train.checkpoints.Preempted` (exit status 75 in
+    ``__main__``) once a checkpoint of the step reached is on disk (and on the Hub).
+    """
+    output_dir = Path(settings.output_dir)
+    with StopOnSigterm(echo) as stopper:
+        try:
+            return _train(settings, dry_run, echo, stopper)
+        except Preempted:
+            last = last_checkpoint(output_dir / CHECKPOINTS_DIR)
+            where = "no checkpoint was saved yet"
+            if last is not None:
+                where = f"the last checkpoint is step {step_of(last)} ({last}"
+                where += f", also in {settings.hub_repo}/{CHECKPOINTS_DIR})" if settings.hub_repo else ")"
+            raise Preempted(
+                f"stopped by SIGTERM: {where}. Rerun with the same OUTPUT_DIR={str(output_dir)!r}"
+                + (f" (or HUB_REPO={settings.hub_repo!r} on a new machine)" if settings.hub_repo else "")
+                + " to continue from there."
+            ) from None
+
+
+def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], stopper: StopOnSigterm):
     started = time.time()
     output_dir = Path(settings.output_dir)
+    checkpoints = output_dir / CHECKPOINTS_DIR
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
 
-    # 1. What the settings mean here.
+    # 1. What the settings mean here; where an interrupted run left off (locally, else on the Hub).
     plan = model.plan_for(settings, cuda=cuda_available())
     for notice in plan.notices:
         echo(f"note: {notice}")
     if not dry_run:
+        remove_stale_temporaries(output_dir)
+        remove_stale_temporaries(checkpoints)
+        if settings.hub_repo and last_checkpoint(checkpoints) is None:
+            pulled = pull_checkpoints(output_dir, settings.hub_repo, token=token)
+            if pulled is not None:
+                echo(f"resume: fetched checkpoints up to step {step_of(pulled)} from {settings.hub_repo}/{CHECKPOINTS_DIR}")
         check_resumable(output_dir, settings)
     model_path = model.resolve_model_path(plan.base_model_resolved)
 
@@ -72,18 +104,29 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
     base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token)
     peft_model = model.add_lora(base, settings)
 
-    # 4. Supervised fine-tuning.
-    remove_stale_temporaries(output_dir)
-    checkpoints = output_dir / CHECKPOINTS_DIR
-    trainer = build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo)
+    # 4. Supervised fine-tuning, continuing the newest checkpoint.
+    callbacks = [stopper]
+    if settings.hub_repo:
+        callbacks.append(MirrorToHub(output_dir, settings.hub_repo, token=token, private=settings.hub_private, echo=echo))
+    trainer = build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
+                            callbacks=callbacks)
+    # The settings record travels with the checkpoints (and so to the Hub), for a resume on another machine.
+    write_json(checkpoints / RUN_SETTINGS, json.loads((output_dir / RUN_SETTINGS).read_text(encoding="utf-8")))
     resume = last_checkpoint(checkpoints)
-    resumed_from = int(resume.name.rsplit("-", 1)[-1]) if resume else None
+    resumed_from = step_of(resume) if resume else None
     if resume:
+        point_best_checkpoint_here(resume)
         echo(f"resume: continuing from {resume} (step {resumed_from})")
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except AlreadyTrained:
+        echo(f"resume: {resume.name} already reached the last step; writing the final files only")
+        load_final_weights(trainer)
+    if stopper.requested:
+        raise Preempted("stopped by SIGTERM")
     runtime = time.time() - started
 
-    # 5. The adapter folder, the summary and the plot.
+    # 5. The adapter folder, the summary and the plot (each written whole or not at all).
     summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
     adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
     echo(f"adapter: {adapter_dir}")
@@ -96,13 +139,25 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
 
         summary["hub_commit"] = push_folder(adapter_dir, settings.hub_repo, token=token, private=settings.hub_private)
         echo(f"hub: pushed {adapter_dir} to {settings.hub_repo} ({'private' if settings.hub_private else 'public'})")
+    # Written last: its presence says the run is finished.
     write_json(output_dir / "train_summary.json", summary)
     echo(f"done: {summary['global_step']} steps in {runtime:.0f} s; best eval loss {summary['best_eval_loss']} "
          f"at step {summary['best_step']}; see {output_dir / 'loss.png'}")
     return summary
 
 
-def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo):
+def load_final_weights(trainer) -> None:
+    """A run resumed at its last step trains nothing: load the adapter the final folder must hold."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and (Path(best) / "adapter_model.safetensors").is_file():
+        set_peft_model_state_dict(trainer.model, load_file(Path(best) / "adapter_model.safetensors"))
+
+
+def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
+                  callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     has_eval = bool(eval_examples)
@@ -154,7 +209,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         train_dataset=data.to_hf_dataset(train_examples),
         eval_dataset=data.to_hf_dataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
-        callbacks=[EvalLossAverage(settings.eval_average_window, echo)],
+        callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
     )
     if plan.load_in_4bit and plan.compute_dtype == "float32":
         model.keep_adapter_float32(trainer.model)
@@ -163,7 +218,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
 
 def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
     """Refuse to continue checkpoints made with other model/data settings; record ours otherwise."""
-    record = output_dir / "run_settings.json"
+    record = output_dir / RUN_SETTINGS
     current = {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
     if record.is_file() and last_checkpoint(output_dir / CHECKPOINTS_DIR):
         before = json.loads(record.read_text(encoding="utf-8"))
@@ -174,17 +229,6 @@ def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
                 f"use a new OUTPUT_DIR, or delete {output_dir / CHECKPOINTS_DIR} to start over"
             )
     write_json(record, current)
-
-
-def last_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` folder (it has trainer_state.json), if any."""
-    if not checkpoints.is_dir():
-        return None
-    found = [
-        p for p in checkpoints.glob("checkpoint-*")
-        if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit() and (p / "trainer_state.json").is_file()
-    ]
-    return max(found, key=lambda p: int(p.name.rsplit("-", 1)[-1])) if found else None
 
 
 class EvalLossAverage(TrainerCallback):
@@ -215,7 +259,7 @@ def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int
     averages = [e["eval_loss_moving_average"] for e in state.log_history if "eval_loss_moving_average" in e]
     best_step = None
     if state.best_model_checkpoint:
-        best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[-1])
+        best_step = step_of(Path(state.best_model_checkpoint))
     best_loss = state.best_metric if best_step is not None else (eval_curve[-1][1] if eval_curve else None)
     return {
         "base_model": plan.base_model,
