@@ -69,8 +69,12 @@ def timed_stream(chunks) -> dict:
 
 
 def direct_pieces(llama, prompt: str, max_tokens: int):
+    from serve.model import api_sampling_defaults
+
+    # the API's sampling defaults (its repeat penalty included), so both paths do the same work
     for chunk in llama.create_chat_completion(
-        messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True
+        messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0, stream=True,
+        **api_sampling_defaults(),
     ):
         yield chunk["choices"][0]["delta"].get("content")
 

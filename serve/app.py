@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from serve.chat import ContextOverflow, build_messages, content_text, history_to_messages, trim_to_context
-from serve.model import ServeError, model_settings, token_counter
+from serve.model import ServeError, api_sampling_defaults, model_settings, token_counter
 from serve.settings import ServeSettings
 
 CHAT_PATH = "/v1/chat/completions"
@@ -168,6 +168,7 @@ def build_chat_ui(llama, settings: ServeSettings, count_tokens: Callable[..., in
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
     n_ctx = settings.n_ctx
+    sampling = api_sampling_defaults()
 
     async def respond(message: Any, history: list, system_prompt: str, temperature: float, max_tokens: int):
         text = content_text(message).strip()
@@ -191,6 +192,7 @@ def build_chat_ui(llama, settings: ServeSettings, count_tokens: Callable[..., in
                     max_tokens=int(max_tokens),
                     temperature=float(temperature),
                     stream=True,
+                    **sampling,
                 )
                 answer = ""
                 async for chunk in iterate_in_threadpool(stream):

@@ -295,10 +295,24 @@ def token_counter(llama):
     return count
 
 
+def api_sampling_defaults() -> dict:
+    """The sampling llama-cpp-python's API applies when a request leaves it out.
+
+    ``Llama.create_chat_completion`` has other defaults (no repeat penalty);
+    the UI and the terminal chat use the API's, so a person and a program
+    asking the same thing get the same answer.
+    """
+    from llama_cpp.server.types import CreateChatCompletionRequest
+
+    fields = CreateChatCompletionRequest.model_fields
+    names = ("top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
+    return {name: fields[name].default for name in names}
+
+
 def stream_chat(llama, messages: list[dict], max_tokens: int, temperature: float):
     """Yield the answer's text pieces as llama.cpp produces them (stops at EOS / end of turn)."""
     for chunk in llama.create_chat_completion(
-        messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+        messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True, **api_sampling_defaults()
     ):
         piece = chunk["choices"][0]["delta"].get("content")
         if piece:
