@@ -252,10 +252,6 @@ print("  chat completion (%s): %r" % (reply.get("model"), text.strip()[:120]))
     podman healthcheck run "$CONTAINER_NAME" >/dev/null 2>&1 || fail "the image's HEALTHCHECK failed on a serving container"
     echo "  the image's own HEALTHCHECK passes"
 
-    # The image half of the secrets test runs against what was just built.
-    LORASHIP_SERVE_IMAGE=$SERVE_IMAGE "$PYTHON" -m pytest -q -p no:cacheprovider tests/containers \
-        || fail "tests/containers"
-
     podman rm -f "$CONTAINER_NAME" >/dev/null 2>&1
     trap - EXIT
     took "container removed"
@@ -295,5 +291,11 @@ took "inspected"
 
 stamp "run and smoke-test the serve image"
 smoke_test_serve
+
+# With the image built, the image half of the secrets test runs too.
+stamp "tests/containers against $SERVE_IMAGE"
+LORASHIP_SERVE_IMAGE=$SERVE_IMAGE "$PYTHON" -m pytest -q -p no:cacheprovider tests/containers \
+    || fail "tests/containers"
+took "tests passed"
 
 stamp "all image checks passed"
