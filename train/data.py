@@ -213,6 +213,76 @@ def tokenize_conversation(
     return input_ids, [tok if keep else IGNORE_INDEX for tok, keep in zip(input_ids, mask)]
 
 
+_PROBE = "Loraship-end-of-turn-probe"
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The special token the chat template writes right after an assistant's answer (None if none).
+
+    It is what the model emits to stop: ``<|im_end|>`` for SmolLM2, ``<|eot_id|>`` for
+    Llama-3, ``</s>`` for Llama-2 and Mistral.
+    """
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    after = text[text.rfind(_PROBE) + len(_PROBE):]
+    special = set(tokenizer.all_special_tokens)
+    special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    found = [(after.find(tok), -len(tok), tok) for tok in special if tok and tok in after]
+    return min(found)[2] if found else None
+
+
+def end_of_turn_problem(example: "Example", token_id: int) -> str | None:
+    """Why ``example``'s last answer does not teach the model to stop (None when it does).
+
+    The last run of trained labels is the last answer (all of the text without
+    ASSISTANT_ONLY_LOSS); the end-of-turn token must be in it, with its label kept.
+    """
+    last = max(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    start = last
+    while start > 0 and example.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if token_id in example.labels[start : last + 1]:
+        return None
+    if token_id in example.input_ids[start:]:
+        return "is masked (label -100), so the model would not learn to stop"
+    return "is missing after the last answer (the chat template does not close the answer with it)"
+
+
+def check_end_of_turn(examples: Sequence["Example"], tokenizer: Any) -> tuple[str, int]:
+    """Every untruncated example must train its last answer's end-of-turn token: ``(token, examples checked)``."""
+    token = end_of_turn_token(tokenizer) or tokenizer.eos_token
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    checked, problems = 0, []
+    for example in examples:
+        if example.truncated:
+            continue
+        checked += 1
+        problem = end_of_turn_problem(example, token_id)
+        if problem:
+            problems.append(f"{example.where}: the end-of-turn token {token!r} {problem}")
+    if problems:
+        shown = problems[:MAX_ROW_ERRORS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more rows")
+        shown.append(
+            f"fix the chat template (CHAT_TEMPLATE, or the base model's) so that each answer ends with {token!r}"
+        )
+        raise TrainError("\n".join(shown))
+    return token, checked
+
+
+def length_histogram(lengths: Sequence[int], max_length: int, bins: int = 10) -> dict[str, list[int]]:
+    """Counts of ``lengths`` in ``bins`` bins of (nearly) equal width: ``edges[i] < length <= edges[i + 1]``."""
+    import bisect
+
+    bins = max(1, min(bins, max_length))
+    edges = [i * max_length // bins for i in range(bins + 1)]
+    counts = [0] * bins
+    for length in lengths:
+        counts[min(bins - 1, max(0, bisect.bisect_left(edges, length) - 1))] += 1
+    return {"bin_edges": edges, "counts": counts}
+
+
 # --------------------------------------------------------------------------
 # Reading rows
 # --------------------------------------------------------------------------
@@ -318,6 +388,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     where: str
+    truncated: bool = False
 
 
 @dataclass
@@ -335,15 +406,27 @@ class DataReport:
     train_loss_tokens: int = 0
     eval_tokens: int = 0
     longest: int = 0
+    max_seq_length: int = 0
+    #: Share of the train tokens whose label counts toward the loss.
+    loss_token_share: float = 0.0
+    #: The special token that closes an assistant turn, checked in every (untruncated) example.
+    end_of_turn_token: str | None = None
+    end_of_turn_checked: int = 0
+    #: Token lengths of the kept rows (train and eval): ``bin_edges`` has one more entry than ``counts``.
+    length_histogram: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         return [
-            f"data: {self.rows} rows from {self.dataset} (format: {self.format})",
-            f"data: kept {self.kept}; dropped {self.dropped_long} longer than MAX_SEQ_LENGTH, "
-            f"truncated {self.truncated}, dropped {self.dropped_no_loss} with no trainable tokens left",
-            f"data: split {self.train_rows} train / {self.eval_rows} eval; train tokens {self.train_tokens} "
-            f"({self.train_loss_tokens} in the loss), eval tokens {self.eval_tokens}, longest row {self.longest}",
+            f"data: {self.rows} rows read from {self.dataset} (format: {self.format})",
+            f"data: kept {self.kept}; dropped {self.dropped_long} longer than MAX_SEQ_LENGTH={self.max_seq_length}; "
+            f"truncated {self.truncated} to MAX_SEQ_LENGTH (LONG_ROWS=truncate); "
+            f"dropped {self.dropped_no_loss} with no trainable token left after truncation",
+            f"data: split {self.train_rows} train / {self.eval_rows} eval; train tokens {self.train_tokens}, "
+            f"{self.train_loss_tokens} of them in the loss ({self.loss_token_share:.1%}); eval tokens {self.eval_tokens}; "
+            f"longest row {self.longest}",
+            f"data: every answer ends with the end-of-turn token {self.end_of_turn_token!r}, trained "
+            f"({self.end_of_turn_checked} examples checked; truncated ones lose it by design)",
         ]
 
 
@@ -372,11 +455,14 @@ def build_examples(
                 report.dropped_long += 1
                 continue
             input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
-            report.truncated += 1
+            truncated = True
+        else:
+            truncated = False
         if all(label == IGNORE_INDEX for label in labels):
             report.dropped_no_loss += 1
             continue
-        examples.append(Example(input_ids, labels, source.where))
+        report.truncated += truncated
+        examples.append(Example(input_ids, labels, source.where, truncated))
     if problems:
         shown = problems[:MAX_ROW_ERRORS_SHOWN]
         if len(problems) > len(shown):
@@ -431,6 +517,10 @@ def prepare_data(settings: Any, tokenizer: Any, token: str | None = None) -> tup
     report.train_loss_tokens = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in train)
     report.eval_tokens = sum(len(e.input_ids) for e in evaluation)
     report.longest = max(len(e.input_ids) for e in examples)
+    report.max_seq_length = settings.max_seq_length
+    report.loss_token_share = report.train_loss_tokens / report.train_tokens
+    report.length_histogram = length_histogram([len(e.input_ids) for e in examples], settings.max_seq_length)
+    report.end_of_turn_token, report.end_of_turn_checked = check_end_of_turn(examples, tokenizer)
     return train, evaluation, report
 
 

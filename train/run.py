@@ -1,7 +1,8 @@
 """The training story, top to bottom: settings -> data -> model -> SFT -> adapter folder.
 
 1. decide what 'auto' means on this machine (GPU or not) and say so;
-2. tokenizer + data: every row rendered with the chat template, masked, filtered, split (counts printed);
+2. tokenizer + data: every row rendered with the chat template, masked, filtered, split, each answer's
+   end-of-turn token checked; the dataset report printed and written (``--dry-run`` stops here);
 3. base model (4-bit NF4 on CUDA) + fresh LoRA adapters;
 4. trl's SFTTrainer on our own ``input_ids``/``labels`` (dataset preparation skipped, so our
    masks are exactly what trains), eval every EVAL_STEPS, checkpoints for resuming;
@@ -27,6 +28,7 @@ from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, model
+from train.report import write_data_report
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
     point_best_checkpoint_here, pull_checkpoints, step_of,
@@ -89,8 +91,9 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     # 2. Data, rendered with the base model's own chat template.
     tokenizer = model.load_tokenizer(model_path, chat_template=settings.chat_template, token=token)
     train_examples, eval_examples, report = data.prepare_data(settings, tokenizer, token)
-    for line in report.lines():
+    for line in write_data_report(output_dir, report, public_settings(settings)).splitlines():
         echo(line)
+    echo(f"data: report written to {output_dir / 'data_report.txt'} (and .json, .png)")
     if dry_run:
         echo("dry run: stopping before the model is loaded")
         return None
