@@ -10,7 +10,7 @@
 #
 # train reads RECIPE, OUTPUT_DIR (default outputs/train), HUB_REPO, HF_TOKEN...
 # export shares some names with train (OUTPUT_DIR, HUB_REPO), so here it reads:
-#   ADAPTER    the adapter to export          (default: train's OUTPUT_DIR)
+#   ADAPTER    the adapter to export          (default: train's OUTPUT_DIR, recipe included)
 #   EXPORT_DIR where the GGUF files go        (default: outputs/export)
 #   GGUF_REPO  the Hub repo for the GGUF      (default: HUB_REPO + "-GGUF"; unset HUB_REPO: no push)
 # Relative paths are under /data, the working directory.
@@ -32,11 +32,29 @@ run_train() {
     python -m train "$@"
 }
 
+# Where train put its run and which Hub repo it pushed to, as train itself
+# resolves them (environment, then ./.env, then the recipe, then defaults):
+# recipes set their own OUTPUT_DIR. cuda=True only skips the GPU check, which
+# is beside the point here. Sets train_dir and train_repo.
+resolve_train_run() {
+    resolved=$(python -c 'from train.settings import load_train_settings
+s = load_train_settings(cuda=True)
+print(s.output_dir)
+print(s.hub_repo or "")' 2>/dev/null) || resolved=""
+    if [ -n "$resolved" ]; then
+        train_dir=$(echo "$resolved" | sed -n 1p)
+        train_repo=$(echo "$resolved" | sed -n 2p)
+    else
+        train_dir=${OUTPUT_DIR:-outputs/train}
+        train_repo=${HUB_REPO:-}
+    fi
+}
+
 run_export() {
-    train_dir=${OUTPUT_DIR:-outputs/train}
+    resolve_train_run
     gguf_repo=${GGUF_REPO:-}
-    if [ -z "$gguf_repo" ] && [ -n "${HUB_REPO:-}" ]; then
-        gguf_repo="${HUB_REPO}-GGUF"
+    if [ -z "$gguf_repo" ] && [ -n "$train_repo" ]; then
+        gguf_repo="${train_repo}-GGUF"
     fi
     ADAPTER=${ADAPTER:-$train_dir} OUTPUT_DIR=${EXPORT_DIR:-outputs/export} HUB_REPO=$gguf_repo \
         python -m export "$@"

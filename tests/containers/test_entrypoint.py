@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -17,9 +18,14 @@ from tests.containers.conftest import REPO
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
+# `python -m STAGE` is recorded; `python -c CODE` (the entrypoint asking
+# train's settings where the run went) runs for real against this checkout.
 FAKE_PYTHON = """#!/bin/sh
-python3 - "$@" <<'EOF'
-import json, os, sys
+if [ "$1" = "-c" ]; then exec "$REAL_PYTHON" "$@"; fi
+exec "$REAL_PYTHON" "$RECORD_STAGE" "$@"
+"""
+
+RECORD_STAGE = """import json, os, sys
 stage = sys.argv[2] if sys.argv[1:2] == ["-m"] else " ".join(sys.argv[1:])
 record = {"stage": stage, "args": sys.argv[3:]}
 for name in ("ADAPTER", "OUTPUT_DIR", "HUB_REPO", "RECIPE", "HF_TOKEN"):
@@ -28,7 +34,6 @@ for name in ("ADAPTER", "OUTPUT_DIR", "HUB_REPO", "RECIPE", "HF_TOKEN"):
 with open(os.environ["CALLS"], "a") as fh:
     fh.write(json.dumps(record) + "\\n")
 sys.exit(3 if stage in os.environ.get("FAIL_STAGES", "").split(",") else 0)
-EOF
 """
 
 
@@ -40,6 +45,7 @@ def container(tmp_path):
     fake = bin_dir / "python"
     fake.write_text(FAKE_PYTHON, encoding="utf-8")
     fake.chmod(0o755)
+    (tmp_path / "record_stage.py").write_text(RECORD_STAGE, encoding="utf-8")
     data = tmp_path / "data"
     data.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -49,6 +55,10 @@ def container(tmp_path):
             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
             "CALLS": str(calls),
             "HOME": str(tmp_path),
+            "REAL_PYTHON": sys.executable,
+            "RECORD_STAGE": str(tmp_path / "record_stage.py"),
+            "PYTHONPATH": str(REPO),
+            "HF_HUB_OFFLINE": "1",
             **env,
         }
         result = subprocess.run(
@@ -58,6 +68,7 @@ def container(tmp_path):
         calls.unlink(missing_ok=True)
         return result, made
 
+    run.data = data
     return run
 
 
@@ -86,6 +97,22 @@ def test_export_follows_a_custom_train_output_dir_and_names(container):
     train, export = calls
     assert train["OUTPUT_DIR"] == "runs/a"
     assert (export["ADAPTER"], export["OUTPUT_DIR"], export["HUB_REPO"]) == ("runs/a", "runs/a-gguf", "me/a-q4")
+
+
+def test_export_follows_the_recipes_own_output_dir(container):
+    """llama3-8b-finetome writes to outputs/llama3-8b-finetome; export must read it there."""
+    result, calls = container(RECIPE="llama3-8b-finetome", HUB_REPO="me/llama3", EXPORT="1")
+    assert result.returncode == 0, result.stderr
+    export = calls[1]
+    assert export["ADAPTER"] == "outputs/llama3-8b-finetome"
+    assert export["HUB_REPO"] == "me/llama3-GGUF"
+
+
+def test_export_follows_settings_from_a_dot_env_in_data(container):
+    (container.data / ".env").write_text("RECIPE=llama3-8b-finetome\nOUTPUT_DIR=runs/b\nHUB_REPO=me/b\n")
+    result, calls = container(EXPORT="1")
+    assert result.returncode == 0, result.stderr
+    assert (calls[1]["ADAPTER"], calls[1]["HUB_REPO"]) == ("runs/b", "me/b-GGUF")
 
 
 def test_without_hub_repo_the_export_pushes_nowhere(container):
