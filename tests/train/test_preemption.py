@@ -101,11 +101,13 @@ def stop_with_sigterm(env: dict[str, str]) -> tuple[int, float, Stage]:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_a_rerun_continues_from_it(tmp_path, tiny_llama_dir):
+def test_sigterm_saves_the_step_reached_which_a_rerun_here_or_on_a_new_machine_continues(
+    tmp_path, tiny_llama_dir, hub_server
+):
     from train.run import train
 
     out = tmp_path / "out"
-    env = stage_env(tiny_llama_dir, out, MAX_STEPS="500")
+    env = stage_env(tiny_llama_dir, out, MAX_STEPS="500", HUB_REPO="me/preempted")
     code, seconds, stage = stop_with_sigterm(env)
 
     assert code == PREEMPTED_EXIT, stage.output()
@@ -118,36 +120,26 @@ def test_sigterm_saves_a_checkpoint_at_the_step_reached_and_a_rerun_continues_fr
     assert f"the last checkpoint is step {step}" in stage.output()
     assert f"Rerun with the same OUTPUT_DIR='{out}'" in stage.output()
     assert not any((out / name).exists() for name in FINAL_FILES)
-
-    lines: list[str] = []
-    summary = train(settings_from(env, max_steps=step + 1), echo=lines.append)
-    assert summary["resumed_from_step"] == step and summary["global_step"] == step + 1
-    assert logged_steps(out / "checkpoints" / f"checkpoint-{step + 1}") == list(range(1, step + 2))
-
-
-@pytest.mark.slow
-def test_a_new_machine_continues_from_the_checkpoint_pushed_to_the_hub(tmp_path, tiny_llama_dir, hub_server):
-    from train.run import train
-
-    out = tmp_path / "out"
-    env = stage_env(tiny_llama_dir, out, MAX_STEPS="500", HUB_REPO="me/preempted")
-    code, _, stage = stop_with_sigterm(env)
-    assert code == PREEMPTED_EXIT, stage.output()
-    step = int(last_checkpoint(out / "checkpoints").name.split("-")[1])
+    # ...and it reached the Hub before the process exited.
     pushed = hub_server.repo_files("me/preempted")
     ckpt = f"checkpoints/checkpoint-{step}"
     assert {f"{ckpt}/trainer_state.json", f"{ckpt}/adapter_model.safetensors", f"{ckpt}/optimizer.pt",
             "checkpoints/run_settings.json"} <= set(pushed)
     assert pushed[f"{ckpt}/adapter_model.safetensors"] == (out / ckpt / "adapter_model.safetensors").read_bytes()
-    assert "me/preempted" in stage.output()
 
-    shutil.rmtree(out)  # the new machine: an empty OUTPUT_DIR
-    lines: list[str] = []
-    summary = train(settings_from(env, max_steps=step + 1), echo=lines.append)
-    assert any(f"fetched checkpoints up to step {step} from me/preempted" in line for line in lines)
+    # Rerun on the same machine: the step count goes on from the checkpoint.
+    summary = train(settings_from(env, max_steps=step + 1), echo=lambda _: None)
     assert summary["resumed_from_step"] == step and summary["global_step"] == step + 1
     assert logged_steps(out / "checkpoints" / f"checkpoint-{step + 1}") == list(range(1, step + 2))
-    assert f"checkpoints/checkpoint-{step + 1}/trainer_state.json" in hub_server.repo_files("me/preempted")
+
+    # A new machine (empty OUTPUT_DIR) continues from what the Hub holds.
+    shutil.rmtree(out)
+    lines: list[str] = []
+    summary = train(settings_from(env, max_steps=step + 2), echo=lines.append)
+    assert any(f"fetched checkpoints up to step {step + 1} from me/preempted" in line for line in lines)
+    assert summary["resumed_from_step"] == step + 1 and summary["global_step"] == step + 2
+    assert logged_steps(out / "checkpoints" / f"checkpoint-{step + 2}") == list(range(1, step + 3))
+    assert f"checkpoints/checkpoint-{step + 2}/trainer_state.json" in hub_server.repo_files("me/preempted")
 
 
 # Kills the process (SIGKILL, no cleanup of any kind) at a chosen point of the final save, then
