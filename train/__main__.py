@@ -37,6 +37,11 @@ EPILOG = _verbatim(
 def main(dry_run: bool, env_file: str) -> None:
     """Fine-tune a chat model with (Q)LoRA and write OUTPUT_DIR/adapter/."""
     settings = load_train_settings(env_file)
+    from train import launch
+
+    processes = launch.processes_wanted(settings.num_gpus, launch.cuda_device_count())
+    if processes > 1 and not dry_run and not launch.under_launcher():
+        sys.exit(_run_under_torchrun(settings, processes, sys.argv[1:]))
     from train.checkpoints import Preempted
     from train.run import train
 
@@ -45,6 +50,23 @@ def main(dry_run: bool, env_file: str) -> None:
     except Preempted as stop:
         click.echo(str(stop), err=True)
         sys.exit(stop.exit_code)
+
+
+def _run_under_torchrun(settings, processes: int, argv: list[str]) -> int:
+    """This command again, once per GPU; Hub checkpoints are fetched first so every process sees them."""
+    from pathlib import Path
+
+    from train import launch
+    from train.checkpoints import PREEMPTED_EXIT, preempted_message
+    from train.run import fetch_hub_checkpoints
+
+    token = settings.hf_token.get_secret_value() if settings.hf_token else None
+    fetch_hub_checkpoints(settings, token, click.echo)
+    code, got_sigterm = launch.relaunch(processes, argv, click.echo)
+    if got_sigterm:
+        click.echo(preempted_message(Path(settings.output_dir), settings.hub_repo), err=True)
+        return PREEMPTED_EXIT
+    return code
 
 
 if __name__ == "__main__":

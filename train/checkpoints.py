@@ -42,6 +42,20 @@ class Preempted(BaseException):
     exit_code = PREEMPTED_EXIT
 
 
+def preempted_message(output_dir: Path, hub_repo: str | None) -> str:
+    """What a stopped run tells the user: where it got to and how to continue."""
+    last = last_checkpoint(output_dir / CHECKPOINTS_DIR)
+    where = "no checkpoint was saved yet"
+    if last is not None:
+        where = f"the last checkpoint is step {step_of(last)} ({last}"
+        where += f", also in {hub_repo}/{CHECKPOINTS_DIR})" if hub_repo else ")"
+    return (
+        f"stopped by SIGTERM: {where}. Rerun with the same OUTPUT_DIR={str(output_dir)!r}"
+        + (f" (or HUB_REPO={hub_repo!r} on a new machine)" if hub_repo else "")
+        + " to continue from there."
+    )
+
+
 class AlreadyTrained(Exception):
     """The checkpoint resumed from has reached the last step: nothing is left to train."""
 

@@ -127,7 +127,10 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
             bnb_4bit_compute_dtype=dtype,
         )
     if plan.cuda:
-        kwargs["device_map"] = {"": 0}
+        from train.launch import local_rank
+
+        # One whole copy per process, on that process's GPU (DDP).
+        kwargs["device_map"] = {"": local_rank()}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     except OSError as err:

@@ -27,11 +27,11 @@ from transformers import TrainerCallback
 from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
-from train import card, data, model
+from train import card, data, launch, model
 from train.report import write_data_report
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
-    point_best_checkpoint_here, pull_checkpoints, step_of,
+    point_best_checkpoint_here, preempted_message, pull_checkpoints, step_of,
 )
 from train.settings import TrainError, TrainSettings, cuda_available
 
@@ -56,20 +56,15 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
         try:
             return _train(settings, dry_run, echo, stopper)
         except Preempted:
-            last = last_checkpoint(output_dir / CHECKPOINTS_DIR)
-            where = "no checkpoint was saved yet"
-            if last is not None:
-                where = f"the last checkpoint is step {step_of(last)} ({last}"
-                where += f", also in {settings.hub_repo}/{CHECKPOINTS_DIR})" if settings.hub_repo else ")"
-            raise Preempted(
-                f"stopped by SIGTERM: {where}. Rerun with the same OUTPUT_DIR={str(output_dir)!r}"
-                + (f" (or HUB_REPO={settings.hub_repo!r} on a new machine)" if settings.hub_repo else "")
-                + " to continue from there."
-            ) from None
+            raise Preempted(preempted_message(output_dir, settings.hub_repo)) from None
 
 
 def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], stopper: StopOnSigterm):
     started = time.time()
+    # Under torchrun every process runs this; only rank 0 talks and writes run files.
+    main_process = launch.rank() == 0
+    if not main_process:
+        echo = _silent
     output_dir = Path(settings.output_dir)
     checkpoints = output_dir / CHECKPOINTS_DIR
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
@@ -81,19 +76,18 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     if not dry_run:
         remove_stale_temporaries(output_dir)
         remove_stale_temporaries(checkpoints)
-        if settings.hub_repo and last_checkpoint(checkpoints) is None:
-            pulled = pull_checkpoints(output_dir, settings.hub_repo, token=token)
-            if pulled is not None:
-                echo(f"resume: fetched checkpoints up to step {step_of(pulled)} from {settings.hub_repo}/{CHECKPOINTS_DIR}")
-        check_resumable(output_dir, settings)
+        if launch.world_size() == 1:  # several processes: the launcher fetched them before starting them
+            fetch_hub_checkpoints(settings, token, echo)
+        check_resumable(output_dir, settings, record=main_process)
     model_path = model.resolve_model_path(plan.base_model_resolved)
 
     # 2. Data, rendered with the base model's own chat template.
     tokenizer = model.load_tokenizer(model_path, chat_template=settings.chat_template, token=token)
     train_examples, eval_examples, report = data.prepare_data(settings, tokenizer, token)
-    for line in write_data_report(output_dir, report, public_settings(settings)).splitlines():
-        echo(line)
-    echo(f"data: report written to {output_dir / 'data_report.txt'} (and .json, .png)")
+    if main_process:
+        for line in write_data_report(output_dir, report, public_settings(settings)).splitlines():
+            echo(line)
+        echo(f"data: report written to {output_dir / 'data_report.txt'} (and .json, .png)")
     if dry_run:
         echo("dry run: stopping before the model is loaded")
         return None
@@ -113,8 +107,13 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         callbacks.append(MirrorToHub(output_dir, settings.hub_repo, token=token, private=settings.hub_private, echo=echo))
     trainer = build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
                             callbacks=callbacks)
-    # The settings record travels with the checkpoints (and so to the Hub), for a resume on another machine.
-    write_json(checkpoints / RUN_SETTINGS, json.loads((output_dir / RUN_SETTINGS).read_text(encoding="utf-8")))
+    if main_process:
+        # The settings record travels with the checkpoints (and so to the Hub), for a resume on another machine.
+        write_json(checkpoints / RUN_SETTINGS, json.loads((output_dir / RUN_SETTINGS).read_text(encoding="utf-8")))
+    processes = launch.world_size()
+    global_batch = settings.batch_size * settings.grad_accum * processes
+    echo(f"batch: {settings.batch_size} rows x {settings.grad_accum} accumulation x {processes} "
+         f"process{'es' if processes > 1 else ''} = {global_batch} rows per optimizer step")
     resume = last_checkpoint(checkpoints)
     resumed_from = step_of(resume) if resume else None
     if resume:
@@ -127,10 +126,13 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         load_final_weights(trainer)
     if stopper.requested:
         raise Preempted("stopped by SIGTERM")
+    if not main_process:
+        return None
     runtime = time.time() - started
 
     # 5. The adapter folder, the summary and the plot (each written whole or not at all).
     summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
+    summary.update(processes=processes, global_batch_size=global_batch)
     adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
     echo(f"adapter: {adapter_dir}")
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
@@ -147,6 +149,19 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     echo(f"done: {summary['global_step']} steps in {runtime:.0f} s; best eval loss {summary['best_eval_loss']} "
          f"at step {summary['best_step']}; see {output_dir / 'loss.png'}")
     return summary
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+def fetch_hub_checkpoints(settings: TrainSettings, token: str | None, echo: Callable[[str], None]) -> None:
+    """A new machine (no local checkpoint) continues from the checkpoints pushed to HUB_REPO, if any."""
+    output_dir = Path(settings.output_dir)
+    if settings.hub_repo and last_checkpoint(output_dir / CHECKPOINTS_DIR) is None:
+        pulled = pull_checkpoints(output_dir, settings.hub_repo, token=token)
+        if pulled is not None:
+            echo(f"resume: fetched checkpoints up to step {step_of(pulled)} from {settings.hub_repo}/{CHECKPOINTS_DIR}")
 
 
 def load_final_weights(trainer) -> None:
@@ -204,6 +219,10 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         packing=False,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Several processes (torchrun): NCCL between GPUs, gloo between CPU processes (tests); LoRA
+        # leaves no parameter unused, so DDP need not search for them every step.
+        ddp_backend=("nccl" if plan.cuda else "gloo") if launch.world_size() > 1 else None,
+        ddp_find_unused_parameters=False if launch.world_size() > 1 else None,
         disable_tqdm=False,
     )
     trainer = SFTTrainer(
@@ -219,9 +238,9 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
     return trainer
 
 
-def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
+def check_resumable(output_dir: Path, settings: TrainSettings, *, record: bool = True) -> None:
     """Refuse to continue checkpoints made with other model/data settings; record ours otherwise."""
-    record = output_dir / RUN_SETTINGS
+    write, record = record, output_dir / RUN_SETTINGS
     current = {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
     if record.is_file() and last_checkpoint(output_dir / CHECKPOINTS_DIR):
         before = json.loads(record.read_text(encoding="utf-8"))
@@ -231,7 +250,8 @@ def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
                 f"OUTPUT_DIR={str(output_dir)!r}: holds checkpoints of a run with other settings ({'; '.join(changed)}); "
                 f"use a new OUTPUT_DIR, or delete {output_dir / CHECKPOINTS_DIR} to start over"
             )
-    write_json(record, current)
+    if write:
+        write_json(record, current)
 
 
 class EvalLossAverage(TrainerCallback):

@@ -128,6 +128,11 @@ class TrainSettings(BaseSettings):
         "(plain fp32 LoRA is faster there); 'true' on CPU uses float32 compute.",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory.")
+    num_gpus: Annotated[int | None, EmptyIsNone] = Field(
+        None, ge=1, le=64,
+        description="GPUs to train on, one process each (DDP through torchrun; BATCH_SIZE is per GPU). "
+        "Default: every visible CUDA device. Ignored without CUDA.",
+    )
 
     # --- optimisation --------------------------------------------------------
     max_steps: Annotated[int | None, EmptyIsNone] = Field(
@@ -279,6 +284,14 @@ def load_train_settings(dotenv_file: str | os.PathLike = ".env", *, cuda: bool |
     if cuda is None:
         cuda = cuda_available()
     problems.extend(cross_field_problems(settings, cuda=cuda, skip=frozenset(bad_fields)))
+    if settings.num_gpus and settings.num_gpus > 1 and "num_gpus" not in bad_fields:
+        from train.launch import cuda_device_count
+
+        visible = cuda_device_count() if cuda else 0
+        if settings.num_gpus > visible:
+            problems.append(
+                f"NUM_GPUS={settings.num_gpus}: only {visible} CUDA device(s) visible; lower it or leave it unset"
+            )
     if problems:
         raise SettingsError(problems)
     return settings

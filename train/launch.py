@@ -1,0 +1,84 @@
+"""One run over several GPUs: ``python -m train`` relaunches itself through torchrun (DDP).
+
+With NUM_GPUS (default: every visible CUDA device) above one, and not already under a
+distributed launcher, the command starts ``torch.distributed.run`` with one process per
+GPU running ``-m train`` again. Each process loads its own 4-bit base on its own GPU;
+only rank 0 logs, saves, writes the card and summary, and pushes. Checkpoints written by
+any number of processes resume with any other number (Trainer's DDP checkpoints hold
+one model and one optimizer state; only the RNG state is per rank).
+
+The launcher fetches Hub checkpoints before it starts the processes, so that all of them
+see the same local checkpoint; it forwards SIGTERM to torchrun, which passes it on to every
+process (they agree on one step, save it and exit with status 75).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Callable, Sequence
+
+#: NVLink multicast stays off (the rented machines' rules); set in every launched process.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def under_launcher() -> bool:
+    """Started by torchrun (or another launcher that sets the torch.distributed variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def processes_wanted(num_gpus: int | None, visible: int) -> int:
+    """One process per GPU: NUM_GPUS, or every visible device; one process without CUDA."""
+    if visible == 0:
+        return 1
+    return num_gpus if num_gpus is not None else visible
+
+
+def torchrun_command(processes: int, argv: Sequence[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+        "-m", "train", *argv,
+    ]
+
+
+def relaunch(processes: int, argv: Sequence[str], echo: Callable[[str], None]) -> tuple[int, bool]:
+    """Run this command again under torchrun; ``(exit status, whether SIGTERM came)``."""
+    command = torchrun_command(processes, argv)
+    echo(f"launch: {processes} processes (one per GPU, DDP): {' '.join(command[1:])}")
+    child = subprocess.Popen(command, env={**os.environ, **NCCL_ENV})
+    got_sigterm = False
+
+    def forward(signum, frame):
+        nonlocal got_sigterm
+        got_sigterm = got_sigterm or signum == signal.SIGTERM
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, got_sigterm
