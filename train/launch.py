@@ -20,8 +20,10 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
-#: NVLink multicast stays off (the rented machines' rules); set in every launched process.
-NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
+#: Set for torchrun and every process it starts. NVLink multicast stays off (the rented machines'
+#: rules); on SIGTERM torchrun gives the processes this long to save their checkpoint before it
+#: SIGKILLs them (its default, 30 s, is short for a large model's step plus save).
+LAUNCH_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "55"}
 
 
 def world_size() -> int:
@@ -67,7 +69,7 @@ def relaunch(processes: int, argv: Sequence[str], echo: Callable[[str], None]) -
     """Run this command again under torchrun; ``(exit status, whether SIGTERM came)``."""
     command = torchrun_command(processes, argv)
     echo(f"launch: {processes} processes (one per GPU, DDP): {' '.join(command[1:])}")
-    child = subprocess.Popen(command, env={**os.environ, **NCCL_ENV})
+    child = subprocess.Popen(command, env={**os.environ, **LAUNCH_ENV})
     got_sigterm = False
 
     def forward(signum, frame):

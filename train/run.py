@@ -74,8 +74,9 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     for notice in plan.notices:
         echo(f"note: {notice}")
     if not dry_run:
-        remove_stale_temporaries(output_dir)
-        remove_stale_temporaries(checkpoints)
+        if main_process:  # another rank's leftovers could be rank 0's writes in progress
+            remove_stale_temporaries(output_dir)
+            remove_stale_temporaries(checkpoints)
         if launch.world_size() == 1:  # several processes: the launcher fetched them before starting them
             fetch_hub_checkpoints(settings, token, echo)
         check_resumable(output_dir, settings, record=main_process)

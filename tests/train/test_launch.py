@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from tests.train.test_preemption import REPO, stage_env, settings_from
-from train.launch import NCCL_ENV, processes_wanted, torchrun_command
+from train.launch import LAUNCH_ENV, processes_wanted, torchrun_command
 
 
 def test_one_process_per_visible_gpu_unless_num_gpus_says_otherwise():
@@ -29,7 +29,8 @@ def test_the_relaunch_is_torchrun_of_this_command_with_nvlink_multicast_off():
     command = torchrun_command(4, ["--env-file", "x.env"])
     assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                        "-m", "train", "--env-file", "x.env"]
-    assert NCCL_ENV == {"NCCL_NVLS_ENABLE": "0"}
+    assert LAUNCH_ENV["NCCL_NVLS_ENABLE"] == "0"
+    assert int(LAUNCH_ENV["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < 60  # SIGTERM to exit within a minute
 
 
 @pytest.mark.slow
