@@ -22,7 +22,7 @@ import pytest
 from loraship.envsettings import settings_rows
 from loraship.manifest import verify_files
 from train.checkpoints import PREEMPTED_EXIT, last_checkpoint, point_best_checkpoint_here
-from train.settings import TrainSettings
+from train.settings import TrainError, TrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 QUOKKA = REPO / "data" / "quokka" / "train.jsonl"
@@ -140,6 +140,10 @@ def test_sigterm_saves_the_step_reached_which_a_rerun_here_or_on_a_new_machine_c
     assert summary["resumed_from_step"] == step + 1 and summary["global_step"] == step + 2
     assert logged_steps(out / "checkpoints" / f"checkpoint-{step + 2}") == list(range(1, step + 3))
     assert f"checkpoints/checkpoint-{step + 2}/trainer_state.json" in hub_server.repo_files("me/preempted")
+
+    # Continuing these checkpoints with another adapter shape would mix two runs: refused, with the fix.
+    with pytest.raises(TrainError, match=r"other settings \(LORA_R 4 -> 16\); use a new OUTPUT_DIR"):
+        train(settings_from(env, max_steps=step + 3, lora_r=16), echo=lambda _: None)
 
 
 # Kills the process (SIGKILL, no cleanup of any kind) at a chosen point of the final save, then

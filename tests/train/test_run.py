@@ -2,20 +2,20 @@
 
 The tiny model (hidden 64, 2 layers, the real SmolLM2 tokenizer) trains in seconds on a CPU,
 so these tests run the same code path as a GPU run: data, SFTTrainer, eval, best-checkpoint
-selection, the adapter folder, card, manifest, summary, plot, resume and the Hub push.
+selection, the adapter folder, card, manifest, summary, plot and the Hub push (resuming is in
+test_preemption.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from loraship.manifest import read_manifest, verify_files
 from train.run import build_trainer, train
-from train.settings import TrainError, TrainSettings
+from train.settings import TrainSettings
 
 REPO = Path(__file__).resolve().parents[2]
 QUOKKA = REPO / "data" / "quokka" / "train.jsonl"
@@ -112,23 +112,6 @@ def test_summary_plot_and_tensorboard_logs(trained):
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in {".json", ".md", ".txt", ""}:
             assert SECRET not in path.read_text(errors="ignore"), path
-
-
-@pytest.mark.slow
-def test_restarting_with_the_same_output_dir_resumes_the_step_count(tmp_path, tiny_llama_dir):
-    out = tmp_path / "out"
-    first = train(tiny_settings(tiny_llama_dir, out, max_steps=2), echo=lambda _: None)
-    assert first["global_step"] == 2 and first["resumed_from_step"] is None
-    lines: list[str] = []
-    second = train(tiny_settings(tiny_llama_dir, out, max_steps=4), echo=lines.append)
-    assert second["resumed_from_step"] == 2 and second["global_step"] == 4
-    assert any("resume: continuing from" in line and "checkpoint-2" in line for line in lines)
-    # The train loss log of the second run starts after step 2: the first two steps were not redone.
-    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
-    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4]
-    # Continuing those checkpoints with another adapter shape would mix two runs: refused, with the fix.
-    with pytest.raises(TrainError, match=r"other settings \(LORA_R 8 -> 16\); use a new OUTPUT_DIR"):
-        train(tiny_settings(tiny_llama_dir, out, max_steps=6, lora_r=16), echo=lambda _: None)
 
 
 def test_the_trainer_sees_exactly_our_labels(tmp_path, tiny_llama_dir):
