@@ -48,7 +48,8 @@ def main(dry_run: bool, env_file: str) -> None:
     try:
         train(settings, dry_run=dry_run, echo=click.echo)
     except Preempted as stop:
-        click.echo(str(stop), err=True)
+        if str(stop):
+            click.echo(str(stop), err=True)
         sys.exit(stop.exit_code)
 
 

@@ -52,19 +52,21 @@ def train(settings: TrainSettings, *, dry_run: bool = False, echo: Callable[[str
     ``__main__``) once a checkpoint of the step reached is on disk (and on the Hub).
     """
     output_dir = Path(settings.output_dir)
-    with StopOnSigterm(echo) as stopper:
-        try:
-            return _train(settings, dry_run, echo, stopper)
-        except Preempted:
-            raise Preempted(preempted_message(output_dir, settings.hub_repo)) from None
-
-
-def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], stopper: StopOnSigterm):
-    started = time.time()
     # Under torchrun every process runs this; only rank 0 talks and writes run files.
     main_process = launch.rank() == 0
     if not main_process:
         echo = _silent
+    with StopOnSigterm(echo) as stopper:
+        try:
+            return _train(settings, dry_run, echo, stopper)
+        except Preempted:
+            # Said once, by rank 0; the other processes stop with the same status, silently.
+            raise Preempted(preempted_message(output_dir, settings.hub_repo) if main_process else "") from None
+
+
+def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], stopper: StopOnSigterm):
+    started = time.time()
+    main_process = launch.rank() == 0
     output_dir = Path(settings.output_dir)
     checkpoints = output_dir / CHECKPOINTS_DIR
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
