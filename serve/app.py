@@ -55,6 +55,7 @@ def check_request(path: str, raw: bytes, count_tokens: Callable[..., int], n_ctx
     if not isinstance(body, dict):
         raise RequestRejected(400, "the request body must be a JSON object", "invalid_json")
     if path == COMPLETION_PATH:
+        check_parameters(path, body)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
             prompt = prompt[0]
@@ -66,6 +67,7 @@ def check_request(path: str, raw: bytes, count_tokens: Callable[..., int], n_ctx
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestRejected(400, "messages must be a non-empty list", "empty_messages", "messages")
+    check_parameters(path, body)
     last = messages[-1]
     if not isinstance(last, dict) or not content_text(last.get("content")).strip():
         raise RequestRejected(400, "the last message is empty: there is nothing to answer", "empty_message", "messages")
@@ -75,6 +77,28 @@ def check_request(path: str, raw: bytes, count_tokens: Callable[..., int], n_ctx
     except Exception as err:  # noqa: BLE001 - the template rejects the conversation: say why
         raise RequestRejected(400, f"the chat template cannot format these messages: {err}", "invalid_messages", "messages") from None
     _check_fits(tokens, n_ctx, "messages")
+
+
+def check_parameters(path: str, body: dict) -> None:
+    """Check the body against llama-cpp-python's own request model, naming the first bad field.
+
+    Its route would turn a validation error into a 500 carrying part of a
+    traceback; and it reads ``max_tokens <= 0`` as "until the context is
+    full", which lets one request hold the model for all of N_CTX.
+    """
+    from pydantic import ValidationError
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+
+    model = CreateCompletionRequest if path == COMPLETION_PATH else CreateChatCompletionRequest
+    try:
+        model.model_validate(body)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        raise RequestRejected(400, f"{field}: {first.get('msg', 'invalid')}", "invalid_request", field) from None
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and max_tokens < 1:
+        raise RequestRejected(400, f"max_tokens must be at least 1 (got {max_tokens})", "invalid_request", "max_tokens")
 
 
 def _check_fits(tokens: int, n_ctx: int, param: str) -> None:

@@ -261,9 +261,29 @@ def load_llama(path: Path, n_ctx: int, n_threads: int):
 
     settings = model_settings(path, n_ctx, n_threads)
     try:
-        return LlamaProxy.load_llama_from_model_settings(settings)
+        llama = LlamaProxy.load_llama_from_model_settings(settings)
     except (ValueError, RuntimeError) as err:
         raise ServeError(f"MODEL={str(path)!r}: llama.cpp could not load it ({err})") from None
+    check_chat_template(llama, path)
+    return llama
+
+
+def check_chat_template(llama, path: Path) -> None:
+    """Render the GGUF's template once on a sample conversation, so a broken or hostile one
+    fails at start with one line instead of at the first chat."""
+    import jinja2
+
+    if not llama.metadata.get("tokenizer.chat_template"):
+        raise ServeError(f"MODEL={str(path)!r}: the GGUF has no tokenizer.chat_template, so chats cannot be formatted")
+    sample = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Bye"}]
+    try:
+        token_counter(llama)(sample)
+    except jinja2.exceptions.SecurityError as err:
+        raise ServeError(
+            f"MODEL={str(path)!r}: the GGUF's chat template tries an unsafe operation and was refused ({err})"
+        ) from None
+    except jinja2.exceptions.TemplateError as err:
+        raise ServeError(f"MODEL={str(path)!r}: the GGUF's chat template cannot be rendered ({err})") from None
 
 
 def token_counter(llama):
