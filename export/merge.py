@@ -58,9 +58,20 @@ _DTYPES = {
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """The JSON header of a safetensors file and the offset where tensor data begins."""
+    size = Path(path).stat().st_size
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
+        (length,) = struct.unpack("<Q", head)
+        # A text file read as safetensors gives an absurd header length: check
+        # it against the file before reading that much into memory.
+        if length > size - 8:
+            raise MergeError(f"{path}: not a safetensors file (its header claims {length} bytes, the file has {size})")
+        try:
+            header = json.loads(fh.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise MergeError(f"{path}: not a safetensors file (its header is not JSON: {err})") from None
     return header, 8 + length
 
 
@@ -206,7 +217,10 @@ def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
     weights_path = adapter_dir / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise MergeError(f"{where}: no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
-    tensors = load_safetensors(weights_path)
+    try:
+        tensors = load_safetensors(weights_path)
+    except MergeError as err:
+        raise MergeError(f"{where}: {ADAPTER_WEIGHTS} is unreadable: {err}") from None
     use_rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     alpha_default = config.get("lora_alpha", 8)

@@ -41,14 +41,12 @@ def log(message: str) -> None:
 
 def resolve_adapter(value: str, token: str | None) -> AdapterSource:
     """ADAPTER (train OUTPUT_DIR, adapter folder or Hub repo id) -> the folder holding adapter_config.json."""
-    import json
-
     from loraship.hub import download_repo, looks_like_repo_id
     from loraship.manifest import read_manifest
 
     path = Path(value).expanduser()
     if not path.exists() and looks_like_repo_id(value):
-        path = download_repo(value, token=token, setting="ADAPTER")
+        path = download_repo(value, token=token, setting="ADAPTER", ignore_patterns=["checkpoints/*"])
     folder = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
     if not (folder / "adapter_config.json").is_file():
         raise ExportError(f"ADAPTER={value!r}: no adapter_config.json in it or in its adapter/ folder")
@@ -59,8 +57,9 @@ def resolve_adapter(value: str, token: str | None) -> AdapterSource:
             base = str(manifest["inputs"]["base_model"])
             break
     if base is None:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-        base = config.get("base_model_name_or_path") or None
+        from export.merge import read_adapter_config
+
+        base = read_adapter_config(folder).get("base_model_name_or_path") or None
     return AdapterSource(folder=folder, given=value, base_model=base)
 
 

@@ -120,6 +120,7 @@ def download_repo(
     *,
     token: str | None = None,
     allow_patterns: Iterable[str] | None = None,
+    ignore_patterns: Iterable[str] | None = None,
     repo_type: str = "model",
     setting: str = "BASE_MODEL",
 ) -> Path:
@@ -132,6 +133,7 @@ def download_repo(
             repo_type=repo_type,
             token=token or None,
             allow_patterns=list(allow_patterns) if allow_patterns else None,
+            ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
             endpoint=os.environ.get("HF_ENDPOINT"),
         )
     except Exception as err:  # noqa: BLE001
