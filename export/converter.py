@@ -134,13 +134,16 @@ def extract_converter(sdist: Path, folder: Path, version: str) -> Path:
             rel = inner[len(VENDORED) :]
             if not any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in PIECES):
                 continue
-            if not (member.isfile() or member.isdir()):
+            if not (member.isfile() or member.isdir()) or rel.startswith("/") or ".." in rel.split("/"):
                 continue
             member.name = rel
             members.append(member)
         if not members:
             raise ConverterError(f"{sdist} holds no {VENDORED}convert_hf_to_gguf.py: not a llama-cpp-python sdist")
-        archive.extractall(tmp, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(tmp, members=members, filter="data")
+        else:  # Python < 3.11.4 has no extraction filters; members were vetted above
+            archive.extractall(tmp, members=members)
         (tmp / "VERSION").write_text(f"{version}\n", encoding="utf-8")
         if not is_installed(tmp):
             missing = [p for p in PIECES if not (tmp / p.rstrip("/")).exists()]
