@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from loraship.atomic import atomic_path, write_text
+from loraship.atomic import write_png, write_text
 from loraship.manifest import read_manifest, sha256_file, write_manifest
 
 CARD_START = "<!-- loraship-evals:start -->"
@@ -123,11 +123,7 @@ def bar_chart(models: Sequence[Mapping], keyword: str, path: str | os.PathLike) 
         else:
             ax.set_ylim(0, max(shown + [1e-9]) * 1.2)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return write_png(path, fig, dpi=110)
 
 
 def card_section(report: Mapping, chart_name: str | None = None) -> str:

@@ -81,6 +81,16 @@ def write_json(final: str | os.PathLike, data: object) -> Path:
     return write_text(final, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_png(final: str | os.PathLike, figure, **savefig_options) -> Path:
+    """Save a matplotlib ``figure`` as a PNG at ``final`` atomically, then close it."""
+    with atomic_path(final) as tmp:
+        figure.savefig(tmp, format="png", **savefig_options)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return Path(final)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete ``.tmp-*`` leftovers of a killed run in ``folder``; return what went."""
     folder = Path(folder)

@@ -33,7 +33,7 @@ def plot_losses(train: Sequence[tuple[int, float]], evaluation: Sequence[tuple[i
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loraship.atomic import atomic_path
+    from loraship.atomic import write_png
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
@@ -47,10 +47,7 @@ def plot_losses(train: Sequence[tuple[int, float]], evaluation: Sequence[tuple[i
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return write_png(path, fig)
 
 
 def _yaml_scalar(value: Any) -> str:

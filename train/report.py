@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from loraship.atomic import atomic_path, write_json, write_text
+from loraship.atomic import write_json, write_png, write_text
 from train.data import DataReport
 
 BAR_WIDTH = 40
@@ -53,10 +53,7 @@ def plot_histogram(histogram: dict[str, list[int]], path: Path, max_seq_length: 
     ax.set_ylabel("rows")
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return write_png(path, fig)
 
 
 def write_data_report(output_dir: Path, report: DataReport, settings: dict[str, Any]) -> str:

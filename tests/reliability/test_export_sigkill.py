@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from loraship.manifest import verify_files
+from tests.export.conftest import final_files
 from tests.export.helpers import make_train_output
 
 pytestmark = pytest.mark.slow
@@ -34,12 +35,6 @@ def export_command(adapter: Path, out: Path) -> tuple[list[str], dict[str, str]]
         "STOP_CHECK": "eos_token", "EVAL_CTX": "64", "THREADS": "1", "HF_HUB_OFFLINE": "1",
     })
     return [sys.executable, "-m", "export"], env
-
-
-def entries_at_final_paths(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-"))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +67,7 @@ def test_sigkill_at_random_moments_leaves_no_final_file_and_a_rerun_completes(ad
         process.wait(timeout=60)
         if finished_first:
             break  # a run that beat the kill is a complete export, not a torn one
-        assert entries_at_final_paths(out) == [], f"killed at {fraction:.0%} of a run"
+        assert final_files(out) == [], f"killed at {fraction:.0%} of a run"
 
     rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
