@@ -37,11 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIG = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, rms_norm_eps=1e-5,
-    rope_theta=500000.0, tie_word_embeddings=True,
-)
+from bench.random_llama import SHAPES  # noqa: E402
+
+CONFIG = dict(SHAPES["llama-3.2-1b"])  # copied: --smoke shrinks it
 RANK = 16
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 GIB = 1024**3
@@ -51,34 +49,11 @@ GIB = 1024**3
 
 
 def build_base(folder: Path) -> Path:
-    """Write the random-init bf16 model tensor by tensor (never the whole model in memory)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from export.merge import SafetensorsStreamWriter
+    """The random-init bf16 model, written tensor by tensor (never the whole model in memory)."""
+    from bench.random_llama import build_random_llama
     from tests.fixtures.models import load_embedded_tokenizer
 
-    tokenizer = load_embedded_tokenizer()
-    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16", **CONFIG)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    params = [(n, list(p.shape)) for n, p in model.named_parameters() if n != "lm_head.weight"]
-    folder.mkdir(parents=True)
-    writer = SafetensorsStreamWriter(folder / "model.safetensors", [(n, "BF16", s) for n, s in params],
-                                     metadata={"format": "pt"})
-    gen = torch.Generator().manual_seed(0)
-    for name, shape in params:
-        if name.endswith("norm.weight"):
-            tensor = torch.ones(shape, dtype=torch.bfloat16)
-        else:
-            tensor = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        writer.write(name, tensor)
-    writer.close()
-    config.architectures = ["LlamaForCausalLM"]  # the converter picks its model class from this
-    config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return build_random_llama(folder, CONFIG, load_embedded_tokenizer(), seed=0)
 
 
 def build_adapter(folder: Path, base: Path) -> Path:
