@@ -531,3 +531,28 @@ def to_hf_dataset(examples: Sequence[Example]):
     return datasets.Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
+
+
+def collate_packed(rows: Sequence[dict[str, Sequence[int]]]):
+    """A padding-free micro-batch: ``rows`` concatenated into one row of ``input_ids``, ``labels``, ``position_ids``.
+
+    Position ids restart at 0 for each row; from that (and no ``attention_mask``) transformers
+    builds a block-diagonal causal mask, so no token attends to another row. Each row's first
+    label becomes -100: the model predicts label ``t`` from token ``t - 1``, which for a row's
+    first token is the previous row's last one. Nothing is padded, so every token is real.
+    """
+    import torch
+
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for row in rows:
+        ids = list(row["input_ids"])
+        input_ids += ids
+        labels += [IGNORE_INDEX, *list(row["labels"])[1:]]
+        position_ids += range(len(ids))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+    }

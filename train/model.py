@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from train import speed
 from train.settings import GPU_DEFAULT_BASE, TEMPLATES_DIR, TrainError, TrainSettings
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,6 +28,8 @@ class Plan:
     optimizer: str
     compute_dtype: str  # "bfloat16" | "float32"
     notices: tuple[str, ...] = ()
+    #: What makes a step fast here (train/speed.py): on by default on CUDA, off on CPU.
+    levers: speed.SpeedLevers = speed.SpeedLevers()
 
 
 def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
@@ -47,6 +50,8 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
     optimizer = settings.optimizer
     if optimizer == "auto":
         optimizer = "adamw_8bit" if cuda else "adamw_torch"
+    levers, speed_notices = speed.choose_levers(cuda=cuda, load_in_4bit=load_in_4bit)
+    notices.extend(speed_notices)
     return Plan(
         cuda=cuda,
         base_model=settings.base_model,
@@ -55,6 +60,7 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
         optimizer=optimizer,
         compute_dtype="bfloat16" if cuda else "float32",
         notices=tuple(notices),
+        levers=levers,
     )
 
 
@@ -112,8 +118,13 @@ def load_tokenizer(model_path: str, *, chat_template: str | None, token: str | N
     return tokenizer
 
 
-def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool, token: str | None = None):
-    """The frozen base, 4-bit NF4 (double quant) when the plan says so, ready for k-bit training."""
+def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool, token: str | None = None,
+                    echo: Callable[[str], None] | None = None):
+    """The frozen base, 4-bit NF4 (double quant) when the plan says so, ready for k-bit training.
+
+    With the plan's speed levers (CUDA): frozen weights stay bf16 and liger-kernel's fused
+    RMSNorm/SwiGLU/RoPE replace the model's own (train/speed.py).
+    """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -138,7 +149,13 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
             f"BASE_MODEL={model_path!r}: could not load the model ({str(err).splitlines()[0]})"
         ) from err
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
-    if plan.load_in_4bit:
+    if plan.levers.liger_kernels:
+        notice = speed.apply_liger_kernels(model)
+        if notice and echo:
+            echo(f"note: {notice}")
+    if plan.load_in_4bit and plan.levers.bf16_frozen:
+        model = speed.prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing)
+    elif plan.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

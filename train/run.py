@@ -101,7 +101,10 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     set_seed(settings.seed)
     echo(f"model: loading {plan.base_model_resolved} ({'4-bit NF4' if plan.load_in_4bit else plan.compute_dtype}, "
          f"compute {plan.compute_dtype}, {'CUDA' if plan.cuda else 'CPU'})")
-    base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token)
+    base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token,
+                                 echo=echo)
+    if plan.levers.names():
+        echo(f"speed: {', '.join(plan.levers.names())} (train/speed.py)")
     peft_model = model.add_lora(base, settings)
 
     # 4. Supervised fine-tuning, continuing the newest checkpoint.
@@ -115,8 +118,9 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         write_json(checkpoints / RUN_SETTINGS, json.loads((output_dir / RUN_SETTINGS).read_text(encoding="utf-8")))
     processes = launch.world_size()
     global_batch = settings.batch_size * settings.grad_accum * processes
-    echo(f"batch: {settings.batch_size} rows x {settings.grad_accum} accumulation x {processes} "
-         f"process{'es' if processes > 1 else ''} = {global_batch} rows per optimizer step")
+    rows, accumulation = micro_batching(settings, plan)
+    echo(f"batch: {rows} rows{' packed into one' if plan.levers.packing else ''} x {accumulation} accumulation x "
+         f"{processes} process{'es' if processes > 1 else ''} = {global_batch} rows per optimizer step")
     resume = last_checkpoint(checkpoints)
     resumed_from = step_of(resume) if resume else None
     if resume:
@@ -177,20 +181,28 @@ def load_final_weights(trainer) -> None:
         set_peft_model_state_dict(trainer.model, load_file(Path(best) / "adapter_model.safetensors"))
 
 
+def micro_batching(settings: TrainSettings, plan: model.Plan) -> tuple[int, int]:
+    """``(rows per micro-batch, accumulation steps)``: BATCH_SIZE x GRAD_ACCUM, folded into one packed micro-batch on CUDA."""
+    from train.speed import micro_batching as fold
+
+    return fold(settings.batch_size, settings.grad_accum, settings.max_seq_length, plan.levers)
+
+
 def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
                   callbacks=()):
     from trl import SFTConfig, SFTTrainer
 
     has_eval = bool(eval_examples)
+    rows, accumulation = micro_batching(settings, plan)
     # TensorBoard event files go to OUTPUT_DIR/runs (transformers reads this variable).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(settings.output_dir) / "runs")
     args = SFTConfig(
         output_dir=str(checkpoints),
         max_steps=settings.max_steps or -1,
         num_train_epochs=settings.num_epochs,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
+        per_device_train_batch_size=rows,
+        per_device_eval_batch_size=rows,
+        gradient_accumulation_steps=accumulation,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_steps,
@@ -214,7 +226,8 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         report_to=["tensorboard"],
         seed=settings.seed,
         data_seed=settings.seed,
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches hold no padding (and may hold the pad id as a real token, e.g. eos).
+        include_num_input_tokens_seen="all" if plan.levers.packing else "non_padding",
         # Our rows are already rendered, masked and cut to MAX_SEQ_LENGTH: trl must not
         # re-tokenize, re-mask or truncate them (tests/train pin the labels that reach the model).
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -234,6 +247,8 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         train_dataset=data.to_hf_dataset(train_examples),
         eval_dataset=data.to_hf_dataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
+        # Padding-free batches on CUDA (train/speed.py); otherwise trl pads each batch to its longest row.
+        data_collator=data.collate_packed if plan.levers.packing else None,
         callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
     )
     if plan.load_in_4bit and plan.compute_dtype == "float32":

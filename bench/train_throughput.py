@@ -1,0 +1,494 @@
+"""Is loraship's training path faster than the plain HF + PEFT + bitsandbytes stack? Same GPU, same batches.
+
+For each model shape, random-init bf16 weights are saved once to local disk; every configuration
+then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the same rows:
+
+- ``plain``: the seeds' stack, by hand: ``prepare_model_for_kbit_training`` (gradient checkpointing),
+  LoRA (r8 q,k,v,o, dropout 0.05), bf16 autocast, torch AdamW, the model's own loss over full logits;
+- ``loraship*``: the functions ``python -m train`` runs (``model.plan_for``, ``load_base_model``,
+  ``add_lora``, ``run.build_trainer``, trl's SFTTrainer), with the plan's speed levers switched on one
+  at a time (train/speed.py); ``loraship`` alone is the default on CUDA.
+
+Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized;
+for the real-length rows, non-padding tokens over the timed steps' total time), peak GPU memory
+(``max_memory_allocated``, reset per configuration) and the loss at the first and the last step.
+
+    python bench/train_throughput.py --shapes llama-3.2-1b,llama-3-8b --configs fixed --out bench/results/x.json
+    python bench/train_throughput.py --tiny            # CPU smoke test of every code path (no GPU, no bnb)
+
+Prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from train.speed import SpeedLevers  # noqa: E402
+
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
+}
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL = SpeedLevers(bf16_frozen=True, liger_kernels=True, packing=True, fold_accumulation=True)
+NONE = SpeedLevers()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    stack: str  # "plain" | "loraship"
+    levers: SpeedLevers = NONE
+    rows: str = "fixed"  # "fixed": batch x seq random tokens; "real": long-tailed lengths
+    batch: int = 2
+    grad_accum: int = 1
+    lora_r: int = 8
+    targets: tuple[str, ...] = QKVO
+    dropout: float = 0.05
+    gradient_checkpointing: bool = True
+
+
+CONFIGS = {
+    # The ladder on 2 x 1024 tokens, r8 q,k,v,o: one lever more per rung.
+    "plain": Config("plain", "plain"),
+    "loraship-before": Config("loraship-before", "loraship"),
+    "+bf16-frozen": Config("+bf16-frozen", "loraship", SpeedLevers(bf16_frozen=True)),
+    "+liger": Config("+liger", "loraship", SpeedLevers(bf16_frozen=True, liger_kernels=True)),
+    "loraship": Config("loraship (+packing)", "loraship", ALL),
+    # What else could pay (not defaults unless measured to).
+    "loraship-dropout0": Config("loraship, lora_dropout 0", "loraship", ALL, dropout=0.0),
+    "loraship-no-gc": Config("loraship, no checkpointing", "loraship", ALL, gradient_checkpointing=False),
+    "loraship-batch4": Config("loraship, batch 4x1024", "loraship", ALL, batch=4),
+    # r16 on every linear layer, batch 4 x 1024.
+    "plain-r16": Config("plain r16 all-linear b4", "plain", batch=4, lora_r=16, targets=("all-linear",)),
+    "loraship-r16": Config("loraship r16 all-linear b4", "loraship", ALL, batch=4, lora_r=16, targets=("all-linear",)),
+    # Long-tailed row lengths, BATCH_SIZE=2 x GRAD_ACCUM=4 per optimizer step.
+    "plain-real": Config("plain, real lengths (padded 2 x 4)", "plain", rows="real", grad_accum=4),
+    "loraship-real-packed": Config(
+        "loraship, real lengths (packed 2 x 4)", "loraship",
+        dataclasses.replace(ALL, fold_accumulation=False), rows="real", grad_accum=4),
+    "loraship-real": Config("loraship, real lengths (packed, folded 8 x 1)", "loraship", ALL, rows="real", grad_accum=4),
+}
+GROUPS = {
+    "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
+    "extras": ["loraship-dropout0", "loraship-no-gc", "loraship-batch4"],
+    "r16": ["plain-r16", "loraship-r16"],
+    "real": ["plain-real", "loraship-real-packed", "loraship-real"],
+}
+SEQ = 1024
+REAL_MAX = 2048
+LEARNING_RATE = 2e-3
+
+
+# --------------------------------------------------------------------------
+# Data: the same rows for every stack
+# --------------------------------------------------------------------------
+
+
+def fixed_rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    """``n`` rows of ``seq`` tokens drawn from 64 ids: learnable, so the loss moves within a few steps."""
+    rng = random.Random(seed)
+    alphabet = rng.sample(range(3, vocab), 64)
+    rows = []
+    for _ in range(n):
+        ids = [rng.choice(alphabet) for _ in range(seq)]
+        rows.append({"input_ids": ids, "labels": list(ids)})
+    return rows
+
+
+def real_lengths(n: int, seed: int = 0) -> list[int]:
+    """Long-tailed like FineTome's: most rows a few hundred tokens, a tail to ~2k (lognormal, median ~330)."""
+    rng = random.Random(seed)
+    return [max(32, min(REAL_MAX, int(rng.lognormvariate(5.8, 0.75)))) for _ in range(n)]
+
+
+def real_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Rows of long-tailed lengths; the first quarter of each (the prompt) is outside the loss."""
+    rng = random.Random(seed)
+    alphabet = rng.sample(range(3, vocab), 64)
+    rows = []
+    for length in real_lengths(n, seed):
+        ids = [rng.choice(alphabet) for _ in range(length)]
+        prompt = length // 4
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def rows_for(config: Config, steps: int, vocab: int, seq: int) -> list[dict]:
+    if config.rows == "real":
+        return real_rows(steps * config.batch * config.grad_accum, vocab)
+    # Fixed rows: the same batch every step (identical batches for every stack, and learnable).
+    return fixed_rows(config.batch * config.grad_accum, seq, vocab)
+
+
+def padded(rows: list[dict], pad_id: int, device) -> dict:
+    """The plain stack's batch: right-padded to the longest row, with an attention mask."""
+    import torch
+
+    longest = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def build_base(shape: str, folder: Path, device: str) -> Path:
+    """Random-init bf16 weights of ``shape``, saved once (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, **SHAPES[shape])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    free_memory()
+    return folder
+
+
+def stub_tokenizer():
+    """A two-token tokenizer: the trainer needs a processing class with a pad id, nothing else."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2}, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class LlamaModuleState:
+    """liger-kernel replaces names in transformers' Llama module (RoPE, RMSNorm, MLP classes); put them back
+    after each configuration so that the next one (the plain stack included) loads the stock model."""
+
+    NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+
+    def __enter__(self):
+        from transformers.models.llama import modeling_llama
+
+        self.module = modeling_llama
+        self.saved = {name: getattr(modeling_llama, name) for name in self.NAMES}
+        self.forward = modeling_llama.LlamaForCausalLM.forward
+        return self
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+        self.module.LlamaForCausalLM.forward = self.forward
+        return False
+
+
+# --------------------------------------------------------------------------
+# The two stacks
+# --------------------------------------------------------------------------
+
+
+def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: str) -> dict:
+    """The seeds' stack by hand (what a notebook or the seeds' scripts do)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kwargs = {"dtype": dtype}
+    if cuda:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    model.config.use_cache = False
+    if cuda:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    targets = "all-linear" if config.targets == ("all-linear",) else list(config.targets)
+    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
+                                             target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
+    per_step = config.batch * config.grad_accum
+    batches = [[padded(rows[(s * per_step + m * config.batch) % len(rows):][: config.batch], 0, device)
+                for m in range(config.grad_accum)] for s in range(steps)]
+    times, tokens, losses = [], [], []
+    for step in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        micro = batches[step]
+        # The loss is a mean over the optimizer step's label tokens, as transformers' Trainer computes it.
+        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for batch in micro:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(**batch, num_items_in_batch=items).loss
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(total))
+        sync(device)
+        times.append(time.perf_counter() - start)
+        tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
+    del model, optimizer, batches
+    return {"times": times, "tokens": tokens, "losses": losses}
+
+
+def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path) -> dict:
+    """``python -m train``'s own functions, the plan's levers set by ``config``."""
+    import torch
+    from transformers import TrainerCallback, set_seed
+
+    from train import data, model, run
+    from train.settings import TrainSettings
+
+    cuda = device == "cuda"
+    settings = TrainSettings(
+        _env_file=None, base_model=str(base), output_dir=str(workdir), batch_size=config.batch,
+        grad_accum=config.grad_accum, max_seq_length=REAL_MAX if config.rows == "real" else SEQ,
+        lora_r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
+        lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
+        learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_steps=steps, logging_steps=1, save_steps=10_000, eval_fraction=0.0, seed=0,
+    )
+    plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
+    set_seed(settings.seed)
+    base_model = model.load_base_model(str(base), plan, gradient_checkpointing=config.gradient_checkpointing, echo=print)
+    torch.manual_seed(0)
+    peft_model = model.add_lora(base_model, settings)
+    examples = [data.Example(r["input_ids"], r["labels"], f"row {i}") for i, r in enumerate(rows)]
+    clock = StepClock(device)
+    trainer = run.build_trainer(settings, plan, peft_model, stub_tokenizer(), examples, [], workdir / "checkpoints",
+                                print, callbacks=[clock])
+    # Rows in their given order, so each optimizer step holds the same rows as the plain stack's.
+    trainer.args.train_sampling_strategy = "sequential"
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses,
+              "micro_batching": list(run.micro_batching(settings, plan))}
+    trainer.accelerator.free_memory()
+    del trainer, peft_model, base_model
+    return result
+
+
+class StepClock:
+    """Wall time between consecutive optimizer steps (CUDA-synchronized), and tokens seen at each."""
+
+    def __new__(cls, device):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.device, self.times, self.seen, self.last = device, [], [], None
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if self.last is None:
+                    sync(self.device)
+                    self.last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                sync(self.device)
+                now = time.perf_counter()
+                self.times.append(now - self.last)
+                self.last = now
+                self.seen.append(int(state.num_input_tokens_seen))
+
+            def tokens(self, trainer):
+                return [b - a for a, b in zip([0, *self.seen[:-1]], self.seen)]
+
+        return _Clock()
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------
+# Measure, tabulate
+# --------------------------------------------------------------------------
+
+
+def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: str, seq: int) -> dict:
+    import torch
+
+    config = CONFIGS[key]
+    steps = warmup + timed
+    rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], seq)
+    free_memory()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, LlamaModuleState():
+        if config.stack == "plain":
+            raw = run_plain(config, base, rows, steps, device)
+        else:
+            raw = run_loraship(config, base, rows, steps, device, Path(tmp))
+        free_memory()
+    wall = time.perf_counter() - started
+    times, tokens = raw["times"][warmup:], raw["tokens"][warmup:]
+    if config.rows == "real":
+        tok_s = sum(tokens) / sum(times)
+    else:
+        tok_s = statistics.median(t / s for t, s in zip(tokens, times))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {
+        "shape": shape, "config": key, "name": config.name, "stack": config.stack, "levers": config.levers.names(),
+        "rows": config.rows, "batch": config.batch, "grad_accum": config.grad_accum, "seq": seq if config.rows == "fixed" else None,
+        "lora_r": config.lora_r, "targets": list(config.targets), "lora_dropout": config.dropout,
+        "gradient_checkpointing": config.gradient_checkpointing, "micro_batching": raw.get("micro_batching"),
+        "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
+        "timed_tokens": sum(tokens), "peak_gib": round(peak, 2) if peak is not None else None,
+        "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
+        "steps": steps, "warmup": warmup, "wall_s": round(wall, 1),
+    }
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| shape | config | batch | tok/s | × plain | peak GiB | × plain | loss first → last | last vs plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    plain = {}
+    for r in results:
+        if r["stack"] == "plain":
+            plain[(r["shape"], r["rows"], r["lora_r"])] = r
+    for r in results:
+        p = plain.get((r["shape"], r["rows"], r["lora_r"]))
+        speed = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
+        mem = f"{r['peak_gib'] / p['peak_gib']:.2f}" if p and r["peak_gib"] and p["peak_gib"] else "-"
+        loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
+        batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']}x{r['grad_accum']} rows"
+        lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['peak_gib']} | {mem} "
+                     f"| {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} |")
+    return "\n".join(lines)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "liger-kernel", "triton", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b", help=f"comma-separated: {', '.join(SHAPES)}")
+    parser.add_argument("--configs", default="ladder,r16,real",
+                        help=f"comma-separated groups ({', '.join(GROUPS)}) or configs ({', '.join(CONFIGS)}); "
+                        "SHAPE:CONFIG limits one to a shape")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--timed", type=int, default=8)
+    parser.add_argument("--workdir", default=None, help="where the random-init bases are saved (default: a temp dir)")
+    parser.add_argument("--out", default=None, help="JSON results file")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, float32, no bitsandbytes")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    seq = 64 if args.tiny else SEQ
+    wanted = []
+    for item in args.configs.split(","):
+        only, _, item = item.rpartition(":")
+        for key in GROUPS.get(item, [item]):
+            if key not in CONFIGS:
+                parser.error(f"unknown config {key!r}")
+            wanted.append((only or None, key))
+    if device == "cpu":
+        # No Triton on a CPU: the fused kernels are a GPU-only lever.
+        for key, config in list(CONFIGS.items()):
+            CONFIGS[key] = dataclasses.replace(config, levers=dataclasses.replace(config.levers, liger_kernels=False))
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-throughput-"))
+    report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+                          "versions": versions()},
+              "settings": {"warmup": args.warmup, "timed": args.timed, "seq": seq, "learning_rate": LEARNING_RATE,
+                           "real_lengths_first_40": real_lengths(40)},
+              "results": [], "base_build_s": {}}
+    print(json.dumps(report["machine"]), flush=True)
+    results = report["results"]
+    for shape in shapes:
+        keys = [key for only, key in wanted if only in (None, shape)]
+        if not keys:
+            continue
+        started = time.perf_counter()
+        base = build_base(shape, workdir / shape, device)
+        report["base_build_s"][shape] = round(time.perf_counter() - started, 1)
+        print(f"{shape}: base built in {report['base_build_s'][shape]} s", flush=True)
+        for key in keys:
+            try:
+                result = measure(shape, key, base, args.warmup, args.timed, device, seq)
+            except Exception as err:  # one failing configuration must not lose the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                result = {"shape": shape, "config": key, "error": f"{type(err).__name__}: {err}"[:2000]}
+                free_memory()
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "step_s", "tokens_per_step")}),
+                  flush=True)
+            if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(report, indent=1))
+    print(table([r for r in results if "error" not in r]))
+    for r in results:
+        if "error" in r:
+            print(f"FAILED {r['shape']} {r['config']}: {r['error'][:300]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

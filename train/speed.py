@@ -1,0 +1,94 @@
+"""What makes a QLoRA step fast on a CUDA GPU; each lever is measured in bench/train_throughput.py.
+
+The plan (``model.plan_for``) decides the levers once, by device; ``python -m train`` applies them
+with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each one gave):
+
+- ``bf16_frozen``: the frozen base keeps its norms, embeddings and LM head in bf16. peft's
+  ``prepare_model_for_kbit_training`` upcasts them to float32, which turns the whole residual
+  stream into float32 and makes every 4-bit layer cast its input and output; nothing frozen
+  needs float32 (the norms compute their statistics in float32 anyway).
+- ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
+  families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
+  LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
+- ``packing``: padding-free batches (``data.collate_packed``): a micro-batch's rows become one
+  row whose position ids restart at 0 per row, from which transformers builds a block-diagonal
+  causal mask, so no token attends across examples and no padding is computed.
+- ``fold_accumulation``: with packing, the rows of a whole optimizer step go through in one
+  micro-batch when that stays within :data:`FOLD_TOKEN_BUDGET` tokens (the same update: the loss
+  is a mean over the step's tokens either way), so short rows stop leaving the GPU idle.
+
+On a CPU all are off: bitsandbytes' float32 path, the existing padded batches, no Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+#: Most tokens one folded micro-batch may hold (rows x MAX_SEQ_LENGTH, the worst case): 16 rows of
+#: 1024 tokens; an 8B base with checkpointed layers holds this in well under 24 GB.
+FOLD_TOKEN_BUDGET = 16384
+
+#: Model families liger-kernel patches here (``config.model_type`` -> its function's suffix).
+LIGER_FAMILIES = ("llama", "mistral")
+
+
+@dataclass(frozen=True)
+class SpeedLevers:
+    bf16_frozen: bool = False
+    liger_kernels: bool = False
+    packing: bool = False
+    fold_accumulation: bool = False
+
+    def names(self) -> list[str]:
+        return [name for name, on in vars(self).items() if on]
+
+
+def liger_installed() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
+
+
+def choose_levers(*, cuda: bool, load_in_4bit: bool) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The levers for this machine, and the notices that say what was left off and why."""
+    if not cuda:
+        return SpeedLevers(), ("speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU",)
+    notices = []
+    liger = liger_installed()
+    if not liger:
+        notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
+                       "RMSNorm/SwiGLU/RoPE run unfused")
+    return SpeedLevers(bf16_frozen=load_in_4bit, liger_kernels=liger, packing=True, fold_accumulation=True), tuple(notices)
+
+
+def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers: SpeedLevers) -> tuple[int, int]:
+    """``(rows per micro-batch, accumulation steps)`` for BATCH_SIZE x GRAD_ACCUM rows per optimizer step."""
+    rows = batch_size * grad_accum
+    if levers.fold_accumulation and levers.packing and grad_accum > 1 and rows * max_seq_length <= FOLD_TOKEN_BUDGET:
+        return rows, 1
+    return batch_size, grad_accum
+
+
+def prepare_frozen_base(model, *, gradient_checkpointing: bool):
+    """peft's ``prepare_model_for_kbit_training`` without its float32 upcast of the frozen weights.
+
+    What it keeps: every base parameter frozen, and non-reentrant gradient checkpointing on the
+    decoder layers (which needs no gradient on the embeddings' output, unlike the reentrant kind).
+    """
+    for param in model.parameters():
+        param.requires_grad = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_liger_kernels(model) -> str | None:
+    """Swap in liger-kernel's fused RMSNorm, SwiGLU and RoPE; a notice when the family is not covered."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in LIGER_FAMILIES:
+        return f"speed: liger-kernel not applied to model type {model_type!r} (covered: {', '.join(LIGER_FAMILIES)})"
+    import liger_kernel.transformers as liger
+
+    patch = getattr(liger, f"apply_liger_kernel_to_{model_type}")
+    # The loss stays trl's tiled LM head (see the module docstring), so liger's own loss kernels stay off.
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    return None
