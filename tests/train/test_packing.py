@@ -1,0 +1,79 @@
+"""Padding-free packing (``data.collate_packed``): exact batch contents, and no attention across rows.
+
+The proof runs the tiny Llama with the attention transformers picks by default (sdpa) and with
+eager: the packed row's logits equal each row's logits run alone, and packing the same rows
+without restarting the position ids (a plain concatenation) changes them, so the check would see
+a leak.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from train import data
+
+ROWS = [
+    {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, -100, 7, 8, 9]},
+    {"input_ids": [10, 11, 12], "labels": [10, 11, 12]},
+    {"input_ids": [13, 14, 15, 16], "labels": [-100, 14, -100, 16]},
+]
+
+
+def test_rows_become_one_row_with_restarting_positions_and_first_labels_masked():
+    batch = data.collate_packed(ROWS)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
+    # Row 2's first label (10) would be predicted from row 1's last token: it leaves the loss.
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, -100, 11, 12, -100, 14, -100, 16]]
+    assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: it would hide the packing
+
+
+def test_packing_drops_only_each_rows_first_label():
+    batch = data.collate_packed(ROWS)
+    trained_before = sum(label != -100 for row in ROWS for label in row["labels"][1:])
+    assert int((batch["labels"] != -100).sum()) == trained_before == 7
+
+
+@pytest.fixture(scope="module")
+def tiny_rows(embedded_tokenizer):
+    texts = ["The quokka smiles at the sun.", "Two plus two is four, said the owl to the cat.", "Hello!"]
+    return [{"input_ids": ids, "labels": list(ids)} for ids in (embedded_tokenizer(t)["input_ids"] for t in texts)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_no_token_attends_across_rows(tiny_llama_dir, tiny_rows, attention):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation=attention).eval()
+    # As in training (load_base_model; trl passes it too): transformers reads packing from the
+    # position ids only without a KV cache, so with one the rows would see each other.
+    model.config.use_cache = False
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r["input_ids"]])).logits[0] for r in tiny_rows]
+        batch = data.collate_packed(tiny_rows)
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+        concatenated = model(input_ids=batch["input_ids"]).logits[0]
+    torch.testing.assert_close(packed, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    # The same tokens without the restart attend across rows from the second row on.
+    second = slice(len(tiny_rows[0]["input_ids"]), None)
+    assert not torch.allclose(concatenated[second], torch.cat(alone[1:]), atol=1e-3)
+
+
+def test_packed_loss_equals_the_mean_over_rows_run_alone(tiny_llama_dir, tiny_rows):
+    """What the trainer optimizes is unchanged: the token-mean loss over the same label positions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model.config.use_cache = False
+    with torch.no_grad():
+        batch = data.collate_packed(tiny_rows)
+        packed = model(**batch).loss
+        sums, count = 0.0, 0
+        for row in tiny_rows:
+            ids = torch.tensor([row["input_ids"]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            sums += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            count += ids.shape[1] - 1
+    torch.testing.assert_close(packed, sums / count, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,107 @@
+"""The speed levers are what ``python -m train`` does on CUDA, and nothing changes on a CPU.
+
+Plan-level (no GPU needed): which levers a machine gets and what is said about the rest, how
+the micro-batches are folded, that the lean k-bit preparation keeps the frozen weights' dtype,
+and that the trainer gets the packing collator. The GPU numbers are in docs/benchmarks.md
+("Training speed (GPU)", from bench/train_throughput.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from train import data, model, speed
+from train.settings import TrainSettings
+
+
+def test_cuda_defaults_select_every_lever(monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    plan = model.plan_for(TrainSettings(), cuda=True)
+    assert plan.levers == speed.SpeedLevers(bf16_frozen=True, liger_kernels=True, packing=True, fold_accumulation=True)
+    assert not any(notice.startswith("speed:") for notice in plan.notices)
+
+
+def test_cuda_without_liger_keeps_the_other_levers_and_says_so(monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: False)
+    plan = model.plan_for(TrainSettings(), cuda=True)
+    assert plan.levers == speed.SpeedLevers(bf16_frozen=True, liger_kernels=False, packing=True, fold_accumulation=True)
+    said = [notice for notice in plan.notices if notice.startswith("speed:")]
+    assert len(said) == 1 and "liger-kernel not installed" in said[0]
+
+
+def test_cpu_falls_back_to_the_plain_path_with_one_notice():
+    plan = model.plan_for(TrainSettings(), cuda=False)
+    assert plan.levers == speed.SpeedLevers()
+    assert [notice for notice in plan.notices if notice.startswith("speed:")] == [
+        "speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"
+    ]
+
+
+def test_bf16_frozen_applies_only_to_a_4bit_base(monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    assert model.plan_for(TrainSettings(load_in_4bit="false"), cuda=True).levers.bf16_frozen is False
+
+
+@pytest.mark.parametrize(
+    ("batch", "accum", "max_len", "levers", "expected"),
+    [
+        (2, 4, 1024, speed.SpeedLevers(packing=True, fold_accumulation=True), (8, 1)),  # the defaults, folded
+        (2, 4, 4096, speed.SpeedLevers(packing=True, fold_accumulation=True), (2, 4)),  # 32k tokens: over budget
+        (16, 1, 1024, speed.SpeedLevers(packing=True, fold_accumulation=True), (16, 1)),
+        (2, 4, 1024, speed.SpeedLevers(packing=False, fold_accumulation=True), (2, 4)),  # padded rows: never
+        (2, 4, 1024, speed.SpeedLevers(), (2, 4)),  # CPU
+    ],
+)
+def test_micro_batching_folds_a_step_into_one_packed_batch_within_the_budget(batch, accum, max_len, levers, expected):
+    assert speed.micro_batching(batch, accum, max_len, levers) == expected
+
+
+def test_lean_kbit_preparation_freezes_without_upcasting(tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    prepared = speed.prepare_frozen_base(base, gradient_checkpointing=True)
+    assert {p.dtype for p in prepared.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in prepared.parameters())
+    assert prepared.is_gradient_checkpointing
+
+
+def test_liger_is_not_applied_to_an_uncovered_family():
+    class Gpt2Like:
+        class config:
+            model_type = "gpt2"
+
+    assert "not applied to model type 'gpt2'" in speed.apply_liger_kernels(Gpt2Like())
+
+
+def test_the_trainer_packs_and_folds_when_the_plan_says_so(tmp_path, tiny_llama_dir, embedded_tokenizer):
+    import dataclasses
+
+    from train.run import build_trainer
+
+    settings = TrainSettings(
+        base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", batch_size=2, grad_accum=3, max_seq_length=64,
+        max_steps=1, lora_r=4, lora_alpha=8,
+    )
+    plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=speed.SpeedLevers(packing=True, fold_accumulation=True))
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18], [19, 20]]
+    examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
+    peft_model = model.add_lora(model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False), settings)
+    trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (6, 1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].shape == (1, 16)
+    assert sorted(map(tuple, _rows_of(batch))) == sorted(map(tuple, rows))
+
+
+def _rows_of(batch):
+    """Split a packed row back into its rows at each position id 0."""
+    ids, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
+    rows = []
+    for token, position in zip(ids, positions):
+        if position == 0:
+            rows.append([])
+        rows[-1].append(token)
+    return rows
