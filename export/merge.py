@@ -357,6 +357,30 @@ def merge_adapter_shard(tensors: dict[str, "torch.Tensor"], adapter: Adapter) ->
     return merged
 
 
+@dataclass(frozen=True)
+class NF4Spec:
+    """How bitsandbytes stored one weight in 4 bits (read from the loaded model's quant_state)."""
+
+    blocksize: int
+    quant_type: str = "nf4"
+    double_quant: bool = True
+
+
+def nf4_round_trip(weight: "torch.Tensor", spec: NF4Spec) -> "torch.Tensor":
+    """``weight`` quantized and dequantized the way bitsandbytes did it when training loaded the base (fp32 out).
+
+    The weights a QLoRA adapter was trained against: merging into these
+    instead of the original full-precision weights gives the model training saw.
+    """
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(
+        weight.float().contiguous(), blocksize=spec.blocksize, compress_statistics=spec.double_quant,
+        quant_type=spec.quant_type,
+    )
+    return bnbf.dequantize_4bit(packed, state).float()
+
+
 def merge_tensor(name: str, tensor: "torch.Tensor", adapter: Adapter) -> "torch.Tensor":
     if name in adapter.replacements:
         return adapter.replacements[name].to(tensor.dtype).clone()
@@ -373,10 +397,14 @@ def merge_into_folder(
     *,
     tokenizer_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
+    nf4: dict[str, NF4Spec] | None = None,
 ) -> Path:
     """Write base + adapter as a Hugging Face folder at ``out_dir`` (which must not exist).
 
-    Shard by shard, tensor by tensor. When the base ties its input and output
+    Shard by shard, tensor by tensor. With ``nf4`` (weight name -> how
+    bitsandbytes quantized it), each of those weights is first replaced by its
+    NF4 round trip, adapted or not: the merge base is then the weights a QLoRA
+    adapter was trained against, not the original ones. When the base ties its input and output
     embeddings and the adapter changes either of them, the two are written as
     separate weights (and the config unties them): during training the LoRA on
     ``lm_head`` never changed the embedding lookup, nor the other way round.
@@ -401,7 +429,9 @@ def merge_into_folder(
             with open(shard, "rb") as fh:
                 for name, entry in entries:
                     tensor = read_tensor(fh, entry, data_start)
-                    writer.write(name, merge_tensor(name, tensor, adapter))
+                    spec = nf4.get(name) if nf4 else None
+                    base = nf4_round_trip(tensor, spec) if spec else tensor
+                    writer.write(name, merge_tensor(name, base, adapter).to(tensor.dtype))
                     weight_map[name] = shard.name
                     if progress:
                         progress(1)

@@ -64,7 +64,7 @@ def _size(path: Path) -> str:
 
 def model_card(
     name: str, base_model: str, adapter_source: str, files: list[GGUFFile], *,
-    eval_text: str, lora_file: str | None = None,
+    eval_text: str, lora_file: str | None = None, ladder: dict | None = None, merge_base: dict | None = None,
 ) -> str:
     """README.md with Hub metadata and how to run the files."""
     base_repo = hub_base_model(base_model)
@@ -87,6 +87,7 @@ def model_card(
             f"| `{f.name}` | {f.quant_type} | {_size(f.path)} | {p.get('perplexity', 'n/a')} | "
             f"{f'{rel:.4f}x' if rel else 'n/a'} | {fallback} |"
         )
+    quality = quality_section(ladder, merge_base, eval_text) if ladder else ""
     body = f"""# {name} (GGUF)
 
 `{adapter_source}` (a LoRA adapter) merged into the full-precision `{base_repo or base_model}`,
@@ -104,7 +105,7 @@ Every file was checked before it was published: llama.cpp loads it, its
 metadata carries the chat template, the prompt tokens llama.cpp builds for
 fixed multi-turn chats equal the training tokenizer's, and a chat stops on the
 end-of-turn token. `manifest.json` lists each file's sha256.
-
+{quality}
 ## Use
 
 llama.cpp:
@@ -135,6 +136,33 @@ The adapter alone, as a LoRA GGUF for the base model's GGUF: `{lora_file}`
 (`llama-cli -m BASE.gguf --lora {lora_file}`).
 """
     return "\n".join(meta) + body
+
+
+def quality_section(ladder: dict, merge_base: dict | None, eval_text: str) -> str:
+    """The card's quality ladder: what each hand-off cost, measured on the same tokens."""
+    from export.ladder import ladder_markdown
+
+    text = f"""
+## Quality ladder
+
+The same {ladder['eval_positions']} held-out tokens ({eval_text}, identical token ids at every rung)
+scored by the model as trained (rung 1), the merged model, and each GGUF. KL is the mean
+KL(rung 1 || rung) of the next-token distributions in nats per token; top-1 agreement is how
+often the rung's most likely next token is rung 1's.
+
+{ladder_markdown(ladder['rungs'])}
+"""
+    if merge_base:
+        rows = [f"| {c} | {v['nll']:.4f} | {v['kl']:.5f} | {100 * v['top1']:.2f}% |"
+                for c, v in merge_base["candidates"].items()]
+        text += f"""
+Merge base: {merge_base['reason']}.
+
+| merge base | mean NLL | KL vs rung 1 | top-1 agreement |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+    return text
 
 
 def ollama_modelfile(gguf_name: str, stop_tokens: list[str]) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import shutil
 import tempfile
 import time
@@ -31,6 +32,8 @@ class AdapterSource:
     folder: Path
     given: str
     base_model: str | None
+    #: What the train manifest says (None: no train manifest, so unknown; treated as full precision).
+    load_in_4bit: bool | None = None
 
 
 def log(message: str) -> None:
@@ -50,17 +53,19 @@ def resolve_adapter(value: str, token: str | None) -> AdapterSource:
     folder = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
     if not (folder / "adapter_config.json").is_file():
         raise ExportError(f"ADAPTER={value!r}: no adapter_config.json in it or in its adapter/ folder")
-    base = None
+    base = load_in_4bit = None
     for candidate in (folder, folder.parent):
         manifest = read_manifest(candidate) if candidate.is_dir() else None
         if manifest and manifest.get("inputs", {}).get("base_model"):
             base = str(manifest["inputs"]["base_model"])
+            if "load_in_4bit" in manifest["inputs"]:
+                load_in_4bit = bool(manifest["inputs"]["load_in_4bit"])
             break
     if base is None:
         from export.merge import read_adapter_config
 
         base = read_adapter_config(folder).get("base_model_name_or_path") or None
-    return AdapterSource(folder=folder, given=value, base_model=base)
+    return AdapterSource(folder=folder, given=value, base_model=base, load_in_4bit=load_in_4bit)
 
 
 def resolve_base(value: str, token: str | None) -> Path:
@@ -151,15 +156,59 @@ def check_inputs(settings: ExportSettings, token: str | None):
             problems += check_compatible(adapter, base_dir, label=base_name)
         except MergeError as err:
             problems.append(str(err))
+    if source and settings.merge_base == "nf4" and not source.load_in_4bit:
+        trained = ("has no train manifest saying it was trained in 4-bit (load_in_4bit)" if source.load_in_4bit is None
+                   else "was trained on a full-precision base (load_in_4bit=false)")
+        problems.append(f"MERGE_BASE=nf4: ADAPTER={settings.adapter!r} {trained}, so there is no NF4 "
+                        "base to merge into; use MERGE_BASE=auto or original")
     if problems:
         raise ExportError("\n".join(problems))
     return converter_dir, source, adapter, base_name, base_dir
 
 
+def merge_candidates(merge_base: str, trained_4bit: bool) -> list[str]:
+    """The bases to merge into: MERGE_BASE=auto means both, but only a 4-bit-trained adapter has an NF4 base."""
+    if merge_base == "auto":
+        return ["original", "nf4"] if trained_4bit else ["original"]
+    return [merge_base]
+
+
+def merge_base_record(setting: str, load_in_4bit: bool | None, candidates: list[str], scores: dict, chosen: str) -> dict:
+    """What the manifest says about the merge base: every candidate's rung-2 numbers and why ``chosen`` won."""
+    if len(candidates) > 1:
+        reason = (f"{chosen} (MERGE_BASE=auto: KL from the model as trained "
+                  + ", ".join(f"{c} {scores[c].kl:.5f}" for c in candidates) + "; the lower wins)")
+    elif setting == "auto":
+        why = ("no train manifest says the adapter was trained in 4-bit" if load_in_4bit is None
+               else "the adapter was trained on a full-precision base")
+        reason = f"original (MERGE_BASE=auto, and {why}: there is no NF4 base to compare)"
+    else:
+        reason = f"{chosen} (MERGE_BASE={setting})"
+    return {
+        "setting": setting,
+        "trained_in_4bit": load_in_4bit,
+        "chosen": chosen,
+        "reason": reason,
+        "candidates": {c: {k: v for k, v in scores[c].to_json().items() if k in ("nll", "perplexity", "kl", "top1")}
+                       for c in candidates},
+    }
+
+
+def ladder_limits(settings: ExportSettings) -> dict:
+    from export.ladder import FULL_PRECISION, QUANTIZED, Limits
+
+    return {
+        FULL_PRECISION: Limits(settings.ladder_max_nll_rise, settings.ladder_max_kl_rise,
+                               "LADDER_MAX_NLL_RISE", "LADDER_MAX_KL_RISE"),
+        QUANTIZED: Limits(settings.ladder_max_quant_nll_rise, settings.ladder_max_quant_kl_rise,
+                          "LADDER_MAX_QUANT_NLL_RISE", "LADDER_MAX_QUANT_KL_RISE"),
+    }
+
+
 def run_export(settings: ExportSettings) -> Path:
     """Do the whole export; return OUTPUT_DIR."""
     from export import gguf, verify
-    from export.merge import count_tensors, merge_into_folder
+    from export.merge import count_tensors, has_tokenizer, merge_into_folder
     from export.publish import GGUFFile, export_manifest, model_card, ollama_modelfile, push_export
     from loraship.atomic import remove_stale_temporaries
     from loraship.envsettings import public_settings
@@ -177,15 +226,53 @@ def run_export(settings: ExportSettings) -> Path:
     started = time.perf_counter()
 
     with disk_errors(out), work_folder(out) as work:
-        # 1. Merge into the full-precision base, one tensor at a time.
-        from tqdm import tqdm
+        # 1. Ladder rung 1: the model as trained (base as training loaded it + the unmerged adapter).
+        from export import ladder
 
-        with tqdm(total=count_tensors(base_dir), desc="merge", unit="tensor", disable=None) as bar:
-            merged = merge_into_folder(base_dir, adapter, work / name, tokenizer_dir=source.folder, progress=bar.update)
+        t = time.perf_counter()
+        tokenizer = verify.load_tokenizer(source.folder if has_tokenizer(source.folder) else base_dir)
+        eval_set = ladder.build_eval_set(tokenizer, texts, settings.eval_ctx, settings.ladder_tokens)
+        trained_4bit = bool(source.load_in_4bit)
+        log(f"ladder: scoring the model as trained ({'4-bit NF4' if trained_4bit else 'full-precision'} base + "
+            f"adapter) on {eval_set.positions} tokens")
+        model, nf4_specs = ladder.trained_model(base_dir, source.folder, trained_4bit)
+        rung1, reference = ladder.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
+                                           + (" [NF4]" if trained_4bit else ""), None, model, eval_set, None)
+        del model
+        gc.collect()  # the base leaves memory before the streamed merge starts
+        log(ladder.log_line(rung1))
+        timings["ladder_trained_s"] = time.perf_counter() - t
+
+        # 2. Merge into the chosen base(s), one tensor at a time; ladder rung 2 picks one under MERGE_BASE=auto.
+        t = time.perf_counter()
+        candidates = merge_candidates(settings.merge_base, trained_4bit)
+        merged_scores = {}
+        for candidate in candidates:
+            from tqdm import tqdm
+
+            log(f"merging into the {candidate} base")
+            with tqdm(total=count_tensors(base_dir), desc=f"merge ({candidate})", unit="tensor", disable=None) as bar:
+                folder = merge_into_folder(base_dir, adapter, work / f"merged-{candidate}", tokenizer_dir=source.folder,
+                                           progress=bar.update, nf4=nf4_specs if candidate == "nf4" else None)
+            model = ladder.merged_model(folder)
+            merged_scores[candidate], _ = ladder.score_hf(
+                "merged", f"merged into the {candidate} base (transformers, fp32)", "adapter", model, eval_set, reference)
+            del model
+            gc.collect()
+            log(ladder.log_line(merged_scores[candidate]))
         del adapter
-        timings["merge_s"] = time.perf_counter() - started
+        chosen = min(candidates, key=lambda c: merged_scores[c].kl)
+        merge_record = merge_base_record(settings.merge_base, source.load_in_4bit, candidates, merged_scores, chosen)
+        log(f"merge base: {merge_record['reason']}")
+        for candidate in candidates:
+            if candidate != chosen:
+                shutil.rmtree(work / f"merged-{candidate}")
+        merged = (work / f"merged-{chosen}").rename(work / name)
+        rungs = [rung1, merged_scores[chosen]]
+        limits = ladder_limits(settings)
+        ladder.check_rung(rungs[1], rung1, limits[ladder.FULL_PRECISION])
+        timings["merge_s"] = time.perf_counter() - t
         memory = {"merge_peak_rss_mib": _peak_rss_mib()}
-        tokenizer = verify.load_tokenizer(merged)
 
         # 2. Convert (F16 always: it is the quantizer's source and the perplexity reference).
         t = time.perf_counter()
@@ -216,22 +303,37 @@ def run_export(settings: ExportSettings) -> Path:
             gguf.convert_lora_to_gguf(source.folder, base_dir, work / lora_name, converter_dir)
         shutil.rmtree(merged)
 
-        # 4. Verify every file; measure perplexity on held-out text.
+        # 4. Verify every file; measure perplexity on held-out text; score it on the ladder.
         t = time.perf_counter()
+        ladder_s = 0.0
+        by_type: dict[str, ladder.RungScore] = {}
         for f in files:
             log(f"verifying {f.name}")
             f.verification = verify.verify_gguf(f.path, tokenizer, stop_check=settings.stop_check,
-                                                threads=settings.threads).to_json()
+                                                threads=settings.threads, stop_prompts=settings.stop_prompts,
+                                                stop_max_tokens=settings.stop_max_tokens).to_json()
             f.perplexity = verify.perplexity(f.path, texts, n_ctx=settings.eval_ctx, threads=settings.threads)
             log(f"{f.name}: checks passed; perplexity {f.perplexity:.3f}")
+            quantized = f.quant_type not in CONVERTER_TYPES
+            parent = by_type["F16"] if quantized else rungs[1]
+            score = ladder.score_gguf(f.quant_type, f.path, parent.rung, eval_set, reference, n_ctx=settings.eval_ctx,
+                                      threads=settings.threads, quantized=quantized)
+            ladder_s += score.seconds
+            log(ladder.log_line(score))
+            ladder.check_rung(score, parent, limits[score.kind])
+            by_type[f.quant_type] = score
+            rungs.append(score)
         timings["verify_s"] = time.perf_counter() - t
+        timings["ladder_s"] = timings["ladder_trained_s"] + sum(s.seconds for s in merged_scores.values()) + ladder_s
+        ladder_table = ladder.ladder_json(rungs, eval_set, {k: vars(v) for k, v in limits.items()})
 
         # 5. Card, Modelfile, manifest; then everything into place, the manifest last.
         default = next((f for f in files if f.quant_type == "Q4_K_M"), files[-1])
         eos_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in default.verification["eos_token_ids"]
                             if i < len(tokenizer)})
         (work / "README.md").write_text(
-            model_card(name, base_name, source.given, files, eval_text=eval_path.name, lora_file=lora_name),
+            model_card(name, base_name, source.given, files, eval_text=eval_path.name, lora_file=lora_name,
+                       ladder=ladder_table, merge_base=merge_record),
             encoding="utf-8",
         )
         (work / "Modelfile").write_text(ollama_modelfile(default.name, eos_texts), encoding="utf-8")
@@ -243,7 +345,7 @@ def run_export(settings: ExportSettings) -> Path:
             inputs={"adapter": source.given, "base_model": base_name},
             settings=public_settings(settings),
             extra={"eval_text": str(eval_path), "timings": {k: round(v, 2) for k, v in timings.items()},
-                   "memory": memory},
+                   "memory": memory, "ladder": ladder_table, "merge_base": merge_record},
         )
         write_manifest(work, manifest)
         finals = [f.name for f in files] + extra_files

@@ -69,7 +69,49 @@ class ExportSettings(BaseSettings):
         "`eos_token`: only check that the GGUF's end-of-generation ids match the tokenizer and that llama.cpp "
         "stops on them (for random-init test models, which never stop by themselves).",
     )
-    eval_ctx: int = Field(256, ge=16, le=8192, description="Context window (tokens) for the perplexity check.")
+    stop_prompts: int = Field(
+        3, ge=1, le=5,
+        description="How many fixed short chats the stop check runs (each must end within STOP_MAX_TOKENS; "
+        "with STOP_CHECK=eos_token each must stop on a forced end-of-turn token).",
+    )
+    stop_max_tokens: int = Field(
+        128, ge=8, le=4096, description="Token budget a short chat must end within (STOP_CHECK=natural).",
+    )
+    eval_ctx: int = Field(256, ge=16, le=8192, description="Context window (tokens) for the perplexity check and the quality ladder.")
+    merge_base: Literal["auto", "original", "nf4"] = Field(
+        "auto",
+        description="What the adapter is merged into. `original`: the full-precision base weights. `nf4`: their "
+        "NF4 round trip, the weights a 4-bit (QLoRA) adapter was trained against. `auto`: merge into both, score "
+        "both on the ladder's eval set and keep the one closer to the model as trained (lower KL from rung 1); "
+        "an adapter not trained in 4-bit has only `original`. Both numbers and the choice go into the manifest.",
+    )
+    ladder_tokens: int = Field(
+        1024, ge=16, le=65536,
+        description="Most predicted tokens the quality ladder scores (from EVAL_TEXT, in EVAL_CTX windows). "
+        "Bounds its memory: the trained model's log-probs are kept as float32, tokens x vocabulary x 4 bytes.",
+    )
+    ladder_max_nll_rise: float = Field(
+        0.02, ge=0.0, le=100.0,
+        description="Full-precision hand-offs (adapter -> merged model, merged -> F16 GGUF): most the mean "
+        "token NLL may rise, in nats. Measured on the embedded model these cost under 0.001 "
+        "(see docs/benchmarks.md), so 0.02 fails only a real break (a dropped module, a wrong merge base).",
+    )
+    ladder_max_kl_rise: float = Field(
+        0.02, ge=0.0, le=100.0,
+        description="Full-precision hand-offs: most the KL from the trained model (rung 1) may grow, in nats per "
+        "token. Measured on the embedded model under 0.001 for these hand-offs; 0.02 leaves room for other "
+        "models' arithmetic and still fails a dropped module's delta.",
+    )
+    ladder_max_quant_nll_rise: float = Field(
+        0.5, ge=0.0, le=100.0,
+        description="Quantized GGUFs against the F16 one: most the mean token NLL may rise, in nats. Q4_K_M "
+        "costs the embedded 135M model about 0.1; 0.5 fails a broken file, not a small model's 4-bit cost.",
+    )
+    ladder_max_quant_kl_rise: float = Field(
+        0.5, ge=0.0, le=100.0,
+        description="Quantized GGUFs against the F16 one: most the KL from the trained model may grow, in nats "
+        "per token. Q4_K_M adds about 0.1 on the embedded model; 0.5 fails a broken file.",
+    )
     threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp (0: all cores).")
     model_name: Annotated[str | None, EmptyIsNone] = Field(
         None,

@@ -6,11 +6,15 @@
    renders it, tokenized by llama.cpp) are identical to the training-time
    tokenizer's ``apply_chat_template`` tokens. A difference fails the export,
    naming the first differing position.
-3. It stops: the end-of-generation ids in the GGUF are the tokenizer's, a chat
-   whose next token is forced to be EOS ends with ``finish_reason == "stop"``
-   (llama.cpp treats that id as the end), and with ``STOP_CHECK=natural`` a
-   short greedy chat must also end by itself within a token budget (the EOS
-   the fine-tune learned survived the merge). Random-init test models never
+3. The end-of-turn contract: the token the training template closes an
+   assistant reply with is the one the GGUF's own template closes it with, and
+   it is one of the GGUF's end-of-generation ids (as is the tokenizer's EOS).
+   A failure names the token (text and id).
+4. It stops: a chat whose next token is forced to be EOS (or the end-of-turn
+   token) ends with ``finish_reason == "stop"`` (llama.cpp treats that id as
+   the end), and with ``STOP_CHECK=natural`` each of STOP_PROMPTS short greedy
+   chats must also end by itself within STOP_MAX_TOKENS (the end of turn the
+   fine-tune learned survived the merge). Random-init test models never
    stop by themselves; they run with ``STOP_CHECK=eos_token``, which does the
    first two parts only, and the manifest records which check ran.
 """
@@ -38,8 +42,17 @@ PARITY_CONVERSATIONS: list[list[dict[str, str]]] = [
         {"role": "user", "content": "And 3 + 3? Explain in one line, with a café-style flourish: ☕"},
     ],
 ]
-STOP_PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}]
+#: Short chats that must end by themselves (the first STOP_PROMPTS of them are run).
+STOP_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France? Answer in one short sentence."}],
+    [{"role": "user", "content": "Say hello in one short sentence."}],
+    [{"role": "user", "content": "Name one animal that lives in the sea."}],
+    [{"role": "user", "content": "What colour is the sky on a clear day?"}],
+    [{"role": "user", "content": "Give me one word that rhymes with cat."}],
+]
 STOP_BUDGET = 128
+#: An assistant reply the end-of-turn check renders: whatever the template puts right after it ends the turn.
+REPLY_MARKER = "Reply 7431 ends here."
 
 
 class VerifyError(UserError):
@@ -57,6 +70,10 @@ class Verification:
     stop_check: str
     reply: str
     finish_reason: str
+    end_of_turn_id: int | None = None
+    end_of_turn: str | None = None
+    stop_prompts: int = 1
+    longest_reply_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -132,6 +149,75 @@ def check_template_parity(llm, tokenizer, name: str) -> int:
     return compared
 
 
+def _is_special(tokenizer, token_id: int) -> bool:
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return token_id in set(tokenizer.all_special_ids) or bool(getattr(added.get(token_id), "special", False))
+
+
+def end_of_turn_after(rendered: str, tokenize, tokenizer) -> tuple[int | None, str]:
+    """The first special token a template puts after the assistant reply (None: it puts none), and that text."""
+    after = rendered[rendered.rindex(REPLY_MARKER) + len(REPLY_MARKER):]
+    for token_id in tokenize(after):
+        if _is_special(tokenizer, token_id):
+            return token_id, after
+    return None, after
+
+
+def template_end_of_turn(tokenizer) -> tuple[int | None, str]:
+    """The end-of-turn token the training tokenizer's chat template closes an assistant reply with."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": REPLY_MARKER}], tokenize=False,
+    )
+    return end_of_turn_after(text, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer)
+
+
+def gguf_template_end_of_turn(llm, tokenizer) -> tuple[int | None, str]:
+    """The same, with the GGUF's own template rendered as llama-cpp-python renders it, tokenized by llama.cpp."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata.get("tokenizer.chat_template"), eos_token=_token_text(llm, llm.token_eos()),
+        bos_token=_token_text(llm, llm.token_bos()), add_generation_prompt=False,
+    )
+    text = formatter(messages=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": REPLY_MARKER}]).prompt
+    return end_of_turn_after(text, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False, special=True), tokenizer)
+
+
+def describe(tokenizer, token_id: int | None) -> str:
+    if token_id is None:
+        return "none"
+    return f"{tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id})"
+
+
+def check_end_of_turn(llm, tokenizer, name: str) -> int:
+    """The end-of-turn contract: training's template, the GGUF's template and the GGUF's stop ids agree.
+
+    Returns the end-of-turn id. A failure names the token (text and id) that went wrong.
+    """
+    expected_eos = describe(tokenizer, tokenizer.eos_token_id)
+    eot, after = template_end_of_turn(tokenizer)
+    if eot is None:
+        raise VerifyError(
+            f"{name}: the training chat template puts no end-of-turn token after an assistant reply (it ends "
+            f"the turn with {after!r}; the tokenizer's EOS is {expected_eos}): the model never learned where a "
+            "reply ends and chats would not stop. Restore the end-of-turn token in the adapter folder's chat_template"
+        )
+    gguf_eot, gguf_after = gguf_template_end_of_turn(llm, tokenizer)
+    if gguf_eot != eot:
+        raise VerifyError(
+            f"{name}: the GGUF's chat template ends an assistant turn with {describe(tokenizer, gguf_eot)} "
+            f"(renders {gguf_after!r}), training's with {describe(tokenizer, eot)}: the GGUF lost the end-of-turn token"
+        )
+    eog = end_of_generation_ids(llm)
+    if eot not in eog:
+        raise VerifyError(
+            f"{name}: the template's end-of-turn token {describe(tokenizer, eot)} is not one of the GGUF's "
+            f"end-of-generation ids {eog} ({', '.join(describe(tokenizer, i) for i in eog if i < len(tokenizer))}): "
+            "llama.cpp would run past the end of every reply"
+        )
+    return eot
+
+
 def end_of_generation_ids(llm) -> list[int]:
     ids = {llm.token_eos()}
     eot = llm.metadata.get("tokenizer.ggml.eot_token_id")
@@ -140,32 +226,44 @@ def end_of_generation_ids(llm) -> list[int]:
     return sorted(i for i in ids if i >= 0)
 
 
-def check_stop(llm, tokenizer, name: str, mode: str) -> tuple[list[int], str, str]:
-    """The end-of-generation checks; returns (eos ids, reply, finish_reason)."""
+def check_stop(llm, tokenizer, name: str, mode: str, *, prompts: int = 1, budget: int = STOP_BUDGET,
+               end_of_turn: int | None = None) -> tuple[list[int], str, str, int]:
+    """The end-of-generation checks; returns (eos ids, first reply, finish_reason, longest reply in tokens)."""
     eog = end_of_generation_ids(llm)
     expected = tokenizer.eos_token_id
     if expected is None or expected not in eog:
         raise VerifyError(
-            f"{name}: the GGUF ends generation on token ids {eog}, the tokenizer's EOS is {expected} "
-            f"({tokenizer.eos_token!r}): chats would not stop"
+            f"{name}: the GGUF ends generation on token ids {eog}, the tokenizer's EOS is "
+            f"{describe(tokenizer, expected)}: chats would not stop"
         )
-    forced = llm.create_chat_completion(
-        messages=STOP_PROMPT, max_tokens=8, temperature=0.0, logit_bias={expected: 1000.0}
-    )
-    if forced["choices"][0]["finish_reason"] != "stop":
-        raise VerifyError(f"{name}: llama.cpp did not stop on the EOS token {expected} ({tokenizer.eos_token!r})")
+    stops = sorted({expected} | ({end_of_turn} if end_of_turn is not None else set()))
+    chats = STOP_PROMPTS[:prompts]
     if mode == "eos_token":
-        return eog, forced["choices"][0]["message"]["content"] or "", "stop"
-    answer = llm.create_chat_completion(messages=STOP_PROMPT, max_tokens=STOP_BUDGET, temperature=0.0, seed=0)
-    choice = answer["choices"][0]
-    reply = choice["message"]["content"] or ""
-    if choice["finish_reason"] != "stop":
-        raise VerifyError(
-            f"{name}: a short chat did not end within {STOP_BUDGET} tokens (finish_reason "
-            f"{choice['finish_reason']!r}; reply began {reply[:60]!r}): the model no longer emits "
-            f"{tokenizer.eos_token!r}. (STOP_CHECK=eos_token skips this part, for random-init test models only)"
-        )
-    return eog, reply, "stop"
+        reply = ""
+        for token in stops:
+            for messages in chats:
+                forced = llm.create_chat_completion(
+                    messages=messages, max_tokens=8, temperature=0.0, logit_bias={token: 1000.0}
+                )
+                if forced["choices"][0]["finish_reason"] != "stop":
+                    raise VerifyError(f"{name}: llama.cpp did not stop on {describe(tokenizer, token)}")
+                reply = reply or forced["choices"][0]["message"]["content"] or ""
+        return eog, reply, "stop", 0
+    first, longest = "", 0
+    for n, messages in enumerate(chats, 1):
+        answer = llm.create_chat_completion(messages=messages, max_tokens=budget, temperature=0.0, seed=0)
+        choice = answer["choices"][0]
+        reply = choice["message"]["content"] or ""
+        if choice["finish_reason"] != "stop":
+            raise VerifyError(
+                f"{name}: short chat {n} ({messages[-1]['content']!r}) did not end within {budget} tokens "
+                f"(finish_reason {choice['finish_reason']!r}; reply began {reply[:60]!r}): the model never emitted "
+                f"{' or '.join(describe(tokenizer, t) for t in stops)}. "
+                "(STOP_CHECK=eos_token skips this part, for random-init test models only)"
+            )
+        first = first or reply
+        longest = max(longest, int(answer["usage"]["completion_tokens"]))
+    return eog, first, "stop", longest
 
 
 def open_gguf(path: Path, threads: int = 0, n_ctx: int = 1024):
@@ -177,14 +275,17 @@ def open_gguf(path: Path, threads: int = 0, n_ctx: int = 1024):
         raise VerifyError(f"{path.name}: llama.cpp could not load it ({err})") from err
 
 
-def verify_gguf(path: Path, tokenizer, *, stop_check: str = "natural", threads: int = 0) -> Verification:
+def verify_gguf(path: Path, tokenizer, *, stop_check: str = "natural", threads: int = 0, stop_prompts: int = 1,
+                stop_max_tokens: int = STOP_BUDGET) -> Verification:
     """Run every check on one GGUF; raise :class:`VerifyError` on the first failure."""
     llm = open_gguf(path, threads)
     try:
         if not llm.metadata.get("tokenizer.chat_template"):
             raise VerifyError(f"{path.name}: no tokenizer.chat_template in its metadata; chats would use a guessed format")
         parity_tokens = check_template_parity(llm, tokenizer, path.name)
-        eog, reply, finish = check_stop(llm, tokenizer, path.name, stop_check)
+        eot = check_end_of_turn(llm, tokenizer, path.name)
+        eog, reply, finish, longest = check_stop(llm, tokenizer, path.name, stop_check, prompts=stop_prompts,
+                                                 budget=stop_max_tokens, end_of_turn=eot)
         return Verification(
             chat_template=True,
             parity_conversations=len(PARITY_CONVERSATIONS),
@@ -193,6 +294,10 @@ def verify_gguf(path: Path, tokenizer, *, stop_check: str = "natural", threads: 
             stop_check=stop_check,
             reply=reply,
             finish_reason=finish,
+            end_of_turn_id=eot,
+            end_of_turn=tokenizer.convert_ids_to_tokens(eot),
+            stop_prompts=stop_prompts,
+            longest_reply_tokens=longest,
         )
     finally:
         llm.close()

@@ -1,0 +1,101 @@
+"""The quality ladder's metrics, pinned on hand-made logits, and the NF4 merge base against bitsandbytes itself."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tests.export.helpers import make_adapter
+
+from export.ladder import (
+    FULL_PRECISION, EvalSet, LadderError, Limits, RungScore, check_rung, kl_divergence, log_softmax, score_windows,
+    top1_matches,
+)
+
+
+def test_kl_divergence_of_hand_made_distributions():
+    # p = (1/4, 3/4), q = (1/2, 1/2): KL(p || q) = 1/4 ln(1/2) + 3/4 ln(3/2).
+    p = log_softmax([[0.0, math.log(3.0)]])
+    q = log_softmax([[5.0, 5.0]])
+    assert kl_divergence(p, q)[0] == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-15)
+    assert kl_divergence(q, q)[0] == 0.0
+
+
+def test_kl_ignores_tokens_the_reference_gives_zero_probability():
+    p = np.array([[0.0, -np.inf]])  # all mass on token 0
+    q = log_softmax([[0.0, 0.0]])
+    assert kl_divergence(p, q)[0] == pytest.approx(math.log(2.0), abs=1e-15)
+
+
+def test_top1_agreement_counts_rows_with_the_same_argmax():
+    ref = np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    other = np.array([[0.0, 5.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert top1_matches(ref, other).tolist() == [True, False, True]
+
+
+def test_score_windows_gives_nll_kl_and_agreement_over_the_tokenizer_vocab():
+    # One window of 3 tokens: rows 0 and 1 predict tokens 1 and 0. Column 2 is vocabulary padding.
+    eval_set = EvalSet(windows=[[0, 1, 0]], vocab=2)
+    ref_logits = np.array([[0.0, math.log(3.0), 50.0], [math.log(3.0), 0.0, 50.0], [9.0, 9.0, 9.0]])
+    nll, kl, top1, reference = score_windows([ref_logits], eval_set, None)
+    assert nll == pytest.approx(-math.log(0.75), abs=1e-12)  # both targets have p = 3/4
+    assert (kl, top1) == (0.0, 1.0)
+    assert reference.logp[0].dtype == np.float32 and reference.logp[0].shape == (2, 2)
+    uniform = np.zeros((3, 3))
+    nll, kl, top1, made = score_windows([uniform], eval_set, reference)
+    assert made is None
+    assert nll == pytest.approx(math.log(2.0), abs=1e-12)
+    # Rung 1 is kept in float32: the KL is exact to float32 rounding (float16 would be off by 1e-4 here).
+    assert kl == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), abs=1e-7)
+    assert top1 == 0.5  # a uniform row's argmax is token 0; rung 1's were token 1, then token 0
+
+
+def _score(rung, nll, kl):
+    return RungScore(rung=rung, what=f"{rung} model", parent=None, kind=FULL_PRECISION, tokens=10, nll=nll,
+                     perplexity=math.exp(nll), kl=kl, top1=1.0, seconds=0.0)
+
+
+def test_a_rung_that_loses_more_than_allowed_is_named_with_its_numbers():
+    limits = Limits(nll_rise=0.02, kl_rise=0.02, nll_setting="LADDER_MAX_NLL_RISE", kl_setting="LADDER_MAX_KL_RISE")
+    check_rung(_score("merged", 2.01, 0.019), _score("adapter", 2.0, 0.0), limits)  # within both limits
+    check_rung(_score("merged", 1.5, 0.0), _score("adapter", 2.0, 0.0), limits)  # a better NLL is no loss
+    with pytest.raises(LadderError) as err:
+        check_rung(_score("F16", 2.0, 0.05), _score("merged", 2.0, 0.01), limits)
+    assert str(err.value).startswith(
+        "quality ladder: rung 'F16' (F16 model) lost too much against 'merged': KL from the trained model grew by "
+        "0.0400 nats/token (0.0100 -> 0.0500; allowed 0.02, LADDER_MAX_KL_RISE)."
+    )
+    with pytest.raises(LadderError, match=r"mean NLL rose by 0\.5000 nats/token \(2\.0000 -> 2\.5000; allowed 0\.02"):
+        check_rung(_score("merged", 2.5, 0.0), _score("adapter", 2.0, 0.0), limits)
+
+
+def test_nf4_round_trip_equals_the_weights_bitsandbytes_loads(tiny_llama_dir, tmp_path):
+    """The NF4 merge base is exactly what a 4-bit-loaded model computes with, module by module."""
+    import bitsandbytes.functional as bnbf
+
+    from export.ladder import trained_model
+    from export.merge import load_safetensors, nf4_round_trip
+
+    original = load_safetensors(tiny_llama_dir / "model.safetensors")
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", r=2)
+    model, specs = trained_model(tiny_llama_dir, adapter, load_in_4bit=True)
+    # bitsandbytes quantizes every linear layer of the decoder, never the embeddings or the (tied) lm_head.
+    per_layer = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {name.split(".")[-2] for name in specs} == per_layer and len(specs) == 2 * 7
+    assert {(s.blocksize, s.quant_type, s.double_quant) for s in specs.values()} == {(64, "nf4", True)}
+    modules = dict(model.base_model.model.named_modules())
+    for name, spec in specs.items():
+        module = modules[name.removesuffix(".weight")]
+        layer = getattr(module, "base_layer", module)
+        loaded = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        ours = nf4_round_trip(original[name], spec)
+        assert torch_equal(ours, loaded), name
+        assert not torch_equal(ours, original[name].float()), name
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))

@@ -1,0 +1,145 @@
+"""The quality ladder inside a real export, on a tiny Llama whose adapter matters.
+
+The tiny random-init Llama predicts almost uniformly, so no hand-off could
+show a loss; its embeddings are scaled up (sharper next-token distributions)
+and its adapter is large, so that dropping one module's delta moves the KL
+from the trained model by about 0.2 nats, ten times LADDER_MAX_KL_RISE. The
+adapter's train manifest says it was trained in 4-bit: rung 1 loads the base
+through bitsandbytes and MERGE_BASE=auto merges into both bases.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from export.run import merge_base_record
+from loraship.manifest import read_manifest, verify_files
+from tests.export.conftest import final_files, run_export_cli
+from tests.export.helpers import make_train_output
+
+NAME = "ladder"
+DROPPED = "model.layers.1.self_attn.o_proj.weight"
+SETTINGS = {"STOP_CHECK": "eos_token", "EVAL_CTX": "64", "LADDER_TOKENS": "128", "MODEL_NAME": NAME}
+
+
+@pytest.fixture(scope="module")
+def qlora_train_output(tiny_llama_dir, tmp_path_factory):
+    """A train OUTPUT_DIR for a sharpened tiny Llama whose manifest says load_in_4bit=true."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.export.helpers import copy_model
+
+    root = tmp_path_factory.mktemp("ladder")
+    base = copy_model(tiny_llama_dir, root / "base")
+    weights = load_file(base / "model.safetensors")
+    weights["model.embed_tokens.weight"] *= 5.0
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    train = make_train_output(base, root / "train", base_name=str(base), scale=0.3)
+    path = train / "adapter" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["inputs"]["load_in_4bit"] = True
+    path.write_text(json.dumps(manifest))
+    return train
+
+
+@pytest.fixture(scope="module")
+def ladder_export(qlora_train_output, converter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ladder-export") / "export"
+    result = run_export_cli({**SETTINGS, "ADAPTER": str(qlora_train_output), "OUTPUT_DIR": str(out),
+                             "QUANT_TYPES": "Q8_0"})
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+def test_every_rung_is_scored_on_the_same_tokens_and_kept_close_to_the_trained_model(ladder_export):
+    manifest = read_manifest(ladder_export)
+    assert verify_files(ladder_export, manifest) == []
+    table = manifest["extra"]["ladder"]
+    rungs = {r["rung"]: r for r in table["rungs"]}
+    assert list(rungs) == ["adapter", "merged", "F16", "Q8_0"]
+    assert {r["tokens"] for r in rungs.values()} == {table["eval_positions"]} == {128}
+    assert rungs["adapter"]["what"].endswith("[NF4]") and (rungs["adapter"]["kl"], rungs["adapter"]["top1"]) == (0, 1)
+    assert [rungs[r]["parent"] for r in ("merged", "F16", "Q8_0")] == ["adapter", "merged", "F16"]
+    # Full-precision hand-offs are nearly free; Q8_0 costs a little more, still far inside its limit.
+    assert rungs["merged"]["kl"] < 1e-4 and rungs["F16"]["kl"] < 1e-3 and rungs["F16"]["top1"] > 0.95
+    assert rungs["F16"]["kl"] < rungs["Q8_0"]["kl"] < 0.1
+    card = (ladder_export / "README.md").read_text()
+    assert "## Quality ladder" in card
+    assert f"| 4. Q8_0 | {NAME}-Q8_0.gguf (llama.cpp) | {rungs['Q8_0']['nll']:.4f} |" in card
+
+
+def test_auto_merge_base_keeps_the_nf4_round_trip_and_records_both(ladder_export):
+    record = read_manifest(ladder_export)["extra"]["merge_base"]
+    assert (record["setting"], record["trained_in_4bit"], record["chosen"]) == ("auto", True, "nf4")
+    original, nf4 = record["candidates"]["original"], record["candidates"]["nf4"]
+    # The adapter was trained against NF4 weights: merged into them it is the trained model again.
+    assert nf4["kl"] < 1e-4 < original["kl"]
+    assert nf4 == {k: v for k, v in read_manifest(ladder_export)["extra"]["ladder"]["rungs"][1].items()
+                   if k in nf4}
+    assert "Merge base: nf4 (MERGE_BASE=auto" in (ladder_export / "README.md").read_text()
+
+
+def test_gguf_keeps_the_end_of_turn_token(ladder_export):
+    verification = read_manifest(ladder_export)["extra"]["files"][f"{NAME}-F16.gguf"]["verification"]
+    assert (verification["end_of_turn"], verification["end_of_turn_id"]) == ("<|im_end|>", 2)
+    assert verification["stop_prompts"] == 3
+
+
+def test_a_merge_that_drops_one_modules_delta_fails_at_the_merged_rung(qlora_train_output, converter_dir, tmp_path,
+                                                                        monkeypatch, export_env):
+    import export.merge
+
+    real = export.merge.merge_tensor
+
+    def drop_one(name, tensor, adapter):
+        return tensor if name == DROPPED else real(name, tensor, adapter)
+
+    monkeypatch.setattr(export.merge, "merge_tensor", drop_one)
+    out = tmp_path / "out"
+    result = run_export_cli({**SETTINGS, "ADAPTER": str(qlora_train_output), "OUTPUT_DIR": str(out),
+                             "MERGE_BASE": "nf4"})
+    assert result.exit_code == 2
+    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert error.startswith("error: quality ladder: rung 'merged' (merged into the nf4 base (transformers, fp32)) "
+                            "lost too much against 'adapter': KL from the trained model grew by 0.")
+    grew = float(error.split("grew by ")[1].split()[0])
+    assert grew > 0.1 and "allowed 0.02, LADDER_MAX_KL_RISE" in error
+    assert final_files(out) == []
+
+
+def test_a_template_without_its_end_of_turn_token_is_named(ladder_export, qlora_train_output):
+    from export.verify import VerifyError, check_end_of_turn, load_tokenizer, open_gguf
+
+    tokenizer = load_tokenizer(qlora_train_output / "adapter")
+    # Each message's closing '<|im_end|>' goes; the system prompt's literal one stays.
+    tokenizer.chat_template = tokenizer.chat_template.replace("+ '<|im_end|>' + '\n'", "+ '\n'")
+    assert "+ '<|im_end|>'" not in tokenizer.chat_template
+    llm = open_gguf(ladder_export / f"{NAME}-F16.gguf", threads=2)
+    try:
+        with pytest.raises(VerifyError, match=r"puts no end-of-turn token after an assistant reply \(it ends the turn "
+                                              r"with '\\n'; the tokenizer's EOS is '<\|im_end\|>' \(id 2\)\)"):
+            check_end_of_turn(llm, tokenizer, "x.gguf")
+        assert check_end_of_turn(llm, load_tokenizer(qlora_train_output / "adapter"), "x.gguf") == 2
+    finally:
+        llm.close()
+
+
+def test_merge_base_nf4_needs_an_adapter_trained_in_4bit(tiny_train_output, converter_dir, tmp_path, export_env):
+    result = run_export_cli({**SETTINGS, "ADAPTER": str(tiny_train_output), "OUTPUT_DIR": str(tmp_path / "o"),
+                             "MERGE_BASE": "nf4"})
+    assert result.exit_code == 2
+    assert f"error: MERGE_BASE=nf4: ADAPTER='{tiny_train_output}' has no train manifest saying it was trained in " \
+           "4-bit (load_in_4bit), so there is no NF4 base to merge into; use MERGE_BASE=auto or original" \
+           in result.stderr.splitlines()
+
+
+def test_auto_without_4bit_training_merges_into_the_original_and_says_why():
+    from export.ladder import FULL_PRECISION, RungScore
+
+    score = RungScore("merged", "m", "adapter", FULL_PRECISION, 10, 2.0, 7.389, 0.001, 0.99, 0.0)
+    record = merge_base_record("auto", False, ["original"], {"original": score}, "original")
+    assert record["reason"] == ("original (MERGE_BASE=auto, and the adapter was trained on a full-precision base: "
+                                "there is no NF4 base to compare)")
+    assert record["candidates"] == {"original": {"nll": 2.0, "perplexity": 7.389, "kl": 0.001, "top1": 0.99}}
