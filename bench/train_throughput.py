@@ -77,6 +77,11 @@ CONFIGS = {
     "loraship-dropout0": Config("loraship, lora_dropout 0", "loraship", ALL, dropout=0.0),
     "loraship-no-gc": Config("loraship, no checkpointing", "loraship", ALL, gradient_checkpointing=False),
     "loraship-batch4": Config("loraship, batch 4x1024", "loraship", ALL, batch=4),
+    # The default optimizer step, BATCH_SIZE=2 x GRAD_ACCUM=4 of 1024 tokens (loraship folds it into one micro-batch).
+    "plain-accum4": Config("plain 2x1024, 4 accumulation", "plain", grad_accum=4),
+    "loraship-accum4": Config("loraship 2x1024, 4 accumulation (folded 8x1)", "loraship", ALL, grad_accum=4),
+    "loraship-accum4-noliger": Config("loraship 2x1024, 4 accumulation (folded), no liger", "loraship",
+                                      dataclasses.replace(ALL, liger_kernels=False), grad_accum=4),
     # r16 on every linear layer, batch 4 x 1024.
     "plain-r16": Config("plain r16 all-linear b4", "plain", batch=4, lora_r=16, targets=("all-linear",)),
     "loraship-r16": Config("loraship r16 all-linear b4", "loraship", ALL, batch=4, lora_r=16, targets=("all-linear",)),
@@ -86,12 +91,15 @@ CONFIGS = {
         "loraship, real lengths (packed 2 x 4)", "loraship",
         dataclasses.replace(ALL, fold_accumulation=False), rows="real", grad_accum=4),
     "loraship-real": Config("loraship, real lengths (packed, folded 8 x 1)", "loraship", ALL, rows="real", grad_accum=4),
+    "loraship-real-noliger": Config("loraship, real lengths (packed, folded), no liger", "loraship",
+                                    dataclasses.replace(ALL, liger_kernels=False), rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
     "extras": ["loraship-dropout0", "loraship-no-gc", "loraship-batch4"],
     "r16": ["plain-r16", "loraship-r16"],
     "real": ["plain-real", "loraship-real-packed", "loraship-real"],
+    "accum": ["plain-accum4", "loraship-accum4"],
 }
 SEQ = 1024
 REAL_MAX = 2048
@@ -257,6 +265,7 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     per_step = config.batch * config.grad_accum
     batches = [[padded(rows[(s * per_step + m * config.batch) % len(rows):][: config.batch], 0, device)
                 for m in range(config.grad_accum)] for s in range(steps)]
+    train_peak = reset_peak(device)
     times, tokens, losses = [], [], []
     for step in range(steps):
         sync(device)
@@ -278,7 +287,7 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
         times.append(time.perf_counter() - start)
         tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
     del model, optimizer, batches
-    return {"times": times, "tokens": tokens, "losses": losses}
+    return {"times": times, "tokens": tokens, "losses": losses, "train_peak_gib": train_peak()}
 
 
 def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path) -> dict:
@@ -312,7 +321,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses,
-              "micro_batching": list(run.micro_batching(settings, plan))}
+              "micro_batching": list(run.micro_batching(settings, plan)), "train_peak_gib": clock.train_peak()}
     trainer.accelerator.free_memory()
     del trainer, peft_model, base_model
     return result
@@ -327,6 +336,10 @@ class StepClock:
         class _Clock(TrainerCallback):
             def __init__(self):
                 self.device, self.times, self.seen, self.last = device, [], [], None
+                self.train_peak = lambda: None
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                self.train_peak = reset_peak(self.device)
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if self.last is None:
@@ -344,6 +357,17 @@ class StepClock:
                 return [b - a for a, b in zip([0, *self.seen[:-1]], self.seen)]
 
         return _Clock()
+
+
+def reset_peak(device: str):
+    """Reset the peak-memory counter now (model loaded, training about to start); returns its reader (GiB)."""
+    import torch
+
+    if device != "cuda":
+        return lambda: None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def sync(device: str) -> None:
@@ -387,26 +411,29 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "lora_r": config.lora_r, "targets": list(config.targets), "lora_dropout": config.dropout,
         "gradient_checkpointing": config.gradient_checkpointing, "micro_batching": raw.get("micro_batching"),
         "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
-        "timed_tokens": sum(tokens), "peak_gib": round(peak, 2) if peak is not None else None,
+        "timed_tokens": sum(tokens), "train_peak_gib": raw["train_peak_gib"],
+        # Over the whole configuration, loading and quantizing included (reset before loading).
+        "peak_gib_with_load": round(peak, 2) if peak is not None else None,
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1),
     }
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shape | config | batch | tok/s | × plain | peak GiB | × plain | loss first → last | last vs plain |",
+    lines = ["| shape | config | batch | tok/s | × plain | train peak GiB | × plain | loss first → last | last vs plain |",
              "|---|---|---|---|---|---|---|---|---|"]
     plain = {}
     for r in results:
         if r["stack"] == "plain":
-            plain[(r["shape"], r["rows"], r["lora_r"])] = r
+            plain[(r["shape"], r["rows"], r["lora_r"], r["grad_accum"])] = r
     for r in results:
-        p = plain.get((r["shape"], r["rows"], r["lora_r"]))
+        p = plain.get((r["shape"], r["rows"], r["lora_r"], r["grad_accum"]))
         speed = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
-        mem = f"{r['peak_gib'] / p['peak_gib']:.2f}" if p and r["peak_gib"] and p["peak_gib"] else "-"
+        mem = f"{r['train_peak_gib'] / p['train_peak_gib']:.2f}" if p and r["train_peak_gib"] and p["train_peak_gib"] else "-"
         loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
-        batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']}x{r['grad_accum']} rows"
-        lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['peak_gib']} | {mem} "
+        batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']} rows"
+        batch += f" x{r['grad_accum']} acc" if r["grad_accum"] > 1 else ""
+        lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_peak_gib']} | {mem} "
                      f"| {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} |")
     return "\n".join(lines)
 

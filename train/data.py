@@ -540,19 +540,20 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]]):
     builds a block-diagonal causal mask, so no token attends to another row. Each row's first
     label becomes -100: the model predicts label ``t`` from token ``t - 1``, which for a row's
     first token is the previous row's last one. Nothing is padded, so every token is real.
+
+    Rows that all have one length hold no padding to remove: they stay separate rows (same
+    position ids and labels), because a plain causal batch runs sdpa's flash kernel, which an
+    explicit block-diagonal mask rules out (measured: docs/benchmarks.md, "Training speed (GPU)").
     """
     import torch
 
-    input_ids: list[int] = []
-    labels: list[int] = []
-    position_ids: list[int] = []
-    for row in rows:
-        ids = list(row["input_ids"])
-        input_ids += ids
-        labels += [IGNORE_INDEX, *list(row["labels"])[1:]]
-        position_ids += range(len(ids))
+    input_ids = [list(row["input_ids"]) for row in rows]
+    labels = [[IGNORE_INDEX, *list(row["labels"])[1:]] for row in rows]
+    position_ids = [list(range(len(ids))) for ids in input_ids]
+    if len({len(ids) for ids in input_ids}) > 1:
+        input_ids, labels, position_ids = ([sum(part, [])] for part in (input_ids, labels, position_ids))
     return {
-        "input_ids": torch.tensor([input_ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+        "input_ids": torch.tensor(input_ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(position_ids, dtype=torch.long),
     }

@@ -28,6 +28,16 @@ def test_rows_become_one_row_with_restarting_positions_and_first_labels_masked()
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention_mask: it would hide the packing
 
 
+def test_rows_of_one_length_stay_separate_rows():
+    """Nothing to unpad: a plain causal batch (which sdpa runs with its flash kernel), same positions and labels."""
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10], "labels": [-100, 9, 10]}]
+    batch = data.collate_packed(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]]
+    # A row's first label is never a target (nothing precedes it); -100 keeps one rule for both forms.
+    assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 9, 10]]
+
+
 def test_packing_drops_only_each_rows_first_label():
     batch = data.collate_packed(ROWS)
     trained_before = sum(label != -100 for row in ROWS for label in row["labels"][1:])
