@@ -48,7 +48,7 @@ SHAPES = {
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
 }
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-ALL = SpeedLevers(bf16_frozen=True, liger_kernels=True, packing=True, fold_accumulation=True)
+ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
 NONE = SpeedLevers()
 
 
@@ -71,7 +71,7 @@ CONFIGS = {
     "plain": Config("plain", "plain"),
     "loraship-before": Config("loraship-before", "loraship"),
     "+bf16-frozen": Config("+bf16-frozen", "loraship", SpeedLevers(bf16_frozen=True)),
-    "+liger": Config("+liger", "loraship", SpeedLevers(bf16_frozen=True, liger_kernels=True)),
+    "+liger": Config("+liger", "loraship", SpeedLevers(bf16_frozen=True, liger_kernels=ALL.liger_kernels)),
     "loraship": Config("loraship (+packing)", "loraship", ALL),
     # What else could pay (not defaults unless measured to).
     "loraship-dropout0": Config("loraship, lora_dropout 0", "loraship", ALL, dropout=0.0),
@@ -81,7 +81,7 @@ CONFIGS = {
     "plain-accum4": Config("plain 2x1024, 4 accumulation", "plain", grad_accum=4),
     "loraship-accum4": Config("loraship 2x1024, 4 accumulation (folded 8x1)", "loraship", ALL, grad_accum=4),
     "loraship-accum4-noliger": Config("loraship 2x1024, 4 accumulation (folded), no liger", "loraship",
-                                      dataclasses.replace(ALL, liger_kernels=False), grad_accum=4),
+                                      dataclasses.replace(ALL, liger_kernels=()), grad_accum=4),
     # r16 on every linear layer, batch 4 x 1024.
     "plain-r16": Config("plain r16 all-linear b4", "plain", batch=4, lora_r=16, targets=("all-linear",)),
     "loraship-r16": Config("loraship r16 all-linear b4", "loraship", ALL, batch=4, lora_r=16, targets=("all-linear",)),
@@ -91,8 +91,14 @@ CONFIGS = {
         "loraship, real lengths (packed 2 x 4)", "loraship",
         dataclasses.replace(ALL, fold_accumulation=False), rows="real", grad_accum=4),
     "loraship-real": Config("loraship, real lengths (packed, folded 8 x 1)", "loraship", ALL, rows="real", grad_accum=4),
+    "loraship-real-norope": Config("loraship, real lengths (folded), liger without RoPE", "loraship",
+                                   dataclasses.replace(ALL, liger_kernels=("rms_norm", "swiglu")), rows="real", grad_accum=4),
+    "loraship-real-nonorm": Config("loraship, real lengths (folded), liger without RMSNorm", "loraship",
+                                   dataclasses.replace(ALL, liger_kernels=("swiglu", "rope")), rows="real", grad_accum=4),
+    "loraship-real-noswiglu": Config("loraship, real lengths (folded), liger without SwiGLU", "loraship",
+                                     dataclasses.replace(ALL, liger_kernels=("rms_norm", "rope")), rows="real", grad_accum=4),
     "loraship-real-noliger": Config("loraship, real lengths (packed, folded), no liger", "loraship",
-                                    dataclasses.replace(ALL, liger_kernels=False), rows="real", grad_accum=4),
+                                    dataclasses.replace(ALL, liger_kernels=()), rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
@@ -404,7 +410,6 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         tok_s = sum(tokens) / sum(times)
     else:
         tok_s = statistics.median(t / s for t, s in zip(tokens, times))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     return {
         "shape": shape, "config": key, "name": config.name, "stack": config.stack, "levers": config.levers.names(),
         "rows": config.rows, "batch": config.batch, "grad_accum": config.grad_accum, "seq": seq if config.rows == "fixed" else None,
@@ -412,8 +417,7 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "gradient_checkpointing": config.gradient_checkpointing, "micro_batching": raw.get("micro_batching"),
         "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
         "timed_tokens": sum(tokens), "train_peak_gib": raw["train_peak_gib"],
-        # Over the whole configuration, loading and quantizing included (reset before loading).
-        "peak_gib_with_load": round(peak, 2) if peak is not None else None,
+
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1),
     }
@@ -478,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         # No Triton on a CPU: the fused kernels are a GPU-only lever.
         for key, config in list(CONFIGS.items()):
-            CONFIGS[key] = dataclasses.replace(config, levers=dataclasses.replace(config.levers, liger_kernels=False))
+            CONFIGS[key] = dataclasses.replace(config, levers=dataclasses.replace(config.levers, liger_kernels=()))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-throughput-"))
     report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                           "versions": versions()},

@@ -150,7 +150,7 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
         ) from err
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
     if plan.levers.liger_kernels:
-        notice = speed.apply_liger_kernels(model)
+        notice = speed.apply_liger_kernels(model, plan.levers.liger_kernels)
         if notice and echo:
             echo(f"note: {notice}")
     if plan.load_in_4bit and plan.levers.bf16_frozen:

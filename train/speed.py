@@ -33,15 +33,21 @@ FOLD_TOKEN_BUDGET = 16384
 LIGER_FAMILIES = ("llama", "mistral")
 
 
+#: liger-kernel's fused kernels that the liger lever can swap in.
+LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
+
+
 @dataclass(frozen=True)
 class SpeedLevers:
     bf16_frozen: bool = False
-    liger_kernels: bool = False
+    #: Which of :data:`LIGER_KERNELS` to use (empty: none).
+    liger_kernels: tuple[str, ...] = ()
     packing: bool = False
     fold_accumulation: bool = False
 
     def names(self) -> list[str]:
-        return [name for name, on in vars(self).items() if on]
+        names = [name for name, on in vars(self).items() if on and name != "liger_kernels"]
+        return names + [f"liger_{kernel}" for kernel in self.liger_kernels]
 
 
 def liger_installed() -> bool:
@@ -57,7 +63,8 @@ def choose_levers(*, cuda: bool, load_in_4bit: bool) -> tuple[SpeedLevers, tuple
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
                        "RMSNorm/SwiGLU/RoPE run unfused")
-    return SpeedLevers(bf16_frozen=load_in_4bit, liger_kernels=liger, packing=True, fold_accumulation=True), tuple(notices)
+    kernels = LIGER_KERNELS if liger else ()
+    return SpeedLevers(bf16_frozen=load_in_4bit, liger_kernels=kernels, packing=True, fold_accumulation=True), tuple(notices)
 
 
 def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers: SpeedLevers) -> tuple[int, int]:
@@ -81,8 +88,8 @@ def prepare_frozen_base(model, *, gradient_checkpointing: bool):
     return model
 
 
-def apply_liger_kernels(model) -> str | None:
-    """Swap in liger-kernel's fused RMSNorm, SwiGLU and RoPE; a notice when the family is not covered."""
+def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str | None:
+    """Swap in liger-kernel's fused ``kernels`` (of :data:`LIGER_KERNELS`); a notice when the family is not covered."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in LIGER_FAMILIES:
         return f"speed: liger-kernel not applied to model type {model_type!r} (covered: {', '.join(LIGER_FAMILIES)})"
@@ -90,5 +97,6 @@ def apply_liger_kernels(model) -> str | None:
 
     patch = getattr(liger, f"apply_liger_kernel_to_{model_type}")
     # The loss stays trl's tiled LM head (see the module docstring), so liger's own loss kernels stay off.
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    patch(**{kernel: kernel in kernels for kernel in LIGER_KERNELS}, cross_entropy=False,
+          fused_linear_cross_entropy=False, model=model)
     return None
