@@ -1,5 +1,10 @@
 """The export, top to bottom: adapter -> merged HF folder -> GGUFs -> verified -> published.
 
+Along the way the quality ladder (export/ladder.py) scores one held-out eval
+set on the model as trained, the merged model and every GGUF, picks the merge
+base under MERGE_BASE=auto, and stops the export at the first hand-off that
+lost more than the LADDER_MAX_* settings allow.
+
 Everything is built in a ``.tmp-export-*`` folder inside OUTPUT_DIR (same
 filesystem) and renamed into place only once every file has passed its checks,
 the manifest last: a killed or failed export leaves nothing at a final path.
@@ -247,9 +252,9 @@ def run_export(settings: ExportSettings) -> Path:
         t = time.perf_counter()
         candidates = merge_candidates(settings.merge_base, trained_4bit)
         merged_scores = {}
-        for candidate in candidates:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
+        for candidate in candidates:
             log(f"merging into the {candidate} base")
             with tqdm(total=count_tensors(base_dir), desc=f"merge ({candidate})", unit="tensor", disable=None) as bar:
                 folder = merge_into_folder(base_dir, adapter, work / f"merged-{candidate}", tokenizer_dir=source.folder,
@@ -274,7 +279,7 @@ def run_export(settings: ExportSettings) -> Path:
         timings["merge_s"] = time.perf_counter() - t
         memory = {"merge_peak_rss_mib": _peak_rss_mib()}
 
-        # 2. Convert (F16 always: it is the quantizer's source and the perplexity reference).
+        # 3. Convert (F16 always: it is the quantizer's source and the perplexity reference).
         t = time.perf_counter()
         log(f"converting {merged.name} with llama.cpp's converter")
         files = [GGUFFile(gguf.convert_to_gguf(merged, work / f"{name}-F16.gguf", "f16", converter_dir), "F16")]
@@ -282,7 +287,7 @@ def run_export(settings: ExportSettings) -> Path:
             files.append(GGUFFile(gguf.convert_to_gguf(merged, work / f"{name}-BF16.gguf", "bf16", converter_dir), "BF16"))
         timings["convert_s"] = time.perf_counter() - t
 
-        # 3. Quantize, reporting every tensor that could not get the requested type.
+        # 4. Quantize, reporting every tensor that could not get the requested type.
         t = time.perf_counter()
         for quant in settings.quant_types:
             if quant in CONVERTER_TYPES:
@@ -303,7 +308,7 @@ def run_export(settings: ExportSettings) -> Path:
             gguf.convert_lora_to_gguf(source.folder, base_dir, work / lora_name, converter_dir)
         shutil.rmtree(merged)
 
-        # 4. Verify every file; measure perplexity on held-out text; score it on the ladder.
+        # 5. Verify every file; measure perplexity on held-out text; score it on the ladder.
         t = time.perf_counter()
         ladder_s = 0.0
         by_type: dict[str, ladder.RungScore] = {}
@@ -327,7 +332,7 @@ def run_export(settings: ExportSettings) -> Path:
         timings["ladder_s"] = timings["ladder_trained_s"] + sum(s.seconds for s in merged_scores.values()) + ladder_s
         ladder_table = ladder.ladder_json(rungs, eval_set, {k: vars(v) for k, v in limits.items()})
 
-        # 5. Card, Modelfile, manifest; then everything into place, the manifest last.
+        # 6. Card, Modelfile, manifest; then everything into place, the manifest last.
         default = next((f for f in files if f.quant_type == "Q4_K_M"), files[-1])
         eos_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in default.verification["eos_token_ids"]
                             if i < len(tokenizer)})

@@ -16,7 +16,7 @@
    chats must also end by itself within STOP_MAX_TOKENS (the end of turn the
    fine-tune learned survived the merge). Random-init test models never
    stop by themselves; they run with ``STOP_CHECK=eos_token``, which does the
-   first two parts only, and the manifest records which check ran.
+   forced part only, and the manifest records which check ran.
 """
 
 from __future__ import annotations
@@ -238,17 +238,17 @@ def check_stop(llm, tokenizer, name: str, mode: str, *, prompts: int = 1, budget
         )
     stops = sorted({expected} | ({end_of_turn} if end_of_turn is not None else set()))
     chats = STOP_PROMPTS[:prompts]
+    forced_reply = ""
+    for token in stops:
+        for messages in chats:
+            forced = llm.create_chat_completion(
+                messages=messages, max_tokens=8, temperature=0.0, logit_bias={token: 1000.0}
+            )
+            if forced["choices"][0]["finish_reason"] != "stop":
+                raise VerifyError(f"{name}: llama.cpp did not stop on {describe(tokenizer, token)}")
+            forced_reply = forced_reply or forced["choices"][0]["message"]["content"] or ""
     if mode == "eos_token":
-        reply = ""
-        for token in stops:
-            for messages in chats:
-                forced = llm.create_chat_completion(
-                    messages=messages, max_tokens=8, temperature=0.0, logit_bias={token: 1000.0}
-                )
-                if forced["choices"][0]["finish_reason"] != "stop":
-                    raise VerifyError(f"{name}: llama.cpp did not stop on {describe(tokenizer, token)}")
-                reply = reply or forced["choices"][0]["message"]["content"] or ""
-        return eog, reply, "stop", 0
+        return eog, forced_reply, "stop", 0
     first, longest = "", 0
     for n, messages in enumerate(chats, 1):
         answer = llm.create_chat_completion(messages=messages, max_tokens=budget, temperature=0.0, seed=0)
