@@ -337,7 +337,7 @@ def check_rung(score: RungScore, parent: RungScore, limits: Limits) -> None:
 # --- the table ----------------------------------------------------------------
 
 
-def ladder_json(scores: list[RungScore], eval_set: EvalSet, limits: dict[str, float]) -> dict:
+def ladder_json(scores: list[RungScore], eval_set: EvalSet, limits: dict[str, dict]) -> dict:
     return {
         "eval_positions": eval_set.positions,
         "windows": len(eval_set.windows),
