@@ -3,10 +3,11 @@
 The plan (``model.plan_for``) decides the levers once, by device; ``python -m train`` applies them
 with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each one gave):
 
-- ``bf16_frozen``: the frozen base keeps its norms, embeddings and LM head in bf16. peft's
-  ``prepare_model_for_kbit_training`` upcasts them to float32, which turns the whole residual
-  stream into float32 and makes every 4-bit layer cast its input and output; nothing frozen
-  needs float32 (the norms compute their statistics in float32 anyway).
+- ``bf16_frozen`` (measured, NOT a default): the frozen base keeps its norms, embeddings and LM
+  head in bf16 instead of peft's float32 upcast. It saves memory (8B: 0.8 GiB) at no speed gain,
+  and together with packing it trained worse end to end: ``python -m train`` on the 1B-shaped
+  repeat task (150 steps, one H200) reached eval loss 4.33 with it and 3.57-3.73 without it
+  (docs/benchmarks.md, "End-to-end A/B"). It stays here for the benchmark, off in the plan.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -64,7 +65,7 @@ def choose_levers(*, cuda: bool, load_in_4bit: bool) -> tuple[SpeedLevers, tuple
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
                        "RMSNorm/SwiGLU/RoPE run unfused")
     kernels = LIGER_KERNELS if liger else ()
-    return SpeedLevers(bf16_frozen=load_in_4bit, liger_kernels=kernels, packing=True, fold_accumulation=True), tuple(notices)
+    return SpeedLevers(liger_kernels=kernels, packing=True, fold_accumulation=True), tuple(notices)
 
 
 def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers: SpeedLevers) -> tuple[int, int]:
