@@ -1,0 +1,91 @@
+"""End-to-end A/B of the CUDA speed levers: whole ``python -m train`` runs, each with levers left out.
+
+bench/train_throughput.py times a few steps; this asks whether a lever changes what a whole run
+learns. Setup: tests/train/test_gpu.py's random-init Llama-3.2-1B shape and repeat-five-words task
+(4-bit QLoRA r16 q,k,v,o, BATCH_SIZE=8, LR 2e-3 cosine, 150 steps, eval every 50), the same base and
+data for every run; each run is its own process whose plan has the named levers switched off.
+
+Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py)::
+
+    python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
+
+A run is ``defaults`` (the plan as it is), ``none`` (no lever) or comma-free ``field=value`` pairs
+joined by ``+`` that override train.speed.SpeedLevers fields (``packing=False+fold_accumulation=False``).
+Prints one line per run and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: Runs ``python -m train`` with ``dataclasses.replace(levers, <overrides>)`` as the plan's levers.
+PATCHED_TRAIN = """
+import dataclasses, runpy, train.speed as speed
+chosen = speed.choose_levers
+def choose(**kwargs):
+    levers, notices = chosen(**kwargs)
+    return ({overrides}), notices
+speed.choose_levers = choose
+runpy.run_module("train", run_name="__main__")
+"""
+
+
+def command_for(run: str) -> list[str]:
+    if run == "defaults":
+        return [sys.executable, "-m", "train"]
+    overrides = "speed.SpeedLevers()" if run == "none" else (
+        "dataclasses.replace(levers, " + ", ".join(run.split("+")) + ")")
+    return [sys.executable, "-c", PATCHED_TRAIN.format(overrides=overrides)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", default="defaults,none,bf16_frozen=True")
+    args = parser.parse_args()
+
+    from tests.train.test_gpu import build_llama_1b_shaped, write_repeat_task
+
+    work = Path(tempfile.mkdtemp(prefix="levers-ab-"))
+    base = build_llama_1b_shaped(work / "base", args.tokenizer)
+    data = write_repeat_task(work / "repeat.jsonl", rows=1200)
+    results = {}
+    for run in args.runs.split(","):
+        out = work / f"run{len(results)}"
+        env = {**os.environ, "BASE_MODEL": str(base), "DATASET": str(data), "OUTPUT_DIR": str(out),
+               "LOAD_IN_4BIT": "auto", "OPTIMIZER": "auto", "MAX_STEPS": "150", "BATCH_SIZE": "8", "GRAD_ACCUM": "1",
+               "LEARNING_RATE": "2e-3", "WARMUP_STEPS": "5", "LR_SCHEDULER": "cosine", "LORA_R": "16",
+               "LORA_ALPHA": "32", "EVAL_SIZE": "32", "EVAL_STEPS": "50", "SAVE_STEPS": "50", "LOGGING_STEPS": "1",
+               "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true", "SEED": "0"}
+        for var in ("RECIPE", "HUB_REPO", "HF_TOKEN"):
+            env.pop(var, None)
+        started = time.time()
+        done = subprocess.run(command_for(run), cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{run}: rc {done.returncode}\n{done.stderr[-3000:]}")
+            continue
+        said = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "speed:" in line]
+        summary = json.loads((out / "train_summary.json").read_text())
+        losses = [loss for _, loss in summary["train_losses"]]
+        results[run] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
+                        "peak_gib": summary["gpu_peak_memory_gib"], "train_loss_first": losses[0],
+                        "train_loss_step10": losses[9], "train_loss_last": losses[-1],
+                        "eval_losses": summary["eval_losses"]}
+        print(f"{run}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "
+              f"peak {summary['gpu_peak_memory_gib']} GiB")
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
