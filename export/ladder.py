@@ -101,6 +101,65 @@ def target_nll(logp, targets: Sequence[int]) -> "np.ndarray":
     return -logp[np.arange(len(targets)), np.asarray(targets, dtype=np.int64)].astype(np.float64)
 
 
+# --- memory ------------------------------------------------------------------
+
+GIB = 1024**3
+#: Fixed part of the margin: Python with torch, transformers and bitsandbytes imported. The export
+#: peaked at 404 MiB up to the end of the merge before the ladder existed (docs/benchmarks.md).
+BASE_MARGIN = 1 * GIB
+#: Share of the float32 model added on top: transformers' load and cast and the allocator's slack.
+#: The 1B-shaped export peaked at 8.74 GB RSS: 4.96 GB float32 model + 0.2 GB log-probs + the
+#: bf16 checkpoint's 2.48 GB of mapped file pages (reclaimable, so not counted against available
+#: memory) leaves 1.1 GB, which this margin (1 GiB + 0.5 GB) covers.
+MODEL_MARGIN = 0.10
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """The ladder's peak memory, estimated from the base's safetensors headers and config alone."""
+
+    parameters: int
+    vocab: int
+    model_bytes: int
+    logp_bytes: int
+    margin_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.model_bytes + self.logp_bytes + self.margin_bytes
+
+    def explain(self, ladder_tokens: int) -> str:
+        return (f"{self.model_bytes / GIB:.1f} GiB for the merged model in float32 ({self.parameters:,} parameters "
+                f"x 4 bytes), {self.logp_bytes / GIB:.2f} GiB for rung 1's log-probs ({ladder_tokens} LADDER_TOKENS "
+                f"x {self.vocab:,} vocabulary x 4 bytes), {self.margin_bytes / GIB:.1f} GiB margin")
+
+
+def ladder_memory_need(base_dir: Path, ladder_tokens: int) -> MemoryNeed:
+    """Peak memory of the ladder: one merged model in float32 at a time, plus rung 1's log-probs, plus a margin.
+
+    Rung 1 (the trained model) is freed before any merged model loads, and a
+    4-bit or same-size base is never bigger than the float32 merged model, so
+    the merged model sets the peak.
+    """
+    import math
+
+    from export.merge import base_weight_shapes, read_base_config
+
+    parameters = sum(math.prod(shape) for shape, _ in base_weight_shapes(base_dir).values())
+    config = read_base_config(base_dir)
+    vocab = int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
+    model_bytes = 4 * parameters
+    return MemoryNeed(parameters=parameters, vocab=vocab, model_bytes=model_bytes, logp_bytes=4 * ladder_tokens * vocab,
+                      margin_bytes=BASE_MARGIN + int(MODEL_MARGIN * model_bytes))
+
+
+def available_memory() -> int:
+    """Bytes the kernel can hand out now without swapping (page cache included)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
 # --- the eval set -----------------------------------------------------------
 
 
@@ -262,6 +321,45 @@ def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model, specs
+
+
+#: What train/model.py's load_base_model asks bitsandbytes for when LOAD_IN_4BIT is on: NF4, double
+#: quantization, bitsandbytes' default blocksize (None here). A train manifest that records
+#: ``inputs.quantization`` (same keys) overrides these; today's records only ``load_in_4bit``.
+TRAINED_4BIT = {"quant_type": "nf4", "double_quant": True, "blocksize": None}
+
+
+def nf4_specs_as_trained(base_dir: Path, quantization: dict | None = None) -> dict:
+    """How training stored each 4-bit weight, derived without loading the model (LADDER=false has no rung 1).
+
+    transformers picks the weights bitsandbytes quantizes (every linear layer
+    but the output embedding and whatever is tied to it); we ask it the same
+    question on a weightless (meta-device) copy of the model built from
+    config.json, so the answer matches :func:`trained_model`'s without
+    reading a single weight.
+    """
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.integrations import replace_with_bnb_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    from export.merge import NF4Spec
+
+    wanted = {**TRAINED_4BIT, **{k: v for k, v in (quantization or {}).items() if k in TRAINED_4BIT}}
+    config = AutoConfig.from_pretrained(str(base_dir))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=wanted["quant_type"],
+                                    bnb_4bit_use_double_quant=wanted["double_quant"],
+                                    bnb_4bit_compute_dtype=torch.float32)
+    model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config)
+    return {
+        f"{name}.weight": NF4Spec(blocksize=int(wanted["blocksize"] or module.weight.blocksize),
+                                  quant_type=str(wanted["quant_type"]), double_quant=bool(wanted["double_quant"]))
+        for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)
+    }
 
 
 def merged_model(folder: Path):

@@ -87,7 +87,10 @@ def model_card(
             f"| `{f.name}` | {f.quant_type} | {_size(f.path)} | {p.get('perplexity', 'n/a')} | "
             f"{f'{rel:.4f}x' if rel else 'n/a'} | {fallback} |"
         )
-    quality = quality_section(ladder, merge_base, eval_text) if ladder else ""
+    if ladder and ladder.get("skipped"):
+        quality = f"\nQuality ladder: {ladder['reason']}. Merge base: {merge_base['reason']}.\n"
+    else:
+        quality = quality_section(ladder, merge_base, eval_text) if ladder else ""
     body = f"""# {name} (GGUF)
 
 `{adapter_source}` (a LoRA adapter) merged into the full-precision `{base_repo or base_model}`,

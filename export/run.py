@@ -3,7 +3,10 @@
 Along the way the quality ladder (export/ladder.py) scores one held-out eval
 set on the model as trained, the merged model and every GGUF, picks the merge
 base under MERGE_BASE=auto, and stops the export at the first hand-off that
-lost more than the LADDER_MAX_* settings allow.
+lost more than the LADDER_MAX_* settings allow. The ladder holds a float32 copy
+of the merged model (4 bytes per parameter): check_inputs refuses to start when
+the machine lacks the memory, and LADDER=false skips the ladder (MERGE_BASE=auto
+then merges once, into the NF4 round trip for a 4-bit adapter, unscored).
 
 Everything is built in a ``.tmp-export-*`` folder inside OUTPUT_DIR (same
 filesystem) and renamed into place only once every file has passed its checks,
@@ -39,6 +42,8 @@ class AdapterSource:
     base_model: str | None
     #: What the train manifest says (None: no train manifest, so unknown; treated as full precision).
     load_in_4bit: bool | None = None
+    #: The 4-bit settings the train manifest records (``inputs.quantization``), if any.
+    quantization: dict | None = None
 
 
 def log(message: str) -> None:
@@ -58,19 +63,22 @@ def resolve_adapter(value: str, token: str | None) -> AdapterSource:
     folder = path / "adapter" if (path / "adapter" / "adapter_config.json").is_file() else path
     if not (folder / "adapter_config.json").is_file():
         raise ExportError(f"ADAPTER={value!r}: no adapter_config.json in it or in its adapter/ folder")
-    base = load_in_4bit = None
+    base = load_in_4bit = quantization = None
     for candidate in (folder, folder.parent):
         manifest = read_manifest(candidate) if candidate.is_dir() else None
         if manifest and manifest.get("inputs", {}).get("base_model"):
             base = str(manifest["inputs"]["base_model"])
             if "load_in_4bit" in manifest["inputs"]:
                 load_in_4bit = bool(manifest["inputs"]["load_in_4bit"])
+            if isinstance(manifest["inputs"].get("quantization"), dict):
+                quantization = manifest["inputs"]["quantization"]
             break
     if base is None:
         from export.merge import read_adapter_config
 
         base = read_adapter_config(folder).get("base_model_name_or_path") or None
-    return AdapterSource(folder=folder, given=value, base_model=base, load_in_4bit=load_in_4bit)
+    return AdapterSource(folder=folder, given=value, base_model=base, load_in_4bit=load_in_4bit,
+                         quantization=quantization)
 
 
 def resolve_base(value: str, token: str | None) -> Path:
@@ -166,9 +174,45 @@ def check_inputs(settings: ExportSettings, token: str | None):
                    else "was trained on a full-precision base (load_in_4bit=false)")
         problems.append(f"MERGE_BASE=nf4: ADAPTER={settings.adapter!r} {trained}, so there is no NF4 "
                         "base to merge into; use MERGE_BASE=auto or original")
+    if settings.ladder and base_dir is not None:
+        try:
+            problems += check_ladder_memory(base_dir, settings.ladder_tokens)
+        except UserError as err:
+            problems.append(str(err))
     if problems:
         raise ExportError("\n".join(problems))
     return converter_dir, source, adapter, base_name, base_dir
+
+
+def check_ladder_memory(base_dir: Path, ladder_tokens: int) -> list[str]:
+    """The quality ladder's memory against what this machine has available now (empty when it fits)."""
+    from export.ladder import GIB, available_memory, ladder_memory_need
+
+    need = ladder_memory_need(base_dir, ladder_tokens)
+    available = available_memory()
+    if need.total <= available:
+        return []
+    return [f"LADDER: the quality ladder needs about {need.total / GIB:.1f} GiB ({need.explain(ladder_tokens)}); "
+            f"this machine has {available / GIB:.1f} GiB available: set LADDER=false to export without it, "
+            "or use a machine with more memory"]
+
+
+def unmeasured_merge_base(setting: str, load_in_4bit: bool | None) -> dict:
+    """LADDER=false: the merge base without scoring it; ``auto`` takes the NF4 round trip for a 4-bit adapter.
+
+    NF4 was the closer base on both models measured (KL from the model as
+    trained: embedded 0.0003 vs 0.30, Llama-3.2-1B-shaped 0.00002 vs 0.0089).
+    """
+    if setting != "auto":
+        chosen, why = setting, f"MERGE_BASE={setting}"
+    elif load_in_4bit:
+        chosen, why = "nf4", "MERGE_BASE=auto, and the adapter was trained in 4-bit"
+    else:
+        trained = ("no train manifest says the adapter was trained in 4-bit" if load_in_4bit is None
+                   else "the adapter was trained on a full-precision base")
+        chosen, why = "original", f"MERGE_BASE=auto, and {trained}"
+    return {"setting": setting, "trained_in_4bit": load_in_4bit, "chosen": chosen,
+            "reason": f"{chosen} ({why}; not measured (LADDER=false))", "candidates": {}}
 
 
 def merge_candidates(merge_base: str, trained_4bit: bool) -> list[str]:
@@ -234,48 +278,60 @@ def run_export(settings: ExportSettings) -> Path:
         # 1. Ladder rung 1: the model as trained (base as training loaded it + the unmerged adapter).
         from export import ladder
 
-        t = time.perf_counter()
         tokenizer = verify.load_tokenizer(source.folder if has_tokenizer(source.folder) else base_dir)
-        eval_set = ladder.build_eval_set(tokenizer, texts, settings.eval_ctx, settings.ladder_tokens)
         trained_4bit = bool(source.load_in_4bit)
-        log(f"ladder: scoring the model as trained ({'4-bit NF4' if trained_4bit else 'full-precision'} base + "
-            f"adapter) on {eval_set.positions} tokens")
-        model, nf4_specs = ladder.trained_model(base_dir, source.folder, trained_4bit)
-        rung1, reference = ladder.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
-                                           + (" [NF4]" if trained_4bit else ""), None, model, eval_set, None)
-        del model
-        gc.collect()  # the base leaves memory before the streamed merge starts
-        log(ladder.log_line(rung1))
-        timings["ladder_trained_s"] = time.perf_counter() - t
+        limits = ladder_limits(settings)
+        rungs: list[ladder.RungScore] = []
+        if settings.ladder:
+            t = time.perf_counter()
+            eval_set = ladder.build_eval_set(tokenizer, texts, settings.eval_ctx, settings.ladder_tokens)
+            log(f"ladder: scoring the model as trained ({'4-bit NF4' if trained_4bit else 'full-precision'} base + "
+                f"adapter) on {eval_set.positions} tokens")
+            model, nf4_specs = ladder.trained_model(base_dir, source.folder, trained_4bit)
+            rung1, reference = ladder.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
+                                               + (" [NF4]" if trained_4bit else ""), None, model, eval_set, None)
+            del model
+            gc.collect()  # the base leaves memory before the streamed merge starts
+            log(ladder.log_line(rung1))
+            timings["ladder_trained_s"] = time.perf_counter() - t
+        else:
+            log("LADDER=false: the quality ladder is skipped (no trained model, no float32 merged model, no scoring)")
 
         # 2. Merge into the chosen base(s), one tensor at a time; ladder rung 2 picks one under MERGE_BASE=auto.
         t = time.perf_counter()
-        candidates = merge_candidates(settings.merge_base, trained_4bit)
-        merged_scores = {}
         from tqdm import tqdm
 
-        for candidate in candidates:
+        def merge(candidate: str, nf4: dict | None) -> Path:
             log(f"merging into the {candidate} base")
             with tqdm(total=count_tensors(base_dir), desc=f"merge ({candidate})", unit="tensor", disable=None) as bar:
-                folder = merge_into_folder(base_dir, adapter, work / f"merged-{candidate}", tokenizer_dir=source.folder,
-                                           progress=bar.update, nf4=nf4_specs if candidate == "nf4" else None)
-            model = ladder.merged_model(folder)
-            merged_scores[candidate], _ = ladder.score_hf(
-                "merged", f"merged into the {candidate} base (transformers, fp32)", "adapter", model, eval_set, reference)
-            del model
-            gc.collect()
-            log(ladder.log_line(merged_scores[candidate]))
+                return merge_into_folder(base_dir, adapter, work / f"merged-{candidate}", tokenizer_dir=source.folder,
+                                         progress=bar.update, nf4=nf4)
+
+        if settings.ladder:
+            candidates = merge_candidates(settings.merge_base, trained_4bit)
+            merged_scores = {}
+            for candidate in candidates:
+                model = ladder.merged_model(merge(candidate, nf4_specs if candidate == "nf4" else None))
+                merged_scores[candidate], _ = ladder.score_hf(
+                    "merged", f"merged into the {candidate} base (transformers, fp32)", "adapter", model, eval_set,
+                    reference)
+                del model
+                gc.collect()
+                log(ladder.log_line(merged_scores[candidate]))
+            chosen = min(candidates, key=lambda c: merged_scores[c].kl)
+            merge_record = merge_base_record(settings.merge_base, source.load_in_4bit, candidates, merged_scores, chosen)
+            for candidate in candidates:
+                if candidate != chosen:
+                    shutil.rmtree(work / f"merged-{candidate}")
+            rungs = [rung1, merged_scores[chosen]]
+            ladder.check_rung(rungs[1], rung1, limits[ladder.FULL_PRECISION])
+        else:
+            merge_record = unmeasured_merge_base(settings.merge_base, source.load_in_4bit)
+            chosen = merge_record["chosen"]
+            merge(chosen, ladder.nf4_specs_as_trained(base_dir, source.quantization) if chosen == "nf4" else None)
         del adapter
-        chosen = min(candidates, key=lambda c: merged_scores[c].kl)
-        merge_record = merge_base_record(settings.merge_base, source.load_in_4bit, candidates, merged_scores, chosen)
         log(f"merge base: {merge_record['reason']}")
-        for candidate in candidates:
-            if candidate != chosen:
-                shutil.rmtree(work / f"merged-{candidate}")
         merged = (work / f"merged-{chosen}").rename(work / name)
-        rungs = [rung1, merged_scores[chosen]]
-        limits = ladder_limits(settings)
-        ladder.check_rung(rungs[1], rung1, limits[ladder.FULL_PRECISION])
         timings["merge_s"] = time.perf_counter() - t
         memory = {"merge_peak_rss_mib": _peak_rss_mib()}
 
@@ -319,6 +375,8 @@ def run_export(settings: ExportSettings) -> Path:
                                                 stop_max_tokens=settings.stop_max_tokens).to_json()
             f.perplexity = verify.perplexity(f.path, texts, n_ctx=settings.eval_ctx, threads=settings.threads)
             log(f"{f.name}: checks passed; perplexity {f.perplexity:.3f}")
+            if not settings.ladder:
+                continue
             quantized = f.quant_type not in CONVERTER_TYPES
             parent = by_type["F16"] if quantized else rungs[1]
             score = ladder.score_gguf(f.quant_type, f.path, parent.rung, eval_set, reference, n_ctx=settings.eval_ctx,
@@ -329,8 +387,12 @@ def run_export(settings: ExportSettings) -> Path:
             by_type[f.quant_type] = score
             rungs.append(score)
         timings["verify_s"] = time.perf_counter() - t
-        timings["ladder_s"] = timings["ladder_trained_s"] + sum(s.seconds for s in merged_scores.values()) + ladder_s
-        ladder_table = ladder.ladder_json(rungs, eval_set, {k: vars(v) for k, v in limits.items()})
+        if settings.ladder:
+            timings["ladder_s"] = (timings["ladder_trained_s"] + sum(s.seconds for s in merged_scores.values())
+                                   + ladder_s)
+            ladder_table = ladder.ladder_json(rungs, eval_set, {k: vars(v) for k, v in limits.items()})
+        else:
+            ladder_table = {"skipped": True, "reason": "not measured (LADDER=false)"}
 
         # 6. Card, Modelfile, manifest; then everything into place, the manifest last.
         default = next((f for f in files if f.quant_type == "Q4_K_M"), files[-1])

@@ -78,12 +78,22 @@ class ExportSettings(BaseSettings):
         128, ge=8, le=4096, description="Token budget a short chat must end within (STOP_CHECK=natural).",
     )
     eval_ctx: int = Field(256, ge=16, le=8192, description="Context window (tokens) for the perplexity check and the quality ladder.")
+    ladder: bool = Field(
+        True,
+        description="Score the quality ladder (the model as trained, the merged model in float32, every GGUF on "
+        "the same tokens). Its peak memory is about 4 bytes per parameter (a float32 copy of the merged model) "
+        "plus the log-probs LADDER_TOKENS bounds, checked against the available memory before the export starts. "
+        "`false` skips every rung: no trained-model load, no float32 model, no GGUF scoring; loading, template "
+        "parity, stop checks and perplexity still run, and the manifest and card say the ladder was not measured.",
+    )
     merge_base: Literal["auto", "original", "nf4"] = Field(
         "auto",
         description="What the adapter is merged into. `original`: the full-precision base weights. `nf4`: their "
         "NF4 round trip, the weights a 4-bit (QLoRA) adapter was trained against. `auto`: merge into both, score "
         "both on the ladder's eval set and keep the one closer to the model as trained (lower KL from rung 1); "
-        "an adapter not trained in 4-bit has only `original`. Both numbers and the choice go into the manifest.",
+        "an adapter not trained in 4-bit has only `original`. Both numbers and the choice go into the manifest. "
+        "With LADDER=false, `auto` merges once, unscored: into `nf4` for an adapter trained in 4-bit (it was the "
+        "closer base on every model measured), else into `original`.",
     )
     ladder_tokens: int = Field(
         1024, ge=16, le=65536,
