@@ -23,7 +23,10 @@ Memory: rung 1's log-probabilities are kept for every scored position as
 float32 over the tokenizer's vocabulary (``positions x vocab x 4`` bytes:
 1,024 positions of SmolLM2's 49,152-token vocabulary are 192 MiB, of Llama-3's
 128,256 tokens 501 MiB); LADDER_TOKENS caps the positions, and everything else
-is one window at a time. float32 rather than float16 or top-k: float16 rounds a
+is one window at a time, but each merged candidate is scored in float32, 4 bytes
+per parameter: that copy sets the ladder's peak. ``ladder_memory_need`` estimates
+it from the base's safetensors headers and the export refuses to start without
+it (LADDER=false skips the ladder instead). float32 rather than float16 or top-k: float16 rounds a
 log-prob near -1.4 by up to 5e-4, which moved a hand-made KL by 1e-4 nats (see
 tests/export/test_ladder.py), as much as a full-precision hand-off costs, and
 top-k would turn the KL into a lower bound exactly where a broken rung spreads
