@@ -293,9 +293,29 @@ def build_app(settings: ServeSettings, path: Path):
     return gr.mount_gradio_app(app, demo, path="/", footer_links=["api"])
 
 
+class QuietShutdown:
+    """A logging filter for uvicorn's error log: a stream still open when the server stops is not an error.
+
+    On SIGTERM uvicorn waits ``timeout_graceful_shutdown`` seconds, then cancels the requests
+    still running (a browser tab's or gradio client's event stream) and logs each cancellation
+    as "Exception in ASGI application" with a traceback. The cancellation is the shutdown doing
+    its job, so those records are dropped; every other error still shows.
+    """
+
+    @staticmethod
+    def filter(record) -> bool:
+        import asyncio
+
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
+
+
 def serve_forever(settings: ServeSettings, path: Path) -> None:
+    import logging
+
     import uvicorn
 
+    logging.getLogger("uvicorn.error").addFilter(QuietShutdown())
     app = build_app(settings, path)
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
     print(f"serving {path} on http://{shown}:{settings.port}  (chat UI at /, OpenAI API at /v1, /health)", flush=True)
