@@ -79,3 +79,12 @@ def make_train_output(base_dir: Path, out_dir: Path, base_name: str, **kwargs) -
     write_manifest(adapter, build_manifest(kind="adapter", stage="train", folder=adapter, files=files,
                                            inputs={"base_model": base_name}))
     return out_dir
+
+
+def mark_trained_in_4bit(train_dir: Path) -> Path:
+    """Make a train OUTPUT_DIR's adapter manifest say ``load_in_4bit: true`` (QLoRA), as train writes it."""
+    path = train_dir / "adapter" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["inputs"]["load_in_4bit"] = True
+    path.write_text(json.dumps(manifest))
+    return train_dir

@@ -10,14 +10,13 @@ through bitsandbytes and MERGE_BASE=auto merges into both bases.
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from export.run import merge_base_record
 from loraship.manifest import read_manifest, verify_files
 from tests.export.conftest import final_files, run_export_cli
-from tests.export.helpers import make_train_output
+from tests.export.helpers import make_train_output, mark_trained_in_4bit
 
 NAME = "ladder"
 DROPPED = "model.layers.1.self_attn.o_proj.weight"
@@ -37,11 +36,7 @@ def qlora_train_output(tiny_llama_dir, tmp_path_factory):
     weights["model.embed_tokens.weight"] *= 5.0
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     train = make_train_output(base, root / "train", base_name=str(base), scale=0.3)
-    path = train / "adapter" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["inputs"]["load_in_4bit"] = True
-    path.write_text(json.dumps(manifest))
-    return train
+    return mark_trained_in_4bit(train)
 
 
 @pytest.fixture(scope="module")

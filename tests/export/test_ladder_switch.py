@@ -8,14 +8,13 @@ merge base chosen without measuring (the NF4 round trip for a 4-bit adapter).
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
 from export.run import unmeasured_merge_base
 from loraship.manifest import read_manifest, verify_files
 from tests.export.conftest import final_files, run_export_cli
-from tests.export.helpers import make_adapter, make_train_output
+from tests.export.helpers import make_adapter, make_train_output, mark_trained_in_4bit
 
 NAME = "switch"
 SETTINGS = {"STOP_CHECK": "eos_token", "EVAL_CTX": "64", "LADDER_TOKENS": "128", "MODEL_NAME": NAME}
@@ -26,11 +25,7 @@ def qlora_train_output(tiny_llama_dir, tmp_path_factory):
     """A train OUTPUT_DIR for the tiny Llama whose manifest says load_in_4bit=true."""
     train = make_train_output(tiny_llama_dir, tmp_path_factory.mktemp("switch") / "train",
                               base_name=str(tiny_llama_dir))
-    path = train / "adapter" / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["inputs"]["load_in_4bit"] = True
-    path.write_text(json.dumps(manifest))
-    return train
+    return mark_trained_in_4bit(train)
 
 
 @pytest.fixture(scope="module")
