@@ -55,7 +55,7 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
-def choose_levers(*, cuda: bool, load_in_4bit: bool) -> tuple[SpeedLevers, tuple[str, ...]]:
+def choose_levers(*, cuda: bool) -> tuple[SpeedLevers, tuple[str, ...]]:
     """The levers for this machine, and the notices that say what was left off and why."""
     if not cuda:
         return SpeedLevers(), ("speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU",)
