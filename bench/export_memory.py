@@ -8,7 +8,8 @@ Three paths, each in its own child process (its process tree sampled every
 
 * ``convert_only``: llama.cpp convert (f16) + quantize (Q4_K_M) of the base
   alone: the time the export cannot avoid;
-* ``loraship``: ``python -m export`` (merge + convert + quantize + verify);
+* ``loraship``: ``python -m export`` (merge + convert + quantize + verify; ``--ladder true``
+  adds the quality ladder);
 * ``plain``: peft ``merge_and_unload`` on the whole model loaded in bf16,
   ``save_pretrained``, then the same convert + quantize.
 
@@ -203,6 +204,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the model, adapter and outputs")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer, 256-wide model of the same vocabulary: checks the script, measures nothing")
+    parser.add_argument("--ladder", choices=("false", "true"), default="false",
+                        help="LADDER for the loraship path (default false: the export proper; true adds the quality "
+                        "ladder's float32 scoring)")
     parser.add_argument("--path", choices=sorted(PATHS), help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help=argparse.SUPPRESS)
@@ -210,6 +214,7 @@ def main() -> None:
     if args.path:
         return child(args)
 
+    os.environ["LADDER"] = args.ladder  # the children inherit it
     if args.smoke:
         CONFIG.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2)
@@ -244,7 +249,8 @@ def main() -> None:
                 (ours["merge_s"] + ours["convert_s"] + ours["quantize_s"]) / reference, 3),
             "whole_export_over_convert_quantize": round(by["loraship"]["wall_s"] / reference, 3),
         },
-        "command": "python bench/export_memory.py" + (" --smoke" if args.smoke else ""),
+        "command": "python bench/export_memory.py" + (" --smoke" if args.smoke else "") + f" --ladder {args.ladder}",
+        "ladder": args.ladder,
         "export_manifest_memory_mib": export_memory,
     }
     print(f"\nmodel: {model_bytes / GIB:.2f} GiB bf16 safetensors; {os.cpu_count()} CPUs")
@@ -258,7 +264,8 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     from loraship.atomic import write_json
 
-    write_json(results / ("export_memory_smoke.json" if args.smoke else "export_memory.json"), result)
+    name = "export_memory_smoke" if args.smoke else "export_memory" if args.ladder == "false" else "export_memory-ladder"
+    write_json(results / f"{name}.json", result)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
