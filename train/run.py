@@ -81,7 +81,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
             remove_stale_temporaries(checkpoints)
         if launch.world_size() == 1:  # several processes: the launcher fetched them before starting them
             fetch_hub_checkpoints(settings, token, echo)
-        check_resumable(output_dir, settings, record=main_process)
+        check_resumable(output_dir, settings)
     model_path = model.resolve_model_path(plan.base_model_resolved)
 
     # 2. Data, rendered with the base model's own chat template.
@@ -94,6 +94,8 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     if dry_run:
         echo("dry run: stopping before the model is loaded")
         return None
+    if main_process:  # only once the data is accepted: a refused run leaves no record behind
+        record_run_settings(output_dir, settings)
 
     # 3. Base model and adapters.
     from transformers import set_seed
@@ -256,10 +258,19 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
     return trainer
 
 
-def check_resumable(output_dir: Path, settings: TrainSettings, *, record: bool = True) -> None:
-    """Refuse to continue checkpoints made with other model/data settings; record ours otherwise."""
-    write, record = record, output_dir / RUN_SETTINGS
-    current = {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
+def resume_sensitive(settings: TrainSettings) -> dict[str, Any]:
+    return {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
+
+
+def record_run_settings(output_dir: Path, settings: TrainSettings) -> None:
+    """What a later resume of this OUTPUT_DIR must match (see check_resumable)."""
+    write_json(output_dir / RUN_SETTINGS, resume_sensitive(settings))
+
+
+def check_resumable(output_dir: Path, settings: TrainSettings) -> None:
+    """Refuse to continue checkpoints made with other model/data settings."""
+    record = output_dir / RUN_SETTINGS
+    current = resume_sensitive(settings)
     if record.is_file() and last_checkpoint(output_dir / CHECKPOINTS_DIR):
         before = json.loads(record.read_text(encoding="utf-8"))
         changed = [f"{key} {before.get(key)!r} -> {current[key]!r}" for key in RESUME_SENSITIVE if before.get(key) != current[key]]
@@ -268,8 +279,6 @@ def check_resumable(output_dir: Path, settings: TrainSettings, *, record: bool =
                 f"OUTPUT_DIR={str(output_dir)!r}: holds checkpoints of a run with other settings ({'; '.join(changed)}); "
                 f"use a new OUTPUT_DIR, or delete {output_dir / CHECKPOINTS_DIR} to start over"
             )
-    if write:
-        write_json(record, current)
 
 
 class EvalLossAverage(TrainerCallback):

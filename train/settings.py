@@ -282,7 +282,10 @@ def load_train_settings(dotenv_file: str | os.PathLike = ".env", *, cuda: bool |
     if recipe is not None and not recipe_path(recipe).is_file():
         bad_fields.add("recipe")
     if cuda is None:
-        cuda = cuda_available()
+        # Looking for a GPU imports torch (seconds): only the settings whose check depends on the
+        # machine pay for it, so every other settings error is reported at once.
+        machine_matters = settings.optimizer in CUDA_ONLY_OPTIMIZERS or (settings.num_gpus or 0) > 1
+        cuda = cuda_available() if machine_matters else False
     problems.extend(cross_field_problems(settings, cuda=cuda, skip=frozenset(bad_fields)))
     if settings.num_gpus and settings.num_gpus > 1 and "num_gpus" not in bad_fields:
         from train.launch import cuda_device_count

@@ -117,9 +117,9 @@ FIXED_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 
-#: Files a refused run may leave on purpose: records of what was tried, never a result.
-#: train writes OUTPUT_DIR/run_settings.json (what a resume must match) before it reads the data.
-RUN_RECORDS = frozenset({"out/run_settings.json"})
+#: Files a refused run may leave on purpose: records of what was tried, never a result. None today:
+#: train writes OUTPUT_DIR/run_settings.json only once the data is accepted.
+RUN_RECORDS: frozenset[str] = frozenset()
 
 _PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
 

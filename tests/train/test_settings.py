@@ -145,3 +145,25 @@ def test_dry_run_reports_the_data_and_loads_no_model(clean_env, tiny_llama_dir):
     assert f"from {data} (format: messages)" in result.output
     assert "/ 13 eval" in result.output
     assert "model: loading" not in result.output
+
+
+def test_a_settings_error_is_reported_without_loading_torch(tmp_path):
+    # Looking for a GPU imports torch (seconds); only settings whose check depends on the machine pay for it.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from train.__main__ import main\n"
+        "result = CliRunner().invoke(main, [])\n"
+        "print(json.dumps([result.exit_code, 'torch' in sys.modules]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RECIPE", "OPTIMIZER", "NUM_GPUS")}
+    env.update(LORA_R="0", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    exit_code, torch_loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert exit_code == 2 and torch_loaded is False
