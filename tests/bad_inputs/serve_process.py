@@ -65,11 +65,12 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model: str, workdir: Path, n_ctx: int = 512, max_tokens: int = 16) -> Iterator[Server]:
+def running_server(model: str, workdir: Path, n_ctx: int = 512, max_tokens: int = 16,
+                   n_threads: int = 2) -> Iterator[Server]:
     """``python -m serve`` for ``model``; yields once /health answers, stops it afterwards."""
     port = free_port()
     env = base_env()
-    env.update(MODEL=model, HOST="127.0.0.1", PORT=str(port), N_CTX=str(n_ctx), N_THREADS="2",
+    env.update(MODEL=model, HOST="127.0.0.1", PORT=str(port), N_CTX=str(n_ctx), N_THREADS=str(n_threads),
                MAX_TOKENS=str(max_tokens), TEMPERATURE="0")
     log = workdir / "server.log"
     with open(log, "wb") as out:

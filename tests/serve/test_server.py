@@ -9,10 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 
 from loraship.embedded import embedded_gguf_path
 from serve.app import MESSAGE_PLACEHOLDER
+from tests.bad_inputs.serve_process import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -28,12 +27,6 @@ N_CTX = 512
 MAX_TOKENS = 24
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def http(method: str, url: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
@@ -47,36 +40,11 @@ def http(method: str, url: str, body: bytes | None = None, timeout: float = 60) 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("MODEL", "MODEL_FILE", "SYSTEM_PROMPT")}
-    env.update(
-        MODEL=str(embedded_gguf_path()), PORT=str(port), HOST="127.0.0.1", N_CTX=str(N_CTX),
-        N_THREADS="1", MAX_TOKENS=str(MAX_TOKENS), TEMPERATURE="0", PYTHONPATH=str(ROOT),
-    )
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serve"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if http("GET", url + "/health", timeout=2)[0] == 200:
-                break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server not healthy after 120 s:\n{log.read_text()}")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    assert "Traceback" not in log.read_text(), log.read_text()
+    workdir = tmp_path_factory.mktemp("serve")
+    with running_server(str(embedded_gguf_path()), workdir, n_ctx=N_CTX, max_tokens=MAX_TOKENS, n_threads=1) as running:
+        yield running.url
+    log = (workdir / "server.log").read_text()
+    assert "Traceback" not in log, log
 
 
 @pytest.fixture(scope="module")
