@@ -138,3 +138,26 @@ def test_auto_without_4bit_training_merges_into_the_original_and_says_why():
     assert record["reason"] == ("original (MERGE_BASE=auto, and the adapter was trained on a full-precision base: "
                                 "there is no NF4 base to compare)")
     assert record["candidates"] == {"original": {"nll": 2.0, "perplexity": 7.389, "kl": 0.001, "top1": 0.99}}
+
+
+def test_a_gguf_whose_stop_ids_lost_the_end_of_turn_token_is_named(ladder_export, qlora_train_output, converter_dir,
+                                                                      tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from export.verify import VerifyError, check_end_of_turn, load_tokenizer, open_gguf
+
+    broken = tmp_path / "broken.gguf"
+    shutil.copy(ladder_export / f"{NAME}-F16.gguf", broken)
+    # llama.cpp's own metadata editor (vendored with the converter): EOS becomes '<|endoftext|>' (id 0).
+    subprocess.run([sys.executable, str(converter_dir / "gguf-py" / "gguf" / "scripts" / "gguf_set_metadata.py"),
+                    str(broken), "tokenizer.ggml.eos_token_id", "0", "--force"],
+                   env={"PYTHONPATH": str(converter_dir / "gguf-py")}, check=True, capture_output=True)
+    llm = open_gguf(broken, threads=2)
+    try:
+        with pytest.raises(VerifyError, match=r"the template's end-of-turn token '<\|im_end\|>' \(id 2\) is not one of "
+                                              r"the GGUF's end-of-generation ids \[0\]"):
+            check_end_of_turn(llm, load_tokenizer(qlora_train_output / "adapter"), "broken.gguf")
+    finally:
+        llm.close()
