@@ -77,7 +77,8 @@ def log_softmax(logits) -> "np.ndarray":
 def kl_divergence(ref_logp, logp) -> "np.ndarray":
     """Per-row KL(p || q) in nats, from log-probabilities ``ref_logp`` (p) and ``logp`` (q).
 
-    Terms where p is exactly 0 contribute nothing (0 * log 0 = 0).
+    Terms where p is exactly 0 contribute nothing (0 * log 0 = 0). KL is never negative; a sum
+    that rounding puts a hair below 0 (identical distributions) is reported as 0.
     """
     import numpy as np
 
@@ -86,7 +87,7 @@ def kl_divergence(ref_logp, logp) -> "np.ndarray":
     p = np.exp(ref)
     with np.errstate(invalid="ignore"):  # -inf - (-inf) where both give a token no probability
         terms = np.where(p > 0, p * (ref - other), 0.0)
-    return terms.sum(axis=-1)
+    return np.maximum(terms.sum(axis=-1), 0.0)
 
 
 def top1_matches(ref_logp, logp) -> "np.ndarray":
