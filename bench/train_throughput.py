@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train.speed import SpeedLevers  # noqa: E402
+from train.speed import SpeedLevers, choose_levers  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -48,7 +48,10 @@ SHAPES = {
                  intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
 }
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+#: Every lever, bf16_frozen included: what the 2026-11-29 tables measured as "loraship".
 ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
+#: What ``python -m train`` picks on a CUDA machine today (bf16_frozen left out after an end-to-end A/B).
+DEFAULTS = choose_levers(cuda=True)[0]
 NONE = SpeedLevers()
 
 
@@ -99,6 +102,10 @@ CONFIGS = {
                                      dataclasses.replace(ALL, liger_kernels=("rms_norm", "rope")), rows="real", grad_accum=4),
     "loraship-real-noliger": Config("loraship, real lengths (packed, folded), no liger", "loraship",
                                     dataclasses.replace(ALL, liger_kernels=()), rows="real", grad_accum=4),
+    # Today's defaults of python -m train (DEFAULTS), on the goal's three workloads.
+    "defaults": Config("loraship defaults", "loraship", DEFAULTS),
+    "defaults-accum4": Config("loraship defaults, 2x1024 x 4 accumulation", "loraship", DEFAULTS, grad_accum=4),
+    "defaults-real": Config("loraship defaults, real lengths", "loraship", DEFAULTS, rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
@@ -106,6 +113,7 @@ GROUPS = {
     "r16": ["plain-r16", "loraship-r16"],
     "real": ["plain-real", "loraship-real-packed", "loraship-real"],
     "accum": ["plain-accum4", "loraship-accum4"],
+    "today": ["plain", "defaults", "plain-accum4", "defaults-accum4", "plain-real", "defaults-real"],
 }
 SEQ = 1024
 REAL_MAX = 2048
