@@ -122,8 +122,9 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
                     echo: Callable[[str], None] | None = None):
     """The frozen base, 4-bit NF4 (double quant) when the plan says so, ready for k-bit training.
 
-    With the plan's speed levers (CUDA): frozen weights stay bf16 and liger-kernel's fused
-    RMSNorm/SwiGLU/RoPE replace the model's own (train/speed.py).
+    With the plan's speed levers (CUDA): frozen weights stay bf16 in memory (the residual stream
+    float32, as after peft's upcast) and liger-kernel's fused RMSNorm/SwiGLU/RoPE replace the
+    model's own (train/speed.py).
     """
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -153,8 +154,9 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
         notice = speed.apply_liger_kernels(model, plan.levers.liger_kernels)
         if notice and echo:
             echo(f"note: {notice}")
-    if plan.load_in_4bit and plan.levers.bf16_frozen:
-        model = speed.prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing)
+    if plan.load_in_4bit and (plan.levers.bf16_frozen or plan.levers.bf16_storage):
+        model = speed.prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
+                                          float32_stream=not plan.levers.bf16_frozen)
     elif plan.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -166,8 +168,8 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
     return model
 
 
-def add_lora(model, settings: TrainSettings):
-    """Wrap ``model`` with fresh LoRA adapters on LORA_TARGET_MODULES."""
+def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.SpeedLevers()):
+    """Wrap ``model`` with fresh LoRA adapters on LORA_TARGET_MODULES (fused on a 4-bit base: ``levers.fused_lora``)."""
     from peft import LoraConfig, get_peft_model
 
     targets = settings.lora_target_modules
@@ -188,7 +190,12 @@ def add_lora(model, settings: TrainSettings):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if levers.fused_lora:
+        from train.fused_lora import fuse_lora_layers
+
+        fuse_lora_layers(peft_model)
+    return peft_model
 
 
 def keep_adapter_float32(model) -> None:

@@ -107,7 +107,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
                                  echo=echo)
     if plan.levers.names():
         echo(f"speed: {', '.join(plan.levers.names())} (train/speed.py)")
-    peft_model = model.add_lora(base, settings)
+    peft_model = model.add_lora(base, settings, plan.levers)
 
     # 4. Supervised fine-tuning, continuing the newest checkpoint.
     callbacks = [stopper]

@@ -8,6 +8,14 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   and together with packing it trained worse end to end: ``python -m train`` on the 1B-shaped
   repeat task (150 steps, one H200) reached eval loss 4.33 with it and 3.57-3.73 without it
   (docs/benchmarks.md, "End-to-end A/B"). It stays here for the benchmark, off in the plan.
+- ``bf16_storage``: the frozen norms, embeddings and LM head stay bf16 in memory, and the
+  embeddings' output is cast to float32, so the residual stream is float32 exactly as after
+  peft's upcast: frozen weights that came from bf16 hold no more in float32, and every matmul
+  runs in bf16 under autocast either way. Same arithmetic, less memory (8B: 2 GiB of embedding
+  and LM head), and no per-call bf16 copy of a float32 LM head. (``bf16_frozen`` differs in
+  letting the residual stream itself become bf16; that is what trained worse.)
+- ``fused_lora``: each LoRA layer on a 4-bit base runs as one autograd node with a hand-written
+  backward (``train/fused_lora.py``) instead of peft's chain of small ops.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -41,6 +49,8 @@ LIGER_KERNELS = ("rms_norm", "swiglu", "rope")
 @dataclass(frozen=True)
 class SpeedLevers:
     bf16_frozen: bool = False
+    bf16_storage: bool = False
+    fused_lora: bool = False
     #: Which of :data:`LIGER_KERNELS` to use (empty: none).
     liger_kernels: tuple[str, ...] = ()
     packing: bool = False
@@ -65,7 +75,8 @@ def choose_levers(*, cuda: bool) -> tuple[SpeedLevers, tuple[str, ...]]:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
                        "RMSNorm/SwiGLU/RoPE run unfused")
     kernels = LIGER_KERNELS if liger else ()
-    return SpeedLevers(liger_kernels=kernels, packing=True, fold_accumulation=True), tuple(notices)
+    return SpeedLevers(bf16_storage=True, fused_lora=True, liger_kernels=kernels, packing=True,
+                       fold_accumulation=True), tuple(notices)
 
 
 def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers: SpeedLevers) -> tuple[int, int]:
@@ -76,14 +87,20 @@ def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers
     return batch_size, grad_accum
 
 
-def prepare_frozen_base(model, *, gradient_checkpointing: bool):
+def prepare_frozen_base(model, *, gradient_checkpointing: bool, float32_stream: bool = True):
     """peft's ``prepare_model_for_kbit_training`` without its float32 upcast of the frozen weights.
 
-    What it keeps: every base parameter frozen, and non-reentrant gradient checkpointing on the
-    decoder layers (which needs no gradient on the embeddings' output, unlike the reentrant kind).
+    What it keeps: every base parameter frozen, non-reentrant gradient checkpointing on the
+    decoder layers (which needs no gradient on the embeddings' output, unlike the reentrant kind),
+    and, with ``float32_stream``, a float32 residual stream: the embeddings' output is cast to
+    float32, as a float32 embedding table would give it (the ``bf16_storage`` lever).
     """
+    import torch
+
     for param in model.parameters():
         param.requires_grad = False
+    if float32_stream:
+        model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(torch.float32))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

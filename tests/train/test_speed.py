@@ -18,7 +18,8 @@ def test_cuda_defaults_select_every_lever(monkeypatch):
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(
-        liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True
+        bf16_storage=True, fused_lora=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True,
+        fold_accumulation=True,
     )
     assert not any(notice.startswith("speed:") for notice in plan.notices)
 
@@ -26,7 +27,8 @@ def test_cuda_defaults_select_every_lever(monkeypatch):
 def test_cuda_without_liger_keeps_the_other_levers_and_says_so(monkeypatch):
     monkeypatch.setattr(speed, "liger_installed", lambda: False)
     plan = model.plan_for(TrainSettings(), cuda=True)
-    assert plan.levers == speed.SpeedLevers(liger_kernels=(), packing=True, fold_accumulation=True)
+    assert plan.levers == speed.SpeedLevers(bf16_storage=True, fused_lora=True, liger_kernels=(), packing=True,
+                                            fold_accumulation=True)
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
     assert len(said) == 1 and "liger-kernel not installed" in said[0]
 
@@ -39,11 +41,13 @@ def test_cpu_falls_back_to_the_plain_path_with_one_notice():
     ]
 
 
-def test_the_frozen_base_keeps_peft_float32_upcast_by_default(monkeypatch):
-    # bf16_frozen + packing trained worse end to end on the GPU (docs/benchmarks.md, "End-to-end A/B").
+def test_the_residual_stream_stays_float32_by_default(monkeypatch):
+    # bf16_frozen (a bf16 residual stream) + packing trained worse end to end on the GPU
+    # (docs/benchmarks.md, "End-to-end A/B"); bf16_storage keeps peft's float32 stream.
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     for load_in_4bit in ("true", "false"):
-        assert model.plan_for(TrainSettings(load_in_4bit=load_in_4bit), cuda=True).levers.bf16_frozen is False
+        levers = model.plan_for(TrainSettings(load_in_4bit=load_in_4bit), cuda=True).levers
+        assert levers.bf16_frozen is False and levers.bf16_storage is True
 
 
 @pytest.mark.parametrize(
@@ -65,7 +69,7 @@ def test_lean_kbit_preparation_freezes_without_upcasting(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-    prepared = speed.prepare_frozen_base(base, gradient_checkpointing=True)
+    prepared = speed.prepare_frozen_base(base, gradient_checkpointing=True, float32_stream=False)
     assert {p.dtype for p in prepared.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in prepared.parameters())
     assert prepared.is_gradient_checkpointing
