@@ -52,6 +52,8 @@ QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
 #: What ``python -m train`` picks on a CUDA machine today (bf16_frozen left out after an end-to-end A/B).
 DEFAULTS = choose_levers(cuda=True)[0]
+#: The defaults before bf16_storage and fused_lora (what the first 2026-11-29 session-3 call measured as "defaults").
+MORNING = dataclasses.replace(DEFAULTS, bf16_storage=False, fused_lora=False)
 NONE = SpeedLevers()
 
 
@@ -106,6 +108,14 @@ CONFIGS = {
     "defaults": Config("loraship defaults", "loraship", DEFAULTS),
     "defaults-accum4": Config("loraship defaults, 2x1024 x 4 accumulation", "loraship", DEFAULTS, grad_accum=4),
     "defaults-real": Config("loraship defaults, real lengths", "loraship", DEFAULTS, rows="real", grad_accum=4),
+    # One lever left out of today's defaults at a time.
+    "defaults-nofused": Config("loraship defaults without fused_lora", "loraship",
+                               dataclasses.replace(DEFAULTS, fused_lora=False)),
+    "defaults-nostorage": Config("loraship defaults without bf16_storage", "loraship",
+                                 dataclasses.replace(DEFAULTS, bf16_storage=False)),
+    "morning": Config("loraship defaults before bf16_storage + fused_lora", "loraship", MORNING),
+    "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
+                             MORNING, grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
@@ -114,6 +124,8 @@ GROUPS = {
     "real": ["plain-real", "loraship-real-packed", "loraship-real"],
     "accum": ["plain-accum4", "loraship-accum4"],
     "today": ["plain", "defaults", "plain-accum4", "defaults-accum4", "plain-real", "defaults-real"],
+    "fused": ["plain", "defaults", "defaults-nofused", "defaults-nostorage", "morning", "plain-accum4", "defaults-accum4",
+              "morning-accum4", "plain-real", "defaults-real"],
 }
 SEQ = 1024
 REAL_MAX = 2048
@@ -325,7 +337,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     set_seed(settings.seed)
     base_model = model.load_base_model(str(base), plan, gradient_checkpointing=config.gradient_checkpointing, echo=print)
     torch.manual_seed(0)
-    peft_model = model.add_lora(base_model, settings)
+    peft_model = model.add_lora(base_model, settings, config.levers)
     examples = [data.Example(r["input_ids"], r["labels"], f"row {i}") for i, r in enumerate(rows)]
     clock = StepClock(device)
     trainer = run.build_trainer(settings, plan, peft_model, stub_tokenizer(), examples, [], workdir / "checkpoints",
