@@ -113,6 +113,10 @@ CONFIGS = {
                                dataclasses.replace(DEFAULTS, fused_lora=False)),
     "defaults-nostorage": Config("loraship defaults without bf16_storage", "loraship",
                                  dataclasses.replace(DEFAULTS, bf16_storage=False)),
+    "defaults-noliger": Config("loraship defaults without liger", "loraship",
+                               dataclasses.replace(DEFAULTS, liger_kernels=())),
+    "defaults-accum4-noliger": Config("loraship defaults without liger, 2x1024 x 4 accumulation", "loraship",
+                                      dataclasses.replace(DEFAULTS, liger_kernels=()), grad_accum=4),
     "morning": Config("loraship defaults before bf16_storage + fused_lora", "loraship", MORNING),
     "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
                              MORNING, grad_accum=4),
@@ -415,8 +419,11 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
     steps = warmup + timed
     rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], seq)
     free_memory()
+    leftover = 0.0
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        # What earlier configurations of this process left allocated: not this one's, so not in its peak.
+        leftover = round(torch.cuda.memory_allocated() / 2**30, 2)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, LlamaModuleState():
         if config.stack == "plain":
@@ -436,7 +443,9 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "lora_r": config.lora_r, "targets": list(config.targets), "lora_dropout": config.dropout,
         "gradient_checkpointing": config.gradient_checkpointing, "micro_batching": raw.get("micro_batching"),
         "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
-        "timed_tokens": sum(tokens), "train_peak_gib": raw["train_peak_gib"],
+        "timed_tokens": sum(tokens),
+        "train_peak_gib": None if raw["train_peak_gib"] is None else round(raw["train_peak_gib"] - leftover, 2),
+        "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"],
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1),

@@ -15,22 +15,22 @@ from train.fused_lora import fuse_lora_layers, lora_on_4bit
 from train.settings import TrainSettings
 
 
-def load_4bit(folder):
+def load_4bit(folder, device="cpu"):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization_config=config,
-                                                device_map={"": "cpu"})
+                                                device_map={"": device})
 
 
-def qlora(folder, *, levers: speed.SpeedLevers, dropout: float = 0.0, checkpointing: bool = True):
+def qlora(folder, *, levers: speed.SpeedLevers, dropout: float = 0.0, checkpointing: bool = True, device="cpu"):
     """The tiny base in 4-bit with LoRA r4 on q,k,v,o; B made non-zero so the adapter matters."""
     import torch
     from peft import prepare_model_for_kbit_training
 
-    base = load_4bit(folder)
+    base = load_4bit(folder, device)
     if levers.bf16_storage:
         base = speed.prepare_frozen_base(base, gradient_checkpointing=checkpointing)
     else:
@@ -43,21 +43,22 @@ def qlora(folder, *, levers: speed.SpeedLevers, dropout: float = 0.0, checkpoint
     for name, param in peft_model.named_parameters():
         if param.requires_grad:  # trl's cast of the adapter on a quantized base, and a non-zero B
             if "lora_B" in name:
-                param.data = torch.randn(param.shape, generator=generator) * 0.05
+                param.data = (torch.randn(param.shape, generator=generator) * 0.05).to(param.device)
             param.data = param.data.to(torch.bfloat16)
     peft_model.train()
     return peft_model
 
 
-def step(peft_model, ids):
+def step(peft_model, ids, device="cpu"):
     """One forward + backward under bf16 autocast: the loss and the adapter's gradients by name."""
     import torch
 
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    ids = ids.to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = peft_model(input_ids=ids, labels=ids).loss
     loss.backward()
-    grads = {n: p.grad.float().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
-    return loss.detach().float(), grads
+    grads = {n: p.grad.float().cpu() for n, p in peft_model.named_parameters() if p.requires_grad}
+    return loss.detach().float().cpu(), grads
 
 
 @pytest.fixture
@@ -169,3 +170,25 @@ def test_the_default_cuda_levers_train_like_peft_qlora(tiny_llama_dir, ids):
     assert abs(float(loss1 - loss0)) < 1e-3 * float(loss0)
     assert grads1.keys() == grads0.keys() and len(grads0) == 16
     assert all(close(grads1[n], grads0[n], 3e-2) for n in grads0)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_default_levers_train_like_peft_qlora(tmp_path, ids, request):
+    """The same comparison with bitsandbytes' CUDA kernels (run on the device; skipped in CI)."""
+    import os
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.models import build_tiny_llama
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    # The device has no embedded GGUF: tests/train/test_gpu.py's tokenizer folder stands in.
+    tokenizer_dir = os.environ.get("LORASHIP_TOKENIZER_DIR") or request.getfixturevalue("embedded_tokenizer_dir")
+    tiny_llama_dir = build_tiny_llama(tmp_path / "tiny", AutoTokenizer.from_pretrained(tokenizer_dir))
+    defaults = speed.SpeedLevers(bf16_storage=True, fused_lora=True)
+    (loss0, grads0) = step(qlora(tiny_llama_dir, levers=speed.SpeedLevers(), device="cuda"), ids, "cuda")
+    (loss1, grads1) = step(qlora(tiny_llama_dir, levers=defaults, device="cuda"), ids, "cuda")
+    assert abs(float(loss1 - loss0)) < 1e-3 * float(loss0)
+    assert len(grads0) == 16 and all(close(grads1[n], grads0[n], 3e-2) for n in grads0)
