@@ -7,11 +7,15 @@ import pytest
 
 from evals.perplexity import (
     NllSum,
+    capped_windows,
     gguf_nll,
     hf_nll,
     hf_perplexity,
+    llama_token_nll,
     nll_from_logits,
+    paired_ratio,
     read_paragraphs,
+    token_nll_from_logits,
     token_windows,
 )
 
@@ -39,6 +43,32 @@ def test_windows_cover_every_token_and_drop_single_token_tails():
     assert token_windows(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5]]
     assert token_windows(list(range(8)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert token_windows([5], 4) == []
+
+
+def test_token_nll_from_logits_gives_one_nll_per_predicted_token():
+    logits = np.array([[0.0, 0.0], [0.0, math.log(3.0)], [5.0, 5.0]])
+    assert token_nll_from_logits(logits, [0, 1, 0]) == pytest.approx([math.log(2), math.log(4)])
+
+
+def test_capped_windows_stop_after_exactly_the_token_budget():
+    texts = [list(range(10)), list(range(10, 15))]
+    # 4-token windows predict 3 tokens each: 3 + 2 = 5, the second window cut short.
+    assert capped_windows(texts, 4, max_tokens=5) == [[0, 1, 2, 3], [4, 5, 6]]
+    # A budget larger than the texts takes every window of every text.
+    assert capped_windows(texts, 4, max_tokens=100) == capped_windows(texts, 4) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    assert capped_windows(texts, 4, max_tokens=3) == [[0, 1, 2, 3]]
+
+
+def test_paired_ratio_is_the_perplexity_ratio_with_an_interval_from_per_token_differences():
+    reference = [1.0, 2.0, 3.0, 4.0]
+    other = [1.1, 2.0, 3.2, 3.9]  # differences 0.1, 0.0, 0.2, -0.1: mean 0.05
+    ratio, low, high = paired_ratio(reference, other)
+    assert ratio == pytest.approx(math.exp(np.mean(other)) / math.exp(np.mean(reference)))
+    half = 1.96 * np.std([0.1, 0.0, 0.2, -0.1], ddof=1) / 2
+    assert (low, high) == pytest.approx((math.exp(0.05 - half), math.exp(0.05 + half)))
+    with pytest.raises(ValueError, match="one token sequence"):
+        paired_ratio(reference, other[:3])
 
 
 def test_windows_need_room_to_predict():
@@ -108,6 +138,27 @@ def test_gguf_and_hf_agree_on_the_same_weights():
     assert gguf.tokens == hf.tokens
     assert gguf.perplexity == pytest.approx(hf.perplexity, rel=0.03)
     assert 1.5 < gguf.perplexity < 200  # a trained model, not a random one
+
+
+@pytest.mark.slow
+def test_a_llama_instance_that_served_a_chat_scores_as_a_fresh_one():
+    # The export's checks and its perplexity share one llama.cpp instance, with a
+    # larger context than the windows: the per-token NLL must not notice.
+    from llama_cpp import Llama
+
+    from loraship.embedded import embedded_gguf_path
+
+    fresh = gguf_nll(embedded_gguf_path(), TEXTS, n_ctx=16, n_threads=2)
+    llm = Llama(model_path=str(embedded_gguf_path()), n_ctx=1024, n_batch=512, n_threads=2, verbose=False)
+    try:
+        llm.create_chat_completion(messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0.0)
+        shared = llama_token_nll(llm, TEXTS, 16)
+        capped = llama_token_nll(llm, TEXTS, 16, max_tokens=7)
+    finally:
+        llm.close()
+    assert len(shared) == fresh.tokens
+    assert float(shared.sum()) == pytest.approx(fresh.total, rel=1e-6)
+    assert list(capped) == pytest.approx(list(shared[:7]), rel=1e-6)
 
 
 def test_read_paragraphs_splits_on_blank_lines(tmp_path):
