@@ -26,6 +26,8 @@ class GGUFFile:
     fallbacks: dict[str, Any] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     perplexity: float | None = None
+    #: Per-token NLL behind ``perplexity`` (numpy, not written anywhere): the paired comparison with F16.
+    token_nll: Any = None
 
     @property
     def name(self) -> str:
@@ -40,17 +42,45 @@ def hub_base_model(base_model: str) -> str | None:
 
 
 def perplexity_table(files: list[GGUFFile]) -> dict[str, Any]:
-    """Each file's perplexity and its ratio to the F16 file's (the reference)."""
-    reference = next((f.perplexity for f in files if f.quant_type == "F16"), None)
+    """Each file's perplexity, the tokens it was measured on, and its ratio to the F16 file's (the reference).
+
+    Where both files carry per-token NLLs of the same tokens, the ratio comes
+    with a 95% interval (evals.perplexity.paired_ratio).
+    """
+    from evals.perplexity import paired_ratio
+
+    reference = next((f for f in files if f.quant_type == "F16"), None)
     table = {}
     for f in files:
         if f.perplexity is None:
             continue
-        table[f.quant_type] = {
-            "perplexity": round(f.perplexity, 4),
-            "relative_to_f16": round(f.perplexity / reference, 4) if reference else None,
-        }
+        entry: dict[str, Any] = {"perplexity": round(f.perplexity, 4), "tokens": None, "relative_to_f16": None,
+                                 "relative_to_f16_95": None}
+        if f.token_nll is not None:
+            entry["tokens"] = len(f.token_nll)
+        if reference is not None and reference.perplexity:
+            entry["relative_to_f16"] = round(f.perplexity / reference.perplexity, 4)
+            if (f is not reference and f.token_nll is not None and reference.token_nll is not None
+                    and len(f.token_nll) == len(reference.token_nll) >= 2):
+                _, low, high = paired_ratio(reference.token_nll, f.token_nll)
+                entry["relative_to_f16_95"] = [round(low, 4), round(high, 4)]
+        table[f.quant_type] = entry
     return table
+
+
+def _ratio_cell(entry: dict[str, Any]) -> str:
+    rel = entry.get("relative_to_f16")
+    if not rel:
+        return "n/a"
+    interval = entry.get("relative_to_f16_95")
+    if interval is None:
+        return f"{rel:.4f}x"
+    return f"{rel:.4f}x ({interval[0]:.4f}-{interval[1]:.4f})"
+
+
+def _tokens_note(table: dict[str, Any]) -> str:
+    counts = sorted({e["tokens"] for e in table.values() if e.get("tokens")})
+    return f", {counts[0]} predicted tokens" if len(counts) == 1 else ""
 
 
 def _size(path: Path) -> str:
@@ -82,10 +112,9 @@ def model_card(
         p = ppl.get(f.quant_type, {})
         fb = f.fallbacks
         fallback = f"{fb['fallback_tensors']} of {fb['total_tensors']}" if fb else "none (converter output)"
-        rel = p.get("relative_to_f16")
         rows.append(
             f"| `{f.name}` | {f.quant_type} | {_size(f.path)} | {p.get('perplexity', 'n/a')} | "
-            f"{f'{rel:.4f}x' if rel else 'n/a'} | {fallback} |"
+            f"{_ratio_cell(p)} | {fallback} |"
         )
     if ladder and ladder.get("skipped"):
         quality = f"\nQuality ladder: {ladder['reason']}. Merge base: {merge_base['reason']}.\n"
@@ -99,8 +128,9 @@ loraship's `python -m export`.
 
 {chr(10).join(rows)}
 
-Perplexity: on held-out general prose ({eval_text}) through llama.cpp; lower is
-better, and "vs F16" shows what quantization cost. Where a tensor's row width
+Perplexity: on held-out general prose ({eval_text}{_tokens_note(ppl)}) through llama.cpp;
+lower is better, and "vs F16" shows what quantization cost, with a 95% interval
+from the per-token differences on the same tokens. Where a tensor's row width
 is not a multiple of the quantization block, llama.cpp stores it in a nearby
 type instead (listed per file in `manifest.json`, key `extra.files`).
 

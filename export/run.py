@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import math
 import shutil
 import tempfile
 import time
@@ -364,17 +365,19 @@ def run_export(settings: ExportSettings) -> Path:
             gguf.convert_lora_to_gguf(source.folder, base_dir, work / lora_name, converter_dir)
         shutil.rmtree(merged)
 
-        # 5. Verify every file; measure perplexity on held-out text; score it on the ladder.
+        # 5. Verify every file and measure its perplexity on held-out text (one llama.cpp load each); the ladder.
         t = time.perf_counter()
         ladder_s = 0.0
         by_type: dict[str, ladder.RungScore] = {}
         for f in files:
             log(f"verifying {f.name}")
-            f.verification = verify.verify_gguf(f.path, tokenizer, stop_check=settings.stop_check,
-                                                threads=settings.threads, stop_prompts=settings.stop_prompts,
-                                                stop_max_tokens=settings.stop_max_tokens).to_json()
-            f.perplexity = verify.perplexity(f.path, texts, n_ctx=settings.eval_ctx, threads=settings.threads)
-            log(f"{f.name}: checks passed; perplexity {f.perplexity:.3f}")
+            checked, f.token_nll = verify.check_gguf(
+                f.path, tokenizer, texts, eval_ctx=settings.eval_ctx, eval_tokens=settings.eval_tokens,
+                stop_check=settings.stop_check, threads=settings.threads, stop_prompts=settings.stop_prompts,
+                stop_max_tokens=settings.stop_max_tokens)
+            f.verification = checked.to_json()
+            f.perplexity = math.exp(float(f.token_nll.mean()))
+            log(f"{f.name}: checks passed; perplexity {f.perplexity:.3f} ({len(f.token_nll)} tokens)")
             if not settings.ladder:
                 continue
             quantized = f.quant_type not in CONVERTER_TYPES

@@ -13,7 +13,7 @@ from tests.export.helpers import make_train_output
 # Settings a developer's shell might hold; every export test starts without them.
 EXPORT_VARS = (
     "ADAPTER", "BASE_MODEL", "QUANT_TYPES", "OUTPUT_DIR", "HUB_REPO", "HF_TOKEN", "EXPORT_LORA_GGUF",
-    "EVAL_TEXT", "EVAL_CTX", "THREADS", "MODEL_NAME", "STOP_CHECK", "STOP_PROMPTS", "STOP_MAX_TOKENS", "MERGE_BASE",
+    "EVAL_TEXT", "EVAL_CTX", "EVAL_TOKENS", "THREADS", "MODEL_NAME", "STOP_CHECK", "STOP_PROMPTS", "STOP_MAX_TOKENS", "MERGE_BASE",
     "LADDER", "LADDER_TOKENS", "LADDER_MAX_NLL_RISE", "LADDER_MAX_KL_RISE", "LADDER_MAX_QUANT_NLL_RISE", "LADDER_MAX_QUANT_KL_RISE",
 )
 

@@ -97,6 +97,39 @@ def test_perplexity_of_each_file_is_measured_against_f16(tiny_export):
     assert f"{ppl['Q4_K_M']['relative_to_f16']:.4f}x" in (tiny_export / "README.md").read_text()
 
 
+def test_perplexity_says_how_many_tokens_and_how_sure_the_ratio_is(tiny_export):
+    # EVAL_TOKENS (default 256) caps the shipped held-out text (over 500 tokens); both files score the same tokens.
+    ppl = read_manifest(tiny_export)["extra"]["perplexity"]
+    assert ppl["F16"]["tokens"] == ppl["Q4_K_M"]["tokens"] == 256
+    low, high = ppl["Q4_K_M"]["relative_to_f16_95"]
+    assert low <= ppl["Q4_K_M"]["relative_to_f16"] <= high
+    card = (tiny_export / "README.md").read_text()
+    assert "256 predicted tokens" in card
+    assert f"{ppl['Q4_K_M']['relative_to_f16']:.4f}x ({low:.4f}-{high:.4f})" in card
+
+
+def test_checks_and_perplexity_load_each_gguf_once(tiny_export, embedded_tokenizer, monkeypatch):
+    import llama_cpp
+
+    from export.settings import DEFAULT_EVAL_TEXT
+    from export.verify import check_gguf, read_eval_texts
+
+    loads = []
+    real_init = llama_cpp.Llama.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(kwargs.get("model_path"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "__init__", counting_init)
+    verification, nll = check_gguf(tiny_export / f"{NAME}-Q4_K_M.gguf", embedded_tokenizer,
+                                   read_eval_texts(DEFAULT_EVAL_TEXT), eval_ctx=64, eval_tokens=100,
+                                   stop_check="eos_token", threads=2, stop_prompts=2)
+    assert len(loads) == 1
+    assert verification.finish_reason == "stop" and verification.parity_tokens > 50
+    assert len(nll) == 100 and (nll > 0).all()
+
+
 def test_model_card_and_modelfile_point_at_the_q4_k_m_file(tiny_export):
     card = (tiny_export / "README.md").read_text()
     meta = card.split("---")[1]
