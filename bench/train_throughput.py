@@ -113,6 +113,7 @@ CONFIGS = {
                                dataclasses.replace(DEFAULTS, fused_lora=False)),
     "defaults-nostorage": Config("loraship defaults without bf16_storage", "loraship",
                                  dataclasses.replace(DEFAULTS, bf16_storage=False)),
+    "defaults+fused": Config("loraship defaults + fused_lora", "loraship", dataclasses.replace(DEFAULTS, fused_lora=True)),
     "defaults-noliger": Config("loraship defaults without liger", "loraship",
                                dataclasses.replace(DEFAULTS, liger_kernels=())),
     "defaults-accum4-noliger": Config("loraship defaults without liger, 2x1024 x 4 accumulation", "loraship",

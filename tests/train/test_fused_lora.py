@@ -162,7 +162,7 @@ def test_bf16_storage_keeps_the_float32_residual_stream_and_the_same_loss(tiny_l
     assert all(torch.equal(grads1[n], grads0[n]) for n in grads0)
 
 
-def test_the_default_cuda_levers_train_like_peft_qlora(tiny_llama_dir, ids):
+def test_bf16_storage_and_fused_lora_train_like_peft_qlora(tiny_llama_dir, ids):
     """bf16 storage + fused LoRA with checkpointing and dropout off: peft's loss and gradients."""
     defaults = speed.SpeedLevers(bf16_storage=True, fused_lora=True)
     (loss0, grads0) = step(qlora(tiny_llama_dir, levers=speed.SpeedLevers()), ids)
@@ -173,7 +173,7 @@ def test_the_default_cuda_levers_train_like_peft_qlora(tiny_llama_dir, ids):
 
 
 @pytest.mark.gpu
-def test_on_cuda_the_default_levers_train_like_peft_qlora(tmp_path, ids, request):
+def test_on_cuda_bf16_storage_and_fused_lora_train_like_peft_qlora(tmp_path, ids, request):
     """The same comparison with bitsandbytes' CUDA kernels (run on the device; skipped in CI)."""
     import os
 

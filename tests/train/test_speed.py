@@ -18,8 +18,7 @@ def test_cuda_defaults_select_every_lever(monkeypatch):
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(
-        bf16_storage=True, fused_lora=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True,
-        fold_accumulation=True,
+        bf16_storage=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True,
     )
     assert not any(notice.startswith("speed:") for notice in plan.notices)
 
@@ -27,8 +26,7 @@ def test_cuda_defaults_select_every_lever(monkeypatch):
 def test_cuda_without_liger_keeps_the_other_levers_and_says_so(monkeypatch):
     monkeypatch.setattr(speed, "liger_installed", lambda: False)
     plan = model.plan_for(TrainSettings(), cuda=True)
-    assert plan.levers == speed.SpeedLevers(bf16_storage=True, fused_lora=True, liger_kernels=(), packing=True,
-                                            fold_accumulation=True)
+    assert plan.levers == speed.SpeedLevers(bf16_storage=True, liger_kernels=(), packing=True, fold_accumulation=True)
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
     assert len(said) == 1 and "liger-kernel not installed" in said[0]
 
