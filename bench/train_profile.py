@@ -68,7 +68,8 @@ def profile(shape: str, key: str, base: Path, warmup: int, active: int, top: int
         tt.StepClock.__new__ = original
         prof.stop()
     events = prof.key_averages()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    # Device-side events, less the profiler's own step annotation (a range as long as the step, not a kernel).
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith("ProfilerStep")]
     busy_us = sum(e.device_time for e in kernels) / active
     walls = step.walls[warmup:warmup + active]
     wall_us = 1e6 * sum(walls) / len(walls)
