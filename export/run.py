@@ -306,7 +306,10 @@ def run_export(settings: ExportSettings) -> Path:
             log(f"merging into the {candidate} base")
             with tqdm(total=count_tensors(base_dir), desc=f"merge ({candidate})", unit="tensor", disable=None) as bar:
                 return merge_into_folder(base_dir, adapter, work / f"merged-{candidate}", tokenizer_dir=source.folder,
-                                         progress=bar.update, nf4=nf4)
+                                         progress=bar.update, nf4=nf4, matrices_as=matrices_as)
+
+        # Matrices straight in the F16 GGUF's type, unless a BF16 GGUF is wanted too (rounded once, from float32).
+        matrices_as = None if "BF16" in settings.quant_types else "F16"
 
         if settings.ladder:
             candidates = merge_candidates(settings.merge_base, trained_4bit)
@@ -352,7 +355,7 @@ def run_export(settings: ExportSettings) -> Path:
             log(f"quantizing to {quant}")
             target = work / f"{name}-{quant}.gguf"
             report = gguf.quantize_gguf(files[0].path, target, quant, settings.threads)
-            types = gguf.read_tensor_types(target, converter_dir)
+            types = gguf.read_tensor_types(target)
             report.n_tensors, report.type_counts = len(types), gguf.count_types(types)
             if report.n_fallback:
                 log(f"{target.name}: {report.n_fallback} of {report.n_tensors} tensors fell back to other types "

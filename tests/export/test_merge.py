@@ -66,6 +66,31 @@ def test_merge_equals_peft_within_bf16_rounding_on_a_sharded_bf16_base(tiny_llam
         assert (tensor.float() - reference[name].float()).abs().max().item() <= bound, name
 
 
+def test_matrices_as_f16_round_once_from_float32_and_leave_vectors_alone(tiny_llama_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    adapter_dir = make_adapter(base, tmp_path / "adapter")
+    adapter = load_adapter(adapter_dir)
+    out = merge_into_folder(base, adapter, tmp_path / "merged", matrices_as="F16")
+    ours, original = _state(out), _state(base)
+    exact = _peft_merged(base, adapter_dir, "float32").state_dict()  # bf16 weights, merged in float32
+    changed = 0
+    for name, tensor in ours.items():
+        if original[name].dim() < 2:  # norms: the converter keeps them float32, exactly, from the original dtype
+            assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, original[name]), name
+            continue
+        assert tensor.dtype == torch.float16, name
+        # Rounded once: what float16 makes of the float32 merge (untouched weights: of the bf16 value).
+        assert torch.equal(tensor, exact[name].to(torch.float16)), name
+        changed += int(not torch.equal(tensor, original[name].to(torch.float16)))
+    assert changed == 2 * 4
+
+
 def test_lora_on_tied_lm_head_unties_and_keeps_the_embedding_lookup(tiny_llama_dir, tmp_path):
     import torch
     from peft import PeftModel
