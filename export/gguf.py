@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import re
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.converter import converter_command, converter_env, gguf_py_command
+from export.converter import converter_command, converter_env
 from export.settings import QUANTIZED_TYPES
 from loraship.errors import UserError
 
@@ -120,8 +121,15 @@ src, dst, ftype, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = getattr(llama_cpp, ftype)
 params.nthread = threads
+params.max_buf_size = int(sys.argv[5])
 sys.exit(0 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) == 0 else 3)
 """
+
+
+#: Rows the quantizer converts at a time, in bytes of float32 (llama.cpp's default, 8 GiB, holds a
+#: whole tensor: on a 1B model the 128k-vocabulary embedding took it to 1.73 GiB; with 64 MiB slabs
+#: it peaks at 0.59 GiB in the same time and writes the same bytes, docs/benchmarks.md).
+QUANTIZE_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 def quantize_gguf(src: Path, dst: Path, quant_type: str, threads: int = 0) -> QuantizeReport:
@@ -129,7 +137,7 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, threads: int = 0) -> Qu
     import sys
 
     ftype = QUANTIZED_TYPES[quant_type]
-    cmd = [sys.executable, "-c", _QUANTIZE_SCRIPT, str(src), str(dst), ftype, str(threads)]
+    cmd = [sys.executable, "-c", _QUANTIZE_SCRIPT, str(src), str(dst), ftype, str(threads), str(QUANTIZE_BUFFER_BYTES)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0 or not dst.is_file():
         _raise_if_disk_full(result.stderr, dst)
@@ -138,22 +146,76 @@ def quantize_gguf(src: Path, dst: Path, quant_type: str, threads: int = 0) -> Qu
     return QuantizeReport(quant_type=quant_type, fallbacks=fallbacks)
 
 
-_READ_TYPES = """
-import json, sys
-from gguf import GGUFReader
-reader = GGUFReader(sys.argv[1])
-print(json.dumps({t.name: t.tensor_type.name for t in reader.tensors}))
-"""
+def read_tensor_types(path: Path) -> dict[str, str]:
+    """``{tensor name: type}`` from a GGUF file's header (the tensor table; no tensor data is read).
+
+    gguf-py's ``GGUFReader`` gives the same (a test pins it) but builds an object for every
+    metadata value first: 5 s for a 128k-token vocabulary, for a table of ~150 entries.
+    """
+    import mmap
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            return _tensor_table(buf)
+        except (struct.error, ValueError, IndexError) as err:
+            raise GGUFError(f"{path.name} is not a readable GGUF file ({err})") from err
 
 
-def read_tensor_types(path: Path, converter_dir: Path) -> dict[str, str]:
-    """``{tensor name: type}`` read back from a GGUF file with llama.cpp's own gguf-py."""
-    result = subprocess.run(
-        gguf_py_command(converter_dir, _READ_TYPES, str(path)), capture_output=True, text=True, env=converter_env()
-    )
-    if result.returncode != 0:
-        raise GGUFError(f"could not read the tensors of {path.name}:\n" + _tail(result.stderr))
-    return json.loads(result.stdout.strip().splitlines()[-1])
+#: GGUF metadata value types: fixed sizes (bytes) of the scalar ones; 8 is a string, 9 an array.
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _ggml_type_names() -> dict[int, str]:
+    import llama_cpp
+
+    names = {getattr(llama_cpp, n): n.removeprefix("GGML_TYPE_") for n in dir(llama_cpp)
+             if n.startswith("GGML_TYPE_") and n != "GGML_TYPE_COUNT"}
+    names.setdefault(30, "BF16")  # ggml.h's GGML_TYPE_BF16, not among llama_cpp's constants
+    return names
+
+
+def _tensor_table(buf) -> dict[str, str]:
+    if buf[:4] != b"GGUF":
+        raise ValueError("no GGUF magic")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version < 2:
+        raise ValueError(f"GGUF version {version} is not supported")
+    pos = 24
+
+    def string(pos: int) -> tuple[bytes, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return buf[pos + 8:pos + 8 + n], pos + 8 + n
+
+    def skip_value(kind: int, pos: int) -> int:
+        if kind in _GGUF_SCALAR_SIZES:
+            return pos + _GGUF_SCALAR_SIZES[kind]
+        if kind == _GGUF_STRING:
+            return string(pos)[1]
+        if kind == _GGUF_ARRAY:
+            item, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item in _GGUF_SCALAR_SIZES:
+                return pos + count * _GGUF_SCALAR_SIZES[item]
+            for _ in range(count):
+                pos = skip_value(item, pos)
+            return pos
+        raise ValueError(f"unknown metadata value type {kind}")
+
+    for _ in range(n_kv):
+        _, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        pos = skip_value(kind, pos + 4)
+    names = _ggml_type_names()
+    types = {}
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        pos += 4 + 8 * n_dims
+        ggml_type, _offset = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        types[name.decode("utf-8")] = names.get(ggml_type, f"type {ggml_type}")
+    return types
 
 
 def count_types(types: dict[str, str]) -> dict[str, int]:

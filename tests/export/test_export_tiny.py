@@ -55,12 +55,21 @@ def test_manifest_sha256_matches_every_file(tiny_export):
     assert "HF_TOKEN" not in json.dumps(manifest)
 
 
-def test_quantization_fallbacks_are_reported_per_file(tiny_export, converter_dir):
-    from export.gguf import read_tensor_types
+def gguf_py_tensor_types(path, converter_dir) -> dict[str, str]:
+    """The file's tensor types as llama.cpp's own gguf-py reads them (the independent reference)."""
+    from export.converter import gguf_py_command
 
+    code = ("import json, sys; from gguf import GGUFReader; "
+            "print(json.dumps({t.name: t.tensor_type.name for t in GGUFReader(sys.argv[1]).tensors}))")
+    result = subprocess.run(gguf_py_command(converter_dir, code, str(path)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_quantization_fallbacks_are_reported_per_file(tiny_export, converter_dir):
     manifest = read_manifest(tiny_export)
     report = manifest["extra"]["files"][f"{NAME}-Q4_K_M.gguf"]["fallbacks"]
-    types = read_tensor_types(tiny_export / f"{NAME}-Q4_K_M.gguf", converter_dir)
+    types = gguf_py_tensor_types(tiny_export / f"{NAME}-Q4_K_M.gguf", converter_dir)
     # Rows of 64 or 128 values fit no 256-wide k-quant block: every weight matrix falls back,
     # and the file holds each named tensor in the type llama.cpp said it fell back to.
     listed = report["fallback_tensor_list"]
@@ -138,6 +147,26 @@ def test_model_card_and_modelfile_point_at_the_q4_k_m_file(tiny_export):
     modelfile = (tiny_export / "Modelfile").read_text()
     assert f"FROM ./{NAME}-Q4_K_M.gguf" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_the_header_reader_reads_the_tensor_types_gguf_py_reads(tiny_export, converter_dir):
+    from export.gguf import read_tensor_types
+    from loraship.embedded import embedded_gguf_path
+
+    paths = [tiny_export / f"{NAME}-F16.gguf", tiny_export / f"{NAME}-Q4_K_M.gguf", embedded_gguf_path()]
+    for path in paths:
+        assert read_tensor_types(path) == gguf_py_tensor_types(path, converter_dir), path.name
+    assert {"F16", "F32"} <= set(read_tensor_types(paths[0]).values())
+    assert "Q4_1" in set(read_tensor_types(paths[2]).values())
+
+
+def test_a_truncated_gguf_is_named_as_unreadable(tiny_export, tmp_path):
+    from export.gguf import GGUFError, read_tensor_types
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((tiny_export / f"{NAME}-Q4_K_M.gguf").read_bytes()[:2000])
+    with pytest.raises(GGUFError, match="cut.gguf is not a readable GGUF file"):
+        read_tensor_types(cut)
 
 
 def test_lora_gguf_is_an_adapter_file(tiny_export, converter_dir):
