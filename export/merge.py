@@ -57,6 +57,8 @@ _DTYPES = {
 
 
 _FLOATS = ("F64", "F32", "F16", "BF16")
+#: Values converted at a time when a tensor is written in another dtype (64 MiB of float32).
+CONVERT_SLICE = 16 * 1024 * 1024
 
 
 def _stored_dtype(dtype: str, shape: list[int], matrices_as: str | None) -> str:
@@ -128,7 +130,7 @@ class SafetensorsStreamWriter:
         for name, dtype, shape in specs:
             size = math.prod(shape) * _DTYPES[dtype][1]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._expected.append((name, size))
+            self._expected.append((name, size, dtype))
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
@@ -138,15 +140,24 @@ class SafetensorsStreamWriter:
         self._next = 0
 
     def write(self, name: str, tensor: "torch.Tensor") -> None:
-        expected_name, size = self._expected[self._next]
+        """Write ``name``'s data, converted to the header's dtype a slice at a time if it is in another."""
+        expected_name, size, dtype = self._expected[self._next]
         if name != expected_name:
             raise RuntimeError(f"tensor {name} written out of order (expected {expected_name})")
         import torch
 
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if size else b""
-        if len(data) != size:
-            raise RuntimeError(f"tensor {name} has {len(data)} bytes, header says {size}")
-        self._fh.write(memoryview(data))
+        flat = tensor.contiguous().reshape(-1)
+        target = _torch_dtype(dtype)
+        written = 0
+        # A converted copy of at most CONVERT_SLICE values at a time: a 128k-vocabulary embedding
+        # would otherwise need a second whole copy of itself.
+        step = flat.numel() if flat.dtype == target else CONVERT_SLICE
+        for start in range(0, flat.numel(), max(step, 1)):
+            data = flat[start:start + step].to(target).view(torch.uint8).numpy()
+            self._fh.write(memoryview(data))
+            written += len(data)
+        if written != size:
+            raise RuntimeError(f"tensor {name} has {written} bytes, header says {size}")
         self._next += 1
 
     def abort(self) -> None:
@@ -396,13 +407,16 @@ def nf4_round_trip(weight: "torch.Tensor", spec: NF4Spec) -> "torch.Tensor":
 
 
 def merge_tensor(name: str, tensor: "torch.Tensor", adapter: Adapter, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-    """``name``'s merged value in ``dtype`` (default: the base tensor's), rounded once from float32."""
+    """``name``'s merged value in ``dtype`` (default: the base tensor's), rounded once from float32.
+
+    A tensor the adapter does not touch comes back as it is: the writer converts it a slice at a time.
+    """
     dtype = dtype or tensor.dtype
     if name in adapter.replacements:
         return adapter.replacements[name].to(dtype).clone()
     change = adapter.deltas.get(name)
     if change is None:
-        return tensor.to(dtype)
+        return tensor
     return (tensor.float() + change.delta()).to(dtype)
 
 
