@@ -154,11 +154,11 @@ def read_tensor_types(path: Path) -> dict[str, str]:
     """
     import mmap
 
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        try:
+    try:
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _tensor_table(buf)
-        except (struct.error, ValueError, IndexError) as err:
-            raise GGUFError(f"{path.name} is not a readable GGUF file ({err})") from err
+    except (struct.error, ValueError, IndexError) as err:  # mmap of an empty file is a ValueError too
+        raise GGUFError(f"{path.name} is not a readable GGUF file ({err})") from err
 
 
 #: GGUF metadata value types: fixed sizes (bytes) of the scalar ones; 8 is a string, 9 an array.
