@@ -13,7 +13,8 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   peft's upcast: frozen weights that came from bf16 hold no more in float32, and every matmul
   runs in bf16 under autocast either way. Same arithmetic, less memory (8B: 2 GiB of embedding
   and LM head), and no per-call bf16 copy of a float32 LM head. (``bf16_frozen`` differs in
-  letting the residual stream itself become bf16; that is what trained worse.)
+  letting the residual stream itself become bf16: with packing it trained worse end to end,
+  bf16_storage with packing did not.)
 - ``fused_lora`` (measured, NOT a default): each LoRA layer on a 4-bit base runs as one autograd
   node with a hand-written backward (``train/fused_lora.py``) instead of peft's chain of small
   ops. 8B at 2 x 1024: 5,164 tok/s against 4,069 without it, and it matches peft on the CPU to
