@@ -181,7 +181,9 @@ def quality_section(ladder: dict, merge_base: dict | None, eval_text: str) -> st
 The same {ladder['eval_positions']} held-out tokens ({eval_text}, identical token ids at every rung)
 scored by the model as trained (rung 1), the merged model, and each GGUF. KL is the mean
 KL(rung 1 || rung) of the next-token distributions in nats per token; top-1 agreement is how
-often the rung's most likely next token is rung 1's.
+often the rung's most likely next token is rung 1's. These are up to `LADDER_TOKENS` tokens of
+the training tokenizer; the table above scores up to `EVAL_TOKENS` tokens as llama.cpp tokenizes
+the text. The two tables' perplexities therefore differ: compare within a table.
 
 {ladder_markdown(ladder['rungs'])}
 """
