@@ -121,6 +121,18 @@ CONFIGS = {
     "morning": Config("loraship defaults before bf16_storage + fused_lora", "loraship", MORNING),
     "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
                              MORNING, grad_accum=4),
+    # torch.compile on each decoder layer (train/speed.py compile_mode), on today's defaults.
+    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(DEFAULTS, compile_mode="default")),
+    "defaults+compile-noliger": Config("loraship defaults + compile, no liger", "loraship",
+                                       dataclasses.replace(DEFAULTS, compile_mode="default", liger_kernels=())),
+    "defaults+graphs": Config("loraship defaults + compile with CUDA graphs", "loraship",
+                              dataclasses.replace(DEFAULTS, compile_mode="reduce-overhead")),
+    "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
+                                      dataclasses.replace(DEFAULTS, compile_mode="reduce-overhead", liger_kernels=())),
+    "defaults+compile-accum4": Config("loraship defaults + compile, 2x1024 x 4 accumulation", "loraship",
+                                      dataclasses.replace(DEFAULTS, compile_mode="default"), grad_accum=4),
+    "defaults+compile-real": Config("loraship defaults + compile, real lengths", "loraship",
+                                    dataclasses.replace(DEFAULTS, compile_mode="default"), rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
@@ -131,6 +143,8 @@ GROUPS = {
     "today": ["plain", "defaults", "plain-accum4", "defaults-accum4", "plain-real", "defaults-real"],
     "fused": ["plain", "defaults", "defaults-nofused", "defaults-nostorage", "morning", "plain-accum4", "defaults-accum4",
               "morning-accum4", "plain-real", "defaults-real"],
+    "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
+                "defaults+graphs-noliger"],
 }
 SEQ = 1024
 REAL_MAX = 2048

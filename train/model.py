@@ -195,6 +195,8 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
         from train.fused_lora import fuse_lora_layers
 
         fuse_lora_layers(peft_model)
+    if levers.compile_mode:
+        speed.compile_decoder_layers(peft_model, levers.compile_mode)
     return peft_model
 
 

@@ -21,6 +21,11 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   the third decimal of the loss over 40 steps. But on the GPU, together with ``bf16_storage``, the
   end-to-end A/B ended at eval loss 4.135 against 3.615 (bf16_storage alone) and 3.708
   (fused_lora alone); the cause was not found, so it stays off (docs/benchmarks.md).
+- ``compile_mode`` (measured; see docs/benchmarks.md for whether it is a default): ``torch.compile``
+  on each decoder layer (one graph, shared by every layer), inside the non-reentrant checkpoint, so
+  the per-op Python and launch overhead of peft's and bitsandbytes' small ops goes, and the casts and
+  element-wise LoRA work fuse. bitsandbytes' 4-bit matmul is a registered custom op, so it stays in
+  the graph. The value is torch.compile's ``mode`` ("default", "reduce-overhead" for CUDA graphs).
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -56,13 +61,16 @@ class SpeedLevers:
     bf16_frozen: bool = False
     bf16_storage: bool = False
     fused_lora: bool = False
+    #: torch.compile's mode for the decoder layers ("" = not compiled).
+    compile_mode: str = ""
     #: Which of :data:`LIGER_KERNELS` to use (empty: none).
     liger_kernels: tuple[str, ...] = ()
     packing: bool = False
     fold_accumulation: bool = False
 
     def names(self) -> list[str]:
-        names = [name for name, on in vars(self).items() if on and name != "liger_kernels"]
+        names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()
+                 if on and name != "liger_kernels"]
         return names + [f"liger_{kernel}" for kernel in self.liger_kernels]
 
 
@@ -122,3 +130,21 @@ def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str 
     patch(**{kernel: kernel in kernels for kernel in LIGER_KERNELS}, cross_entropy=False,
           fused_linear_cross_entropy=False, model=model)
     return None
+
+
+def compile_decoder_layers(model, mode: str = "default") -> int:
+    """``torch.compile`` every decoder layer of ``model`` in place; how many were compiled.
+
+    The layers share one code path, so they share one compiled graph; checkpointing stays outside,
+    around each compiled layer, so a recomputed layer replays the same graph (and, with the RNG
+    state the checkpoint restores, the same dropout mask).
+    """
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    # One graph serves all layers; room for the few variants a run meets (train/eval, new lengths).
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(mode=None if mode == "default" else mode)
+    return len(layers)
