@@ -122,17 +122,21 @@ CONFIGS = {
     "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
                              MORNING, grad_accum=4),
     # torch.compile on each decoder layer (train/speed.py compile_mode), on today's defaults.
-    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(DEFAULTS, compile_mode="default")),
+    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(DEFAULTS, compile_mode="layers")),
     "defaults+compile-noliger": Config("loraship defaults + compile, no liger", "loraship",
-                                       dataclasses.replace(DEFAULTS, compile_mode="default", liger_kernels=())),
+                                       dataclasses.replace(DEFAULTS, compile_mode="layers", liger_kernels=())),
     "defaults+graphs": Config("loraship defaults + compile with CUDA graphs", "loraship",
-                              dataclasses.replace(DEFAULTS, compile_mode="reduce-overhead")),
+                              dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="reduce-overhead", liger_kernels=())),
+                                      dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=())),
+    "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
+                             dataclasses.replace(DEFAULTS, compile_mode="stack")),
+    "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
+                                     dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=())),
     "defaults+compile-accum4": Config("loraship defaults + compile, 2x1024 x 4 accumulation", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="default"), grad_accum=4),
+                                      dataclasses.replace(DEFAULTS, compile_mode="layers"), grad_accum=4),
     "defaults+compile-real": Config("loraship defaults + compile, real lengths", "loraship",
-                                    dataclasses.replace(DEFAULTS, compile_mode="default"), rows="real", grad_accum=4),
+                                    dataclasses.replace(DEFAULTS, compile_mode="layers"), rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
@@ -145,6 +149,7 @@ GROUPS = {
               "morning-accum4", "plain-real", "defaults-real"],
     "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
                 "defaults+graphs-noliger"],
+    "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
 }
 SEQ = 1024
 REAL_MAX = 2048

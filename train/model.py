@@ -196,7 +196,7 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
 
         fuse_lora_layers(peft_model)
     if levers.compile_mode:
-        speed.compile_decoder_layers(peft_model, levers.compile_mode)
+        speed.compile_model(peft_model, levers.compile_mode)
     return peft_model
 
 

@@ -22,10 +22,9 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   end-to-end A/B ended at eval loss 4.135 against 3.615 (bf16_storage alone) and 3.708
   (fused_lora alone); the cause was not found, so it stays off (docs/benchmarks.md).
 - ``compile_mode`` (measured; see docs/benchmarks.md for whether it is a default): ``torch.compile``
-  on each decoder layer (one graph, shared by every layer), inside the non-reentrant checkpoint, so
-  the per-op Python and launch overhead of peft's and bitsandbytes' small ops goes, and the casts and
-  element-wise LoRA work fuse. bitsandbytes' 4-bit matmul is a registered custom op, so it stays in
-  the graph. The value is torch.compile's ``mode`` ("default", "reduce-overhead" for CUDA graphs).
+  over the decoder (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and
+  bitsandbytes' small ops goes, and the casts and element-wise LoRA work fuse. bitsandbytes' 4-bit
+  matmul is a registered custom op, so it stays in the graph.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -61,7 +60,7 @@ class SpeedLevers:
     bf16_frozen: bool = False
     bf16_storage: bool = False
     fused_lora: bool = False
-    #: torch.compile's mode for the decoder layers ("" = not compiled).
+    #: What torch.compile covers, of :data:`COMPILE_MODES` ("" = nothing).
     compile_mode: str = ""
     #: Which of :data:`LIGER_KERNELS` to use (empty: none).
     liger_kernels: tuple[str, ...] = ()
@@ -132,19 +131,50 @@ def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str 
     return None
 
 
-def compile_decoder_layers(model, mode: str = "default") -> int:
-    """``torch.compile`` every decoder layer of ``model`` in place; how many were compiled.
+#: What ``compile_mode`` may be: what is compiled, and how.
+COMPILE_MODES = {
+    "layers": "torch.compile on each decoder layer (one graph shared by the layers; checkpointing around each)",
+    "stack": "torch.compile on the whole decoder stack (one graph; checkpointing inside it)",
+    "stack-cudagraphs": "the whole decoder stack compiled with CUDA graphs (mode='reduce-overhead')",
+}
 
-    The layers share one code path, so they share one compiled graph; checkpointing stays outside,
-    around each compiled layer, so a recomputed layer replays the same graph (and, with the RNG
-    state the checkpoint restores, the same dropout mask).
-    """
-    import torch
+
+def decoder_stack(model):
+    """The module holding the decoder layers (``LlamaModel`` under a peft model), and the layers."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
+    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+    stack = next((module for module in model.modules()
+                  if any(child is layers[0] for child in getattr(module, "layers", ()))), None) if layers else None
+    return stack, layers
+
+
+def compile_model(model, mode: str) -> int:
+    """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
+
+    ``layers``: each decoder layer compiled (they share one code path, so one graph); checkpointing
+    stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
+    with the RNG state the checkpoint restores, the same dropout mask). ``stack``: the whole decoder
+    stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
+    per layer.
+    """
+    import torch
+
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={mode!r}: one of {', '.join(COMPILE_MODES)}")
     # One graph serves all layers; room for the few variants a run meets (train/eval, new lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.compile(mode=None if mode == "default" else mode)
+    stack, layers = decoder_stack(model)
+    if mode == "layers":
+        for layer in layers:
+            layer.compile()
+        return len(layers)
+    if stack is None:
+        raise ValueError("compile_mode: no decoder stack found in this model")
+    # Non-reentrant checkpointing needs no gradient on the embeddings' output; the hook that asks for it
+    # (transformers/peft add it for the reentrant kind) would break the graph.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
+        base.disable_input_require_grads()
+    stack.compile(mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)
