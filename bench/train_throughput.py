@@ -133,6 +133,12 @@ CONFIGS = {
                              dataclasses.replace(DEFAULTS, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
                                      dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=())),
+    "defaults+stack-accum4-noliger": Config(
+        "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
+        dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()), grad_accum=4),
+    "defaults+stack-real-noliger": Config("loraship defaults + compiled decoder stack, no liger, real lengths", "loraship",
+                                          dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()),
+                                          rows="real", grad_accum=4),
     "defaults+compile-accum4": Config("loraship defaults + compile, 2x1024 x 4 accumulation", "loraship",
                                       dataclasses.replace(DEFAULTS, compile_mode="layers"), grad_accum=4),
     "defaults+compile-real": Config("loraship defaults + compile, real lengths", "loraship",
@@ -150,6 +156,8 @@ GROUPS = {
     "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
                 "defaults+graphs-noliger"],
     "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
+    "stack-goals": ["plain", "defaults+stack-noliger", "plain-accum4", "defaults+stack-accum4-noliger", "plain-real",
+                    "defaults+stack-real-noliger"],
 }
 SEQ = 1024
 REAL_MAX = 2048
@@ -263,7 +271,7 @@ class LlamaModuleState:
     """liger-kernel replaces names in transformers' Llama module (RoPE, RMSNorm, MLP classes); put them back
     after each configuration so that the next one (the plain stack included) loads the stock model."""
 
-    NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
+    NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP", "create_causal_mask")
 
     def __enter__(self):
         from transformers.models.llama import modeling_llama
@@ -285,7 +293,7 @@ class LlamaModuleState:
 # --------------------------------------------------------------------------
 
 
-def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: str) -> dict:
+def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: str, warmup: int = 0) -> dict:
     """The seeds' stack by hand (what a notebook or the seeds' scripts do)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -316,8 +324,11 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     batches = [[padded(rows[(s * per_step + m * config.batch) % len(rows):][: config.batch], 0, device)
                 for m in range(config.grad_accum)] for s in range(steps)]
     train_peak = reset_peak(device)
+    steady_peak, first_peak = train_peak, None
     times, tokens, losses = [], [], []
     for step in range(steps):
+        if step == warmup:
+            first_peak, steady_peak = train_peak(), reset_peak(device)
         sync(device)
         start = time.perf_counter()
         micro = batches[step]
@@ -337,10 +348,18 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
         times.append(time.perf_counter() - start)
         tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
     del model, optimizer, batches
-    return {"times": times, "tokens": tokens, "losses": losses, "train_peak_gib": train_peak()}
+    return {"times": times, "tokens": tokens, "losses": losses, **peaks(first_peak, steady_peak())}
 
 
-def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path) -> dict:
+def peaks(warmup_peak, steady_peak) -> dict:
+    """The whole run's peak and the peak after warm-up (a compiled stack's first steps include compiling)."""
+    if steady_peak is None:
+        return {"train_peak_gib": None, "steady_peak_gib": None}
+    return {"train_peak_gib": max(warmup_peak or 0.0, steady_peak), "steady_peak_gib": steady_peak}
+
+
+def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path,
+                 warmup: int = 0) -> dict:
     """``python -m train``'s own functions, the plan's levers set by ``config``."""
     import torch
     from transformers import TrainerCallback, set_seed
@@ -363,7 +382,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     torch.manual_seed(0)
     peft_model = model.add_lora(base_model, settings, config.levers)
     examples = [data.Example(r["input_ids"], r["labels"], f"row {i}") for i, r in enumerate(rows)]
-    clock = StepClock(device)
+    clock = StepClock(device, warmup)
     trainer = run.build_trainer(settings, plan, peft_model, stub_tokenizer(), examples, [], workdir / "checkpoints",
                                 print, callbacks=[clock])
     # Rows in their given order, so each optimizer step holds the same rows as the plain stack's.
@@ -371,7 +390,8 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses,
-              "micro_batching": list(run.micro_batching(settings, plan)), "train_peak_gib": clock.train_peak()}
+              "micro_batching": list(run.micro_batching(settings, plan)),
+              **peaks(clock.warmup_peak, clock.train_peak())}
     trainer.accelerator.free_memory()
     del trainer, peft_model, base_model
     return result
@@ -380,13 +400,14 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
 class StepClock:
     """Wall time between consecutive optimizer steps (CUDA-synchronized), and tokens seen at each."""
 
-    def __new__(cls, device):
+    def __new__(cls, device, warmup: int = 0):
         from transformers import TrainerCallback
 
         class _Clock(TrainerCallback):
             def __init__(self):
                 self.device, self.times, self.seen, self.last = device, [], [], None
                 self.train_peak = lambda: None
+                self.warmup_peak = None
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.train_peak = reset_peak(self.device)
@@ -402,6 +423,8 @@ class StepClock:
                 self.times.append(now - self.last)
                 self.last = now
                 self.seen.append(int(state.num_input_tokens_seen))
+                if len(self.times) == warmup:  # the peak so far includes compiling; measure the steady state apart
+                    self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
 
             def tokens(self, trainer):
                 return [b - a for a, b in zip([0, *self.seen[:-1]], self.seen)]
@@ -447,9 +470,9 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, LlamaModuleState():
         if config.stack == "plain":
-            raw = run_plain(config, base, rows, steps, device)
+            raw = run_plain(config, base, rows, steps, device, warmup)
         else:
-            raw = run_loraship(config, base, rows, steps, device, Path(tmp))
+            raw = run_loraship(config, base, rows, steps, device, Path(tmp), warmup)
         free_memory()
     wall = time.perf_counter() - started
     times, tokens = raw["times"][warmup:], raw["tokens"][warmup:]
@@ -465,6 +488,7 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
         "timed_tokens": sum(tokens),
         "train_peak_gib": None if raw["train_peak_gib"] is None else round(raw["train_peak_gib"] - leftover, 2),
+        "steady_peak_gib": None if raw["steady_peak_gib"] is None else round(raw["steady_peak_gib"] - leftover, 2),
         "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"],
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
@@ -473,8 +497,9 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| shape | config | batch | tok/s | × plain | train peak GiB | × plain | loss first → last | last vs plain |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| shape | config | batch | tok/s | × plain | train peak GiB | × plain | after warm-up GiB | × plain "
+             "| loss first → last | last vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     plain = {}
     for r in results:
         if r["stack"] == "plain":
@@ -483,11 +508,13 @@ def table(results: list[dict]) -> str:
         p = plain.get((r["shape"], r["rows"], r["lora_r"], r["grad_accum"]))
         speed = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         mem = f"{r['train_peak_gib'] / p['train_peak_gib']:.2f}" if p and r["train_peak_gib"] and p["train_peak_gib"] else "-"
+        steady = r.get("steady_peak_gib")
+        steady_ratio = f"{steady / p['steady_peak_gib']:.2f}" if p and steady and p.get("steady_peak_gib") else "-"
         loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
         batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']} rows"
         batch += f" x{r['grad_accum']} acc" if r["grad_accum"] > 1 else ""
         lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_peak_gib']} | {mem} "
-                     f"| {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} |")
+                     f"| {steady} | {steady_ratio} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} |")
     return "\n".join(lines)
 
 
