@@ -271,7 +271,7 @@ class LlamaModuleState:
     """liger-kernel replaces names in transformers' Llama module (RoPE, RMSNorm, MLP classes); put them back
     after each configuration so that the next one (the plain stack included) loads the stock model."""
 
-    NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP", "create_causal_mask")
+    NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
 
     def __enter__(self):
         from transformers.models.llama import modeling_llama

@@ -176,28 +176,6 @@ def compile_model(model, mode: str) -> int:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
         base.disable_input_require_grads()
-    keep_masks_eager(stack)
     stack.compile(mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)
 
-
-def keep_masks_eager(stack) -> None:
-    """Build the attention mask outside the compiled graph (a graph break there, nothing else).
-
-    Traced by torch.compile (before torch 2.14), transformers never skips the causal mask: it builds
-    a batch x 1 x T x T mask and hands it to SDPA, which then cannot take the flash/cuDNN causal
-    path. Built eagerly, a batch of unpadded rows gets no mask and SDPA's ``is_causal``, as without
-    compile; packed rows still get their block-diagonal mask.
-    """
-    import sys
-
-    import torch
-
-    module = sys.modules[type(stack).__module__]
-    for name in dir(module):
-        function = getattr(module, name)
-        if name.startswith("create_") and name.endswith("_mask") and callable(function) \
-                and not getattr(function, "_loraship_eager", False):
-            eager = torch.compiler.disable(function)
-            eager._loraship_eager = True
-            setattr(module, name, eager)
