@@ -21,10 +21,14 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   the third decimal of the loss over 40 steps. But on the GPU, together with ``bf16_storage``, the
   end-to-end A/B ended at eval loss 4.135 against 3.615 (bf16_storage alone) and 3.708
   (fused_lora alone); the cause was not found, so it stays off (docs/benchmarks.md).
-- ``compile_mode`` (measured; see docs/benchmarks.md for whether it is a default): ``torch.compile``
-  over the decoder (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and
-  bitsandbytes' small ops goes, and the casts and element-wise LoRA work fuse. bitsandbytes' 4-bit
-  matmul is a registered custom op, so it stays in the graph.
+- ``compile_mode`` (measured, NOT a default): ``torch.compile`` over the decoder
+  (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and bitsandbytes'
+  small ops goes and the casts and element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a
+  registered custom op, so it stays in the graph). 8B at 2 x 1024 on one H200: the whole stack as
+  one graph ran 9,428 tok/s, 2.62x the plain stack, but peaked at 11.6 GiB (eager: 7.0) and at
+  30 GiB on the folded 8 x 1024 step, after 2.5 minutes of compiling; compiled layers kept the
+  memory but gave 1.06-1.30x (docs/benchmarks.md, "Session 4"). Until the compiled stack's memory
+  is explained it stays off; liger's kernels do not trace inside a graph, so turn them off with it.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
