@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import cuda_memory  # noqa: E402
 from train.speed import SpeedLevers, choose_levers  # noqa: E402
 
 SHAPES = {
@@ -161,6 +162,8 @@ GROUPS = {
 }
 SEQ = 1024
 REAL_MAX = 2048
+#: ``--memory-trace``: record CUDA allocations after warm-up and report what is alive at the peak (bench/cuda_memory.py).
+MEMORY_TRACE = False
 LEARNING_RATE = 2e-3
 
 
@@ -329,6 +332,8 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     for step in range(steps):
         if step == warmup:
             first_peak, steady_peak = train_peak(), reset_peak(device)
+            if MEMORY_TRACE and cuda:
+                cuda_memory.start()
         sync(device)
         start = time.perf_counter()
         micro = batches[step]
@@ -347,8 +352,10 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
         sync(device)
         times.append(time.perf_counter() - start)
         tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
+    memory = cuda_memory.summary() if MEMORY_TRACE and cuda else None
     del model, optimizer, batches
-    return {"times": times, "tokens": tokens, "losses": losses, **peaks(first_peak, steady_peak())}
+    return {"times": times, "tokens": tokens, "losses": losses, **peaks(first_peak, steady_peak()),
+            "memory_at_peak": memory}
 
 
 def peaks(warmup_peak, steady_peak) -> dict:
@@ -391,7 +398,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses,
               "micro_batching": list(run.micro_batching(settings, plan)),
-              **peaks(clock.warmup_peak, clock.train_peak())}
+              **peaks(clock.warmup_peak, clock.train_peak()), "memory_at_peak": clock.memory}
     trainer.accelerator.free_memory()
     del trainer, peft_model, base_model
     return result
@@ -407,7 +414,7 @@ class StepClock:
             def __init__(self):
                 self.device, self.times, self.seen, self.last = device, [], [], None
                 self.train_peak = lambda: None
-                self.warmup_peak = None
+                self.warmup_peak = self.memory = None
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.train_peak = reset_peak(self.device)
@@ -425,6 +432,12 @@ class StepClock:
                 self.seen.append(int(state.num_input_tokens_seen))
                 if len(self.times) == warmup:  # the peak so far includes compiling; measure the steady state apart
                     self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
+                    if MEMORY_TRACE and self.device == "cuda":
+                        cuda_memory.start()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                if MEMORY_TRACE and self.device == "cuda":
+                    self.memory = cuda_memory.summary()
 
             def tokens(self, trainer):
                 return [b - a for a, b in zip([0, *self.seen[:-1]], self.seen)]
@@ -492,7 +505,7 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"],
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
-        "steps": steps, "warmup": warmup, "wall_s": round(wall, 1),
+        "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "memory_at_peak": raw.get("memory_at_peak"),
     }
 
 
@@ -541,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the random-init bases are saved (default: a temp dir)")
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, float32, no bitsandbytes")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="CUDA: record allocations after warm-up; the JSON gets what is alive at the peak, by source line")
     args = parser.parse_args(argv)
+    global MEMORY_TRACE
+    MEMORY_TRACE = args.memory_trace
 
     import torch
 
