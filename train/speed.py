@@ -176,7 +176,8 @@ def compile_model(model, mode: str) -> int:
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")
     # Non-reentrant checkpointing needs no gradient on the embeddings' output; the hook that asks for it
-    # (transformers/peft add it for the reentrant kind) would break the graph.
+    # (transformers adds it with any checkpointing) breaks the graph there. The Trainer adds it back when
+    # it turns checkpointing on, which costs one break before the layers, not one per layer.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
         base.disable_input_require_grads()
