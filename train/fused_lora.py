@@ -12,7 +12,9 @@ node with a hand-written backward:
     dB = s * dy^T h,  h = A drop(x)      dA = (s * dy B)^T drop(x)
     dx = dy W + drop'( (s * dy B) A )
 
-in the base's compute dtype (bf16 on CUDA), which is also what peft computes under autocast.
+in the base's compute dtype (bf16 on CUDA), which is also what peft computes under autocast;
+like peft, the frozen and the adapter paths are added in the input's dtype (float32 when the
+residual stream is), so a young adapter's small update is not rounded away in a bf16 sum.
 The output is returned in the input's dtype, like bitsandbytes' own layer. Only the plain LoRA
 case is fused (one active adapter, no DoRA or other variant, not merged, adapters enabled);
 anything else falls through to peft's own forward.
@@ -33,15 +35,18 @@ def _lora_on_4bit():
             xc = x.to(compute)
             base = base_layer(xc)  # bitsandbytes' 4-bit matmul (no autograd inside a Function's forward)
             a, b = lora_a.to(compute), lora_b.to(compute)
-            if dropout > 0.0:
-                xd, mask = torch.native_dropout(xc, dropout, True)
+            if dropout > 0.0:  # on the input as it comes (peft drops before autocast casts), then cast
+                xd, mask = torch.native_dropout(x, dropout, True)
+                xd = xd.to(compute)
             else:
                 xd, mask = xc, None
             h = xd @ a.t()
-            out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling)
+            lora = (h @ b.t()).mul_(scaling)
             ctx.save_for_backward(xd, h, lora_a, lora_b, mask)
             ctx.base_layer, ctx.scaling, ctx.dropout, ctx.x_dtype = base_layer, scaling, dropout, x.dtype
-            return out.view(base.shape).to(x.dtype)
+            # The sum in the input's dtype, as peft adds its adapter to bitsandbytes' upcast output: in bf16 a
+            # young adapter's small update would round away against the frozen output.
+            return base.to(x.dtype) + lora.to(x.dtype)
 
         @staticmethod
         def backward(ctx, dy):
@@ -58,12 +63,13 @@ def _lora_on_4bit():
             grad_a = torch.mm(dh.t(), xd2) if ctx.needs_input_grad[1] else None
             grad_x = None
             if ctx.needs_input_grad[0]:
-                dxd = torch.mm(dh, a)
+                dxd = torch.mm(dh, a).to(ctx.x_dtype)
                 if mask is not None:
                     dxd = torch.ops.aten.native_dropout_backward(dxd, mask.reshape(dxd.shape), 1.0 / (1.0 - ctx.dropout))
                 weight = ctx.base_layer.weight
                 w = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(compute)  # (out, in)
-                grad_x = torch.addmm(dxd, dy2, w).view(*dy.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+                # Each path in compute dtype, their sum in the input's dtype (as autograd sums peft's two).
+                grad_x = (torch.mm(dy2, w).to(ctx.x_dtype) + dxd).view(*dy.shape[:-1], w.shape[1])
             return (grad_x, None if grad_a is None else grad_a.to(lora_a.dtype),
                     None if grad_b is None else grad_b.to(lora_b.dtype), None, None, None)
 

@@ -20,7 +20,10 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   ops. 8B at 2 x 1024: 5,164 tok/s against 4,069 without it, and it matches peft on the CPU to
   the third decimal of the loss over 40 steps. But on the GPU, together with ``bf16_storage``, the
   end-to-end A/B ended at eval loss 4.135 against 3.615 (bf16_storage alone) and 3.708
-  (fused_lora alone); the cause was not found, so it stays off (docs/benchmarks.md).
+  (fused_lora alone), so it stays off (docs/benchmarks.md). A likely cause, found since and fixed:
+  the layer added its frozen and adapter outputs in bf16 where peft adds them in float32, which
+  rounded a young adapter's update (11% of it in the forward, 26% of its gradient of x on the tiny
+  test model); the A/B has not been re-run on a GPU since.
 - ``compile_mode`` (measured, NOT a default): ``torch.compile`` over the decoder
   (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and bitsandbytes'
   small ops goes and the casts and element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a

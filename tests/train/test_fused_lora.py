@@ -107,6 +107,33 @@ def test_a_fused_layer_matches_peft_forward_and_backward(tiny_llama_dir, x_dtype
     assert close(da1, da0, 2e-2) and close(db1, db0, 2e-2)
 
 
+def test_a_young_adapters_small_update_is_not_rounded_away(tiny_llama_dir):
+    """With a float32 residual stream, peft adds the adapter's output to the frozen output in float32;
+    a bf16 sum would round a small update (B near zero, early in training) against the large frozen
+    output, in the forward and in the gradient of x alike."""
+    import torch
+
+    layer = first_lora_layer(qlora(tiny_llama_dir, levers=speed.SpeedLevers(bf16_storage=True)))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    b.data = (torch.randn(b.shape, generator=torch.Generator().manual_seed(4)) * 1e-3).to(b.dtype)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(2))  # float32 stream
+    probe = torch.linspace(-1, 1, layer.out_features)
+
+    def run(forward):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = forward(xi)
+        (y.float() * probe).sum().backward()
+        return y.detach().float(), xi.grad.float()
+
+    frozen_y, frozen_dx = run(lambda xi: layer.base_layer(xi).float())
+    peft_y, peft_dx = run(lambda xi: type(layer).forward(layer, xi))
+    fused_y, fused_dx = run(lambda xi: lora_on_4bit(xi, a, b, layer.base_layer, layer.scaling["default"], 0.0))
+    assert fused_y.dtype == torch.float32
+    assert close(fused_y - frozen_y, peft_y - frozen_y, 1e-3)  # the adapter's update, as peft has it
+    assert close(fused_dx - frozen_dx, peft_dx - frozen_dx, 1e-3)
+
+
 def test_dropout_uses_the_same_mask_forward_and_backward(tiny_llama_dir):
     import torch
 
