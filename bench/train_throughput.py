@@ -7,7 +7,9 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   LoRA (r8 q,k,v,o, dropout 0.05), bf16 autocast, torch AdamW, the model's own loss over full logits;
 - ``loraship*``: the functions ``python -m train`` runs (``model.plan_for``, ``load_base_model``,
   ``add_lora``, ``run.build_trainer``, trl's SFTTrainer), with the plan's speed levers switched on one
-  at a time (train/speed.py); ``loraship`` alone is the default on CUDA.
+  at a time (train/speed.py); ``loraship`` alone is the default on CUDA;
+- ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: today's defaults with torch.compile
+  on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``).
 
 Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized;
 for the real-length rows, non-padding tokens over the timed steps' total time), peak GPU memory
@@ -15,6 +17,8 @@ for the real-length rows, non-padding tokens over the timed steps' total time), 
 
     python bench/train_throughput.py --shapes llama-3.2-1b,llama-3-8b --configs fixed --out bench/results/x.json
     python bench/train_throughput.py --tiny            # CPU smoke test of every code path (no GPU, no bnb)
+    python bench/train_throughput.py --shapes llama-3-8b --configs defaults+stack-noliger --memory-trace --out m.json
+                                                       # + what is alive at the GPU memory peak, by source line
 
 Prints a table and writes JSON (``--out``).
 """
