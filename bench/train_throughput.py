@@ -138,6 +138,10 @@ CONFIGS = {
                              dataclasses.replace(DEFAULTS, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
                                      dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=())),
+    "defaults+stack8-noliger": Config("loraship defaults + decoder stack compiled 8 layers a graph, no liger", "loraship",
+                                      dataclasses.replace(DEFAULTS, compile_mode="stack-8", liger_kernels=())),
+    "defaults+stack4-noliger": Config("loraship defaults + decoder stack compiled 4 layers a graph, no liger", "loraship",
+                                      dataclasses.replace(DEFAULTS, compile_mode="stack-4", liger_kernels=())),
     "defaults+stack-accum4-noliger": Config(
         "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
         dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()), grad_accum=4),
@@ -161,6 +165,8 @@ GROUPS = {
     "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
                 "defaults+graphs-noliger"],
     "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
+    # Where the compiled stack's memory goes (run with --memory-trace), and whether smaller graphs bound it.
+    "stack-memory": ["plain", "defaults+stack-noliger", "defaults+stack8-noliger", "defaults+stack4-noliger"],
     "stack-goals": ["plain", "defaults+stack-noliger", "plain-accum4", "defaults+stack-accum4-noliger", "plain-real",
                     "defaults+stack-real-noliger"],
 }

@@ -75,3 +75,30 @@ def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward(tiny_
     # The check can fail: another mask moves the gradients far more than rounding does.
     other_mask = compiled_grads(checkpointing=True, seed=1)
     assert not all(close(other_mask[n], kept[n], 0.2) for n in kept)
+
+
+@pytest.mark.parametrize("mode", ["stack-0", "stack-x", "stack-N", "stacks-2"])
+def test_a_stack_mode_needs_a_whole_number_of_layers(tiny_llama_dir, mode):
+    with pytest.raises(ValueError, match="N a whole number of layers"):
+        speed.compile_model(qlora(tiny_llama_dir, levers=LEAN), mode)
+
+
+def test_stack_n_compiles_graphs_of_n_layers_and_keeps_the_weights_names(tiny_llama_dir, ids):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    whole = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(whole, "stack")
+    loss0, grads0 = step(whole, ids)
+    graphs_whole = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    grouped = qlora(tiny_llama_dir, levers=LEAN)
+    names = [name for name, _ in grouped.named_parameters()]
+    speed.compile_model(grouped, "stack-1")  # the tiny model's 2 layers: a break before the second
+    assert [name for name, _ in grouped.named_parameters()] == names  # the adapter saves under the same names
+    loss1, grads1 = step(grouped, ids)
+    assert graphs_whole == 1 and counters["stats"]["unique_graphs"] > 1
+    assert len(graph_breaks()) == 1 and "graph_break()" in next(iter(graph_breaks()))
+    assert abs(float(loss1 - loss0)) < 1e-3 * float(loss0)
+    assert grads1.keys() == grads0.keys() and all(close(grads1[n], grads0[n], 3e-2) for n in grads0)
