@@ -142,6 +142,9 @@ CONFIGS = {
                                       dataclasses.replace(DEFAULTS, compile_mode="stack-8", liger_kernels=())),
     "defaults+stack4-noliger": Config("loraship defaults + decoder stack compiled 4 layers a graph, no liger", "loraship",
                                       dataclasses.replace(DEFAULTS, compile_mode="stack-4", liger_kernels=())),
+    "defaults+stack-bf16stream-noliger": Config(
+        "loraship defaults + compiled decoder stack, bf16 residual stream (bf16_frozen), no liger", "loraship",
+        dataclasses.replace(DEFAULTS, bf16_storage=False, bf16_frozen=True, compile_mode="stack", liger_kernels=())),
     "defaults+stack-accum4-noliger": Config(
         "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
         dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()), grad_accum=4),
@@ -166,7 +169,9 @@ GROUPS = {
                 "defaults+graphs-noliger"],
     "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
     # Where the compiled stack's memory goes (run with --memory-trace), and whether smaller graphs bound it.
-    "stack-memory": ["plain", "defaults+stack-noliger", "defaults+stack8-noliger", "defaults+stack4-noliger"],
+    # (two groups: each config compiles for 2-3 minutes, and a device call lasts at most 10)
+    "stack-memory": ["plain", "defaults+stack-noliger", "defaults+stack8-noliger"],
+    "stack-memory2": ["plain", "defaults+stack4-noliger", "defaults+stack-bf16stream-noliger"],
     "stack-goals": ["plain", "defaults+stack-noliger", "plain-accum4", "defaults+stack-accum4-noliger", "plain-real",
                     "defaults+stack-real-noliger"],
 }
