@@ -156,15 +156,18 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
             echo(f"note: {notice}")
     if plan.load_in_4bit and (plan.levers.bf16_frozen or plan.levers.bf16_storage):
         model = speed.prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
-                                          float32_stream=not plan.levers.bf16_frozen)
+                                          float32_stream=not plan.levers.bf16_frozen,
+                                          compile_mode=plan.levers.compile_mode)
     elif plan.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs=speed.checkpoint_kwargs(plan.levers.compile_mode),
         )
+    elif gradient_checkpointing:
+        speed.enable_checkpointing(model, speed.checkpoint_kwargs(plan.levers.compile_mode))
     return model
 
 

@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
-from train import card, data, launch, model
+from train import card, data, launch, model, speed
 from train.report import write_data_report
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
@@ -223,7 +223,10 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         bf16=plan.cuda,
         fp16=False,
         use_cpu=not plan.cuda,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        # The model is already set up for checkpointing (model.load_base_model); the Trainer repeats
+        # it, except where its arguments cannot carry the model's settings (speed.trainer_sets_checkpointing).
+        gradient_checkpointing=settings.gradient_checkpointing and speed.trainer_sets_checkpointing(
+            plan.levers.compile_mode),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         report_to=["tensorboard"],
         seed=settings.seed,

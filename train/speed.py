@@ -105,13 +105,14 @@ def micro_batching(batch_size: int, grad_accum: int, max_seq_length: int, levers
     return batch_size, grad_accum
 
 
-def prepare_frozen_base(model, *, gradient_checkpointing: bool, float32_stream: bool = True):
+def prepare_frozen_base(model, *, gradient_checkpointing: bool, float32_stream: bool = True, compile_mode: str = ""):
     """peft's ``prepare_model_for_kbit_training`` without its float32 upcast of the frozen weights.
 
     What it keeps: every base parameter frozen, non-reentrant gradient checkpointing on the
     decoder layers (which needs no gradient on the embeddings' output, unlike the reentrant kind),
     and, with ``float32_stream``, a float32 residual stream: the embeddings' output is cast to
-    float32, as a float32 embedding table would give it (the ``bf16_storage`` lever).
+    float32, as a float32 embedding table would give it (the ``bf16_storage`` lever). The
+    checkpointing takes :func:`checkpoint_kwargs` of ``compile_mode``.
     """
     import torch
 
@@ -120,8 +121,65 @@ def prepare_frozen_base(model, *, gradient_checkpointing: bool, float32_stream: 
     if float32_stream:
         model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.to(torch.float32))
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, checkpoint_kwargs(compile_mode))
     return model
+
+
+def enable_checkpointing(model, kwargs: dict) -> None:
+    """Checkpoint ``model``'s decoder layers with ``kwargs`` (transformers 5.23 renamed the method)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(model, "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def checkpoint_kwargs(compile_mode: str = "") -> dict:
+    """The keyword arguments for ``torch.utils.checkpoint`` on the decoder layers.
+
+    Non-reentrant always. With the decoder stack compiled (``stack*`` modes), also torch's
+    selective checkpointing with a policy that makes bitsandbytes' ops be recomputed. Inside a
+    compiled graph, checkpointing tags each op of a layer "prefer recompute" and the partitioner
+    then saves only the layer inputs; but on CUDA the 4-bit matmuls that run inside bitsandbytes'
+    autograd function lost that tag (measured: 25 of 28 in a 4-layer stack), and the partitioner,
+    which never recomputes an untagged custom op, saved their outputs instead: 152 MiB per layer
+    of the 8B at 2 x 1024 tokens, 4.7 GiB in all, the compiled stack's whole excess over eager
+    (docs/benchmarks.md, "Session 5"). The policy tags the ops itself, at dispatch; every other op
+    is left as plain checkpointing leaves it. (A function, not an object: dynamo traces only a
+    function or a ``functools.partial`` as ``context_fn``.)
+    """
+    kwargs: dict = {"use_reentrant": False}
+    if compile_mode.startswith("stack"):
+        import functools
+
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, recompute_quantized_matmuls)
+    return kwargs
+
+
+def recompute_quantized_matmuls(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: bitsandbytes' ops must be recomputed; the rest as plain checkpointing does."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if getattr(op, "namespace", None) == "bitsandbytes":
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def trainer_sets_checkpointing(compile_mode: str) -> bool:
+    """Whether the Trainer may turn checkpointing on again from its arguments (it does when it starts).
+
+    Not with a compiled stack: its selective policy is a function, which the Trainer's arguments
+    cannot carry (they are written out as JSON), so the model keeps the checkpointing it was given
+    (``load_base_model`` and :func:`compile_model` set it).
+    """
+    return not compile_mode.startswith("stack")
 
 
 def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str | None:
@@ -190,11 +248,19 @@ def compile_model(model, mode: str) -> int:
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")
     # Non-reentrant checkpointing needs no gradient on the embeddings' output; the hook that asks for it
-    # (transformers adds it with any checkpointing) breaks the graph there. The Trainer adds it back when
-    # it turns checkpointing on, which costs one break before the layers, not one per layer.
+    # (transformers adds it with any checkpointing) breaks the graph there. transformers keeps only the
+    # last hook it added, so it goes before checkpointing is set again (with the policy that recomputes
+    # the 4-bit matmuls too: checkpoint_kwargs), and again after.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
-        base.disable_input_require_grads()
+
+    def drop_input_grad_hook():
+        if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
+            base.disable_input_require_grads()
+
+    drop_input_grad_hook()
+    if is_checkpointing(base):
+        enable_checkpointing(base, checkpoint_kwargs(mode))
+        drop_input_grad_hook()
     if group:
         for index, layer in enumerate(layers):
             if index and index % group == 0:

@@ -7,6 +7,8 @@ same compiler the GPU uses; here it emits C++ instead of Triton).
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from tests.train.test_fused_lora import close, ids, qlora, step  # noqa: F401 (ids: a fixture)
@@ -30,6 +32,76 @@ def graph_breaks() -> dict:
     from torch._dynamo.utils import counters
 
     return dict(counters["graph_break"])
+
+
+@contextlib.contextmanager
+def partitions():
+    """Each compiled graph's split into forward and backward (AOTAutograd's partitioner): the recompute
+    tags of its 4-bit matmuls, and the ops whose outputs its forward saves for the backward."""
+    import torch._functorch.partitioners as partitioners
+    import torch._inductor.compile_fx as compile_fx
+
+    graphs: list[dict] = []
+    original = partitioners.min_cut_rematerialization_partition
+
+    def spy(joint_module, joint_inputs, **kwargs):
+        tags = [node.meta.get("recompute") for node in joint_module.graph.nodes
+                if node.op == "call_function" and "gemm_4bit" in str(node.target)]
+        forward, backward = original(joint_module, joint_inputs, **kwargs)
+        saved = [str(node.target) for node in list(forward.graph.nodes)[-1].args[0]
+                 if getattr(node, "op", "placeholder") != "placeholder"]
+        graphs.append({"tags": tags, "saved": saved})
+        return forward, backward
+
+    partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = spy
+    try:
+        yield graphs
+    finally:
+        partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = original
+
+
+def test_a_compiled_stack_recomputes_its_4bit_matmuls_rather_than_saving_their_outputs(tiny_llama_dir, ids):
+    """On CUDA the partitioner saved every 4-bit matmul's output (4.7 GiB on the 8B at 2 x 1024) because
+    the checkpoint's recompute tag did not reach them; the selective policy tags them "must recompute"."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    peft_model = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
+    speed.compile_model(peft_model, "stack")
+    with partitions() as graphs:
+        step(peft_model, ids)
+    tags = [tag for graph in graphs for tag in graph["tags"]]
+    assert len(tags) == 2 * 7  # q, k, v, o, gate, up, down in each of the tiny model's two layers
+    assert set(tags) == {CheckpointPolicy.MUST_RECOMPUTE}
+    saved = [target for graph in graphs for target in graph["saved"]]
+    assert saved and not [target for target in saved if "bitsandbytes" in target]
+
+
+def test_the_trainer_leaves_a_compiled_stacks_checkpointing_policy_in_place(tmp_path, tiny_llama_dir,
+                                                                          embedded_tokenizer):
+    """The Trainer would turn checkpointing on again from its own arguments, which cannot carry the
+    policy (a function; they are written out as JSON), so with a compiled stack it leaves the model's."""
+    import dataclasses
+
+    from train import data, model
+    from train.run import build_trainer
+    from train.settings import TrainSettings
+
+    settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", max_steps=1, lora_r=4,
+                             lora_alpha=8, save_steps=10)
+    plan = model.plan_for(settings, cuda=False)
+    stacked = dataclasses.replace(plan, levers=speed.SpeedLevers(compile_mode="stack"))
+    base = model.load_base_model(str(tiny_llama_dir), stacked, gradient_checkpointing=True)
+    peft_model = model.add_lora(base, settings)  # not compiled here: what matters is who sets checkpointing
+    examples = [data.Example([5, 6, 7, 8], [5, 6, 7, 8], "row")] * 2
+    trainer = build_trainer(settings, stacked, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
+    assert trainer.args.gradient_checkpointing is False
+    trainer.train()  # transformers 5.17 re-applies checkpointing here, 5.23 when the Trainer is built
+    _, layers = speed.decoder_stack(peft_model)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    policies = {layer._gradient_checkpointing_func.keywords.get("context_fn") for layer in layers}
+    assert len(policies) == 1 and policies.pop().args == (speed.recompute_quantized_matmuls,)
+    eager = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt2", print)
+    assert eager.args.gradient_checkpointing is True
 
 
 def test_an_unknown_compile_mode_is_named_with_the_choices(tiny_llama_dir):
@@ -102,3 +174,25 @@ def test_stack_n_compiles_graphs_of_n_layers_and_keeps_the_weights_names(tiny_ll
     assert len(graph_breaks()) == 1 and "graph_break()" in next(iter(graph_breaks()))
     assert abs(float(loss1 - loss0)) < 1e-3 * float(loss0)
     assert grads1.keys() == grads0.keys() and all(close(grads1[n], grads0[n], 3e-2) for n in grads0)
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tmp_path, ids, request):
+    """The bug itself: with bitsandbytes' CUDA kernels the untagged 4-bit matmuls were saved (run on the device)."""
+    import os
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from tests.fixtures.models import build_tiny_llama
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    tokenizer_dir = os.environ.get("LORASHIP_TOKENIZER_DIR") or request.getfixturevalue("embedded_tokenizer_dir")
+    tiny_llama_dir = build_tiny_llama(tmp_path / "tiny", AutoTokenizer.from_pretrained(tokenizer_dir))
+    peft_model = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05, device="cuda")
+    speed.compile_model(peft_model, "stack")
+    with partitions() as graphs:
+        step(peft_model, ids, "cuda")
+    saved = [target for graph in graphs for target in graph["saved"]]
+    assert saved and not [target for target in saved if "bitsandbytes" in target]
