@@ -8,10 +8,12 @@ data for every run; each run is its own process whose plan has the named levers 
 Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py)::
 
     python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
+        [--set LORA_DROPOUT=0 ...]
 
 A run is ``defaults`` (the plan as it is), ``none`` (no lever) or comma-free ``field=value`` pairs
 joined by ``+`` that override train.speed.SpeedLevers fields (``packing=False+fold_accumulation=False``).
-Prints one line per run and writes the JSON.
+``--set`` overrides a setting of every run (e.g. ``LORA_DROPOUT=0``). Prints one line per run and writes
+the JSON: eval losses, every step's train loss, and how often torch.compile recompiled (TORCH_LOGS=recompiles).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", default="defaults,none,bf16_frozen=True")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for every run, over the fixed ones (repeatable)")
     args = parser.parse_args()
 
     from tests.train.test_gpu import build_llama_1b_shaped, write_repeat_task
@@ -68,6 +72,8 @@ def main() -> None:
                "LEARNING_RATE": "2e-3", "WARMUP_STEPS": "5", "LR_SCHEDULER": "cosine", "LORA_R": "16",
                "LORA_ALPHA": "32", "EVAL_SIZE": "32", "EVAL_STEPS": "50", "SAVE_STEPS": "50", "LOGGING_STEPS": "1",
                "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true", "SEED": "0"}
+        env.update(item.split("=", 1) for item in args.set)
+        env["TORCH_LOGS"] = "recompiles"
         for var in ("RECIPE", "HUB_REPO", "HF_TOKEN"):
             env.pop(var, None)
         started = time.time()
@@ -81,10 +87,11 @@ def main() -> None:
         results[run] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
                         "peak_gib": summary["gpu_peak_memory_gib"], "train_loss_first": losses[0],
                         "train_loss_step10": losses[9], "train_loss_last": losses[-1],
-                        "eval_losses": summary["eval_losses"]}
+                        "eval_losses": summary["eval_losses"], "settings": args.set,
+                        "recompiles": done.stderr.count("Recompiling function"), "train_losses": losses}
         print(f"{run}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "
               f"peak {summary['gpu_peak_memory_gib']} GiB")
-    args.out.write_text(json.dumps(results, indent=2))
+        args.out.write_text(json.dumps(results, indent=2))  # after each run: a cut-off call keeps the finished ones
 
 
 if __name__ == "__main__":

@@ -27,11 +27,13 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
 - ``compile_mode`` (measured, NOT a default): ``torch.compile`` over the decoder
   (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and bitsandbytes'
   small ops goes and the casts and element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a
-  registered custom op, so it stays in the graph). 8B at 2 x 1024 on one H200: the whole stack as
-  one graph ran 9,428 tok/s, 2.62x the plain stack, but peaked at 11.6 GiB (eager: 7.0) and at
-  30 GiB on the folded 8 x 1024 step, after 2.5 minutes of compiling; compiled layers kept the
-  memory but gave 1.06-1.30x (docs/benchmarks.md, "Session 4"). Until the compiled stack's memory
-  is explained it stays off; liger's kernels do not trace inside a graph, so turn them off with it.
+  registered custom op, so it stays in the graph). With the stack compiled, checkpointing takes
+  a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
+  saved rather than recomputed. 8B at 2 x 1024 on one H200 (docs/benchmarks.md, "Session 5"):
+  7,136 tok/s against the plain stack's 4,904 on that host (1.46x), at 7.01 GiB (0.57x). But in
+  the end-to-end A/B (1B shape, 150 steps) it ended at eval loss 3.934 against 3.615 without it,
+  and took 437 s against 67 s (compiling), so it stays off until that gap is explained; liger's
+  kernels do not trace inside a graph, so turn them off with it.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -232,8 +234,9 @@ def compile_model(model, mode: str) -> int:
     stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
     with the RNG state the checkpoint restores, the same dropout mask). ``stack``: the whole decoder
     stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
-    per layer. ``stack-N``: the stack in graphs of N layers, which bounds what one compiled backward
-    holds at once (for the stack's memory, docs/benchmarks.md "Session 4").
+    per layer. ``stack-N``: the stack in graphs of N layers (graph breaks between them; measured in
+    session 5 while looking for the stack's memory, which it did not change: docs/benchmarks.md).
+    Stack modes set the model's checkpointing again with :func:`checkpoint_kwargs`.
     """
     import torch
 

@@ -131,22 +131,73 @@ def test_a_compiled_stack_gives_the_eager_loss_and_gradients_in_one_graph(tiny_l
     assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
-def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward(tiny_llama_dir, ids):
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def tiny_on(request, tmp_path):
+    """The tiny Llama for ``device``: the session's fixture on the CPU; on the device machine (which has
+    no embedded GGUF) one built from the tokenizer folder in LORASHIP_TOKENIZER_DIR."""
+    import os
+
+    def folder_for(device: str):
+        if device == "cpu":
+            return request.getfixturevalue("tiny_llama_dir")
+        import torch
+        from transformers import AutoTokenizer
+
+        from tests.fixtures.models import build_tiny_llama
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU (run on the device)")
+        tokenizer_dir = os.environ.get("LORASHIP_TOKENIZER_DIR") or request.getfixturevalue("embedded_tokenizer_dir")
+        return build_tiny_llama(tmp_path / "tiny", AutoTokenizer.from_pretrained(tokenizer_dir))
+
+    return folder_for
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward(tiny_on, ids, device):
     """Checkpointing recomputes the forward in the backward pass; with LoRA dropout on, the recomputed
     pass must drop the same inputs, or the gradients belong to a forward that never happened."""
     import torch
 
+    folder = tiny_on(device)
+
     def compiled_grads(*, checkpointing: bool, seed: int):
-        peft_model = qlora(tiny_llama_dir, levers=LEAN, dropout=0.3, checkpointing=checkpointing)
+        torch._dynamo.reset()
+        peft_model = qlora(folder, levers=LEAN, dropout=0.3, checkpointing=checkpointing, device=device)
         speed.compile_model(peft_model, "stack")
         torch.manual_seed(seed)
-        return step(peft_model, ids)[1]
+        return step(peft_model, ids, device)[1]
 
     recomputed, kept = compiled_grads(checkpointing=True, seed=0), compiled_grads(checkpointing=False, seed=0)
     assert all(close(recomputed[n], kept[n], 3e-2) for n in kept)
     # The check can fail: another mask moves the gradients far more than rounding does.
     other_mask = compiled_grads(checkpointing=True, seed=1)
     assert not all(close(other_mask[n], kept[n], 0.2) for n in kept)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_stack_keeps_packed_examples_apart(tiny_on, device):
+    """Packing puts several examples in one row whose position ids restart at each; the compiled stack
+    must build the same block-diagonal mask eager does, so the second example's logits are what it
+    gets alone (a causal mask over the whole row moves them by ~0.6 on the tiny model)."""
+    import torch
+
+    folder = tiny_on(device)
+    generator = torch.Generator().manual_seed(0)
+    first, second = torch.randint(3, 200, (2, 6), generator=generator)
+    packed = torch.cat([first, second])[None].to(device)
+    positions = torch.tensor([list(range(6)) * 2], device=device)
+    alone_model = qlora(folder, levers=LEAN, device=device)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+        alone = alone_model(input_ids=second[None].to(device), use_cache=False).logits.float()
+    compiled = qlora(folder, levers=LEAN, device=device)
+    speed.compile_model(compiled, "stack")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = compiled(input_ids=packed, position_ids=positions, labels=packed).logits.float()
+    assert float((logits[0, 6:] - alone[0]).abs().max()) < 0.05 * float(alone.abs().max())
 
 
 @pytest.mark.parametrize("mode", ["stack-0", "stack-x", "stack-N", "stacks-2"])
