@@ -5,7 +5,7 @@ learns. Setup: tests/train/test_gpu.py's random-init Llama-3.2-1B shape and repe
 (4-bit QLoRA r16 q,k,v,o, BATCH_SIZE=8, LR 2e-3 cosine, 150 steps, eval every 50), the same base and
 data for every run; each run is its own process whose plan has the named levers switched off.
 
-Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py)::
+Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py; ``--setup demo`` runs on a CPU)::
 
     python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
         [--set LORA_DROPOUT=0 ...]
@@ -33,6 +33,9 @@ sys.path.insert(0, str(ROOT))
 #: Runs ``python -m train`` with ``dataclasses.replace(levers, <overrides>)`` as the plan's levers.
 PATCHED_TRAIN = """
 import dataclasses, runpy, train.speed as speed
+import torch, bitsandbytes.nn.modules as bnb_modules
+if not torch.cuda.is_available():  # no CPU repacking of 4-bit weights for eval: a compiled graph cannot take it
+    bnb_modules.has_avx512bf16 = lambda: False
 chosen = speed.choose_levers
 def choose(**kwargs):
     levers, notices = chosen(**kwargs)
@@ -52,30 +55,37 @@ def command_for(run: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, help="the SmolLM2 tokenizer folder (the repeat-1b setup)")
+    parser.add_argument("--setup", choices=("repeat-1b", "demo"), default="repeat-1b",
+                        help="repeat-1b: the GPU setup above; demo: RECIPE=demo (the embedded SmolLM2-135M, the "
+                             "quokka data, 40 steps) as 4-bit QLoRA with checkpointing, which runs on a CPU")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", default="defaults,none,bf16_frozen=True")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every run, over the fixed ones (repeatable)")
     args = parser.parse_args()
 
-    from tests.train.test_gpu import build_llama_1b_shaped, write_repeat_task
-
     work = Path(tempfile.mkdtemp(prefix="levers-ab-"))
-    base = build_llama_1b_shaped(work / "base", args.tokenizer)
-    data = write_repeat_task(work / "repeat.jsonl", rows=1200)
+    if args.setup == "demo":
+        fixed = {"RECIPE": "demo", "LOAD_IN_4BIT": "true", "GRADIENT_CHECKPOINTING": "true"}
+    else:
+        from tests.train.test_gpu import build_llama_1b_shaped, write_repeat_task
+
+        if args.tokenizer is None:
+            parser.error("--tokenizer is needed for the repeat-1b setup")
+        base = build_llama_1b_shaped(work / "base", args.tokenizer)
+        data = write_repeat_task(work / "repeat.jsonl", rows=1200)
+        fixed = {"BASE_MODEL": str(base), "DATASET": str(data), "LOAD_IN_4BIT": "auto", "OPTIMIZER": "auto",
+                 "MAX_STEPS": "150", "BATCH_SIZE": "8", "GRAD_ACCUM": "1", "LEARNING_RATE": "2e-3", "WARMUP_STEPS": "5",
+                 "LR_SCHEDULER": "cosine", "LORA_R": "16", "LORA_ALPHA": "32", "EVAL_SIZE": "32", "EVAL_STEPS": "50",
+                 "SAVE_STEPS": "50", "LOGGING_STEPS": "1", "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true",
+                 "SEED": "0"}
     results = {}
     for run in args.runs.split(","):
         out = work / f"run{len(results)}"
-        env = {**os.environ, "BASE_MODEL": str(base), "DATASET": str(data), "OUTPUT_DIR": str(out),
-               "LOAD_IN_4BIT": "auto", "OPTIMIZER": "auto", "MAX_STEPS": "150", "BATCH_SIZE": "8", "GRAD_ACCUM": "1",
-               "LEARNING_RATE": "2e-3", "WARMUP_STEPS": "5", "LR_SCHEDULER": "cosine", "LORA_R": "16",
-               "LORA_ALPHA": "32", "EVAL_SIZE": "32", "EVAL_STEPS": "50", "SAVE_STEPS": "50", "LOGGING_STEPS": "1",
-               "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true", "SEED": "0"}
+        env = {key: value for key, value in os.environ.items() if key not in ("RECIPE", "HUB_REPO", "HF_TOKEN")}
+        env.update(fixed, OUTPUT_DIR=str(out), TORCH_LOGS="recompiles")
         env.update(item.split("=", 1) for item in args.set)
-        env["TORCH_LOGS"] = "recompiles"
-        for var in ("RECIPE", "HUB_REPO", "HF_TOKEN"):
-            env.pop(var, None)
         started = time.time()
         done = subprocess.run(command_for(run), cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -86,7 +96,7 @@ def main() -> None:
         losses = [loss for _, loss in summary["train_losses"]]
         results[run] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
                         "peak_gib": summary["gpu_peak_memory_gib"], "train_loss_first": losses[0],
-                        "train_loss_step10": losses[9], "train_loss_last": losses[-1],
+                        "train_loss_step10": dict(summary["train_losses"]).get(10), "train_loss_last": losses[-1],
                         "eval_losses": summary["eval_losses"], "settings": args.set,
                         "recompiles": done.stderr.count("Recompiling function"), "train_losses": losses}
         print(f"{run}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "

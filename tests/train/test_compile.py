@@ -120,17 +120,6 @@ def test_layers_mode_compiles_each_decoder_layer_and_stack_mode_the_stack(tiny_l
     assert stack._compiled_call_impl is not None and all(layer._compiled_call_impl is None for layer in layers)
 
 
-def test_a_compiled_stack_gives_the_eager_loss_and_gradients_in_one_graph(tiny_llama_dir, ids):
-    eager = step(qlora(tiny_llama_dir, levers=LEAN), ids)
-    compiled_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(compiled_model, "stack")
-    compiled = step(compiled_model, ids)
-    assert graph_breaks() == {}  # bitsandbytes' 4-bit matmul and the checkpoints stay inside the graph
-    assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
-    # Fused casts round differently in bf16: close, not equal.
-    assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
-
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -154,6 +143,46 @@ def tiny_on(request, tmp_path):
         return build_tiny_llama(tmp_path / "tiny", AutoTokenizer.from_pretrained(tokenizer_dir))
 
     return folder_for
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_stack_gives_the_eager_loss_and_gradients_in_one_graph(tiny_on, ids, device):
+    folder = tiny_on(device)
+    eager = step(qlora(folder, levers=LEAN, device=device), ids, device)
+    compiled_model = qlora(folder, levers=LEAN, device=device)
+    speed.compile_model(compiled_model, "stack")
+    compiled = step(compiled_model, ids, device)
+    assert graph_breaks() == {}  # bitsandbytes' 4-bit matmul and the checkpoints stay inside the graph
+    assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
+    # Fused casts round differently in bf16: close, not equal.
+    assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_stack_gives_the_eager_gradients_on_a_packed_row(tiny_on, device):
+    """What training feeds it: rows of different lengths packed into one (data.collate_packed)."""
+    import torch
+
+    from train.data import collate_packed
+
+    folder = tiny_on(device)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in (9, 17, 6)]
+    batch = {k: v.to(device) for k, v in collate_packed([{"input_ids": r, "labels": r} for r in rows]).items()}
+
+    def packed_step(peft_model):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = peft_model(**batch, use_cache=False).loss
+        loss.backward()
+        return loss.detach().float().cpu(), {n: p.grad.float().cpu() for n, p in peft_model.named_parameters()
+                                             if p.requires_grad}
+
+    eager = packed_step(qlora(folder, levers=LEAN, device=device))
+    compiled_model = qlora(folder, levers=LEAN, device=device)
+    speed.compile_model(compiled_model, "stack")
+    compiled = packed_step(compiled_model)
+    assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
+    assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -228,20 +257,9 @@ def test_stack_n_compiles_graphs_of_n_layers_and_keeps_the_weights_names(tiny_ll
 
 
 @pytest.mark.gpu
-def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tmp_path, ids, request):
+def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
     """The bug itself: with bitsandbytes' CUDA kernels the untagged 4-bit matmuls were saved (run on the device)."""
-    import os
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from tests.fixtures.models import build_tiny_llama
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    tokenizer_dir = os.environ.get("LORASHIP_TOKENIZER_DIR") or request.getfixturevalue("embedded_tokenizer_dir")
-    tiny_llama_dir = build_tiny_llama(tmp_path / "tiny", AutoTokenizer.from_pretrained(tokenizer_dir))
-    peft_model = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05, device="cuda")
+    peft_model = qlora(tiny_on("cuda"), levers=LEAN, dropout=0.05, device="cuda")
     speed.compile_model(peft_model, "stack")
     with partitions() as graphs:
         step(peft_model, ids, "cuda")
