@@ -15,7 +15,7 @@ Variants: ``eager`` (no compile); ``stack`` (train.speed.compile_model's compile
 policy); ``stack-nographsafe`` (plain checkpointing, torch._functorch.config.graphsafe_rng_functionalization
 off). A random-init Llama with the 8B's widths and ``--layers`` layers, NF4 4-bit, LoRA r8 on q,k,v,o.
 
-Session 5's first run of this script (before the policy existed, when ``stack`` meant plain
+Session 5's first run of this script (a version before its first commit, when ``stack`` meant plain
 checkpointing and ``stack-sac`` the policy) is bench/results/compile_partition-call2.json.
 """
 
