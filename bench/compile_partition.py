@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import subprocess
 import sys
@@ -51,42 +52,52 @@ def build(folder: Path, layers: int, device: str) -> Path:
     return folder
 
 
-def partition_spy(record: dict):
-    """Wrap the partitioner so each compiled graph reports its 4-bit matmuls' tags and what its forward saves."""
+@contextlib.contextmanager
+def partitions():
+    """Each graph torch.compile splits while this is open (AOTAutograd's min-cut partitioner): the
+    recompute tags of its bitsandbytes 4-bit matmuls, and what its forward saves for the backward as
+    ``(op, bytes or None)``, weights and inputs left out. Also used by tests/train/test_compile.py."""
     import torch._functorch.partitioners as partitioners
     import torch._inductor.compile_fx as compile_fx
 
+    graphs: list[dict] = []
     original = partitioners.min_cut_rematerialization_partition
 
     def spy(joint_module, joint_inputs, **kwargs):
-        tags = collections.Counter()
-        for node in joint_module.graph.nodes:
-            if node.op == "call_function" and "gemm_4bit" in str(node.target):
-                tags[str(node.meta.get("recompute"))] += 1
-        fw, bw = original(joint_module, joint_inputs, **kwargs)
-        saved = collections.Counter()
-        saved_bytes = collections.Counter()
-        for node in list(fw.graph.nodes)[-1].args[0]:
+        tags = [node.meta.get("recompute") for node in joint_module.graph.nodes
+                if node.op == "call_function" and "gemm_4bit" in str(node.target)]
+        forward, backward = original(joint_module, joint_inputs, **kwargs)
+        saved = []
+        for node in list(forward.graph.nodes)[-1].args[0]:
             if getattr(node, "op", "placeholder") == "placeholder":
-                continue  # weights and inputs: not activations
-            value = node.meta.get("val")
-            if not hasattr(value, "shape"):
                 continue
-            key = str(node.target).replace("torch.ops.", "")
-            saved[key] += 1
+            value = node.meta.get("val")
             try:
-                saved_bytes[key] += int(value.numel()) * value.element_size()
-            except Exception:  # symbolic sizes
-                pass
-        record.setdefault("graphs", []).append({
-            "gemm_4bit_tags": dict(tags),
-            "saved": {k: {"count": saved[k], "mib": round(saved_bytes[k] / 2**20, 2)} for k in saved},
-            "bw_rng_nodes": sum("rng" in str(n.target) for n in bw.graph.nodes),
-        })
-        return fw, bw
+                size = int(value.numel()) * value.element_size()
+            except Exception:  # not a tensor, or symbolic sizes
+                size = None
+            saved.append((str(node.target), size))
+        graphs.append({"tags": tags, "saved": saved})
+        return forward, backward
 
-    partitioners.min_cut_rematerialization_partition = spy
-    compile_fx.min_cut_rematerialization_partition = spy
+    partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = spy
+    try:
+        yield graphs
+    finally:
+        partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = original
+
+
+def summary(graphs: list[dict]) -> list[dict]:
+    """Per graph: how many 4-bit matmuls carry each tag, and what is saved by op (count, MiB)."""
+    out = []
+    for graph in graphs:
+        saved: dict = {}
+        for target, size in graph["saved"]:
+            entry = saved.setdefault(target.replace("torch.ops.", ""), {"count": 0, "mib": 0.0})
+            entry["count"] += 1
+            entry["mib"] = round(entry["mib"] + (size or 0) / 2**20, 2)
+        out.append({"gemm_4bit_tags": dict(collections.Counter(str(tag) for tag in graph["tags"])), "saved": saved})
+    return out
 
 
 def run_variant(variant: str, base: Path, device: str, seq: int, steps: int) -> dict:
@@ -97,8 +108,6 @@ def run_variant(variant: str, base: Path, device: str, seq: int, steps: int) -> 
     from train import speed
 
     record: dict = {"variant": variant}
-    if variant.startswith("stack"):
-        partition_spy(record)
     if variant == "stack-nographsafe":
         torch._functorch.config.graphsafe_rng_functionalization = False
     if variant in ("stack-unselective", "stack-nographsafe"):
@@ -119,22 +128,25 @@ def run_variant(variant: str, base: Path, device: str, seq: int, steps: int) -> 
     ids = torch.randint(3, WIDTHS["vocab_size"], (2, seq), generator=generator).to(device)
     cuda = device == "cuda"
     times, losses = [], []
-    for step in range(steps):
-        if cuda and step == 2:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            floor = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(round(time.perf_counter() - start, 3))
-        losses.append(round(float(loss), 4))
+    with partitions() as graphs:
+        for step in range(steps):
+            if cuda and step == 2:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                floor = torch.cuda.memory_allocated()
+            start = time.perf_counter()
+            with torch.autocast(device, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(round(time.perf_counter() - start, 3))
+            losses.append(round(float(loss), 4))
     record.update(step_s=times, losses=losses, dropout=dropout)
+    if graphs:
+        record["graphs"] = summary(graphs)
     if cuda:
         record["steady_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["steady_peak_above_floor_gib"] = round((torch.cuda.max_memory_allocated() - floor) / 2**30, 3)

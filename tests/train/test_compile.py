@@ -7,10 +7,9 @@ same compiler the GPU uses; here it emits C++ instead of Triton).
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
+from bench.compile_partition import partitions
 from tests.train.test_fused_lora import close, ids, qlora, step  # noqa: F401 (ids: a fixture)
 from train import speed
 
@@ -34,32 +33,6 @@ def graph_breaks() -> dict:
     return dict(counters["graph_break"])
 
 
-@contextlib.contextmanager
-def partitions():
-    """Each compiled graph's split into forward and backward (AOTAutograd's partitioner): the recompute
-    tags of its 4-bit matmuls, and the ops whose outputs its forward saves for the backward."""
-    import torch._functorch.partitioners as partitioners
-    import torch._inductor.compile_fx as compile_fx
-
-    graphs: list[dict] = []
-    original = partitioners.min_cut_rematerialization_partition
-
-    def spy(joint_module, joint_inputs, **kwargs):
-        tags = [node.meta.get("recompute") for node in joint_module.graph.nodes
-                if node.op == "call_function" and "gemm_4bit" in str(node.target)]
-        forward, backward = original(joint_module, joint_inputs, **kwargs)
-        saved = [str(node.target) for node in list(forward.graph.nodes)[-1].args[0]
-                 if getattr(node, "op", "placeholder") != "placeholder"]
-        graphs.append({"tags": tags, "saved": saved})
-        return forward, backward
-
-    partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = spy
-    try:
-        yield graphs
-    finally:
-        partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = original
-
-
 def test_a_compiled_stack_recomputes_its_4bit_matmuls_rather_than_saving_their_outputs(tiny_llama_dir, ids):
     """On CUDA the partitioner saved every 4-bit matmul's output (4.7 GiB on the 8B at 2 x 1024) because
     the checkpoint's recompute tag did not reach them; the selective policy tags them "must recompute"."""
@@ -72,7 +45,7 @@ def test_a_compiled_stack_recomputes_its_4bit_matmuls_rather_than_saving_their_o
     tags = [tag for graph in graphs for tag in graph["tags"]]
     assert len(tags) == 2 * 7  # q, k, v, o, gate, up, down in each of the tiny model's two layers
     assert set(tags) == {CheckpointPolicy.MUST_RECOMPUTE}
-    saved = [target for graph in graphs for target in graph["saved"]]
+    saved = [target for graph in graphs for target, _ in graph["saved"]]
     assert saved and not [target for target in saved if "bitsandbytes" in target]
 
 
@@ -263,5 +236,5 @@ def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
     speed.compile_model(peft_model, "stack")
     with partitions() as graphs:
         step(peft_model, ids, "cuda")
-    saved = [target for graph in graphs for target in graph["saved"]]
+    saved = [target for graph in graphs for target, _ in graph["saved"]]
     assert saved and not [target for target in saved if "bitsandbytes" in target]
