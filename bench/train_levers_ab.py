@@ -8,17 +8,19 @@ data for every run; each run is its own process whose plan has the named levers 
 Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py; ``--setup demo`` runs on a CPU)::
 
     python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
-        [--set LORA_DROPOUT=0 ...]
+        [--set LORA_DROPOUT=0 ...] [--inductor fallback_random=True ...]
 
 A run is ``defaults`` (the plan as it is), ``none`` (no lever) or comma-free ``field=value`` pairs
 joined by ``+`` that override train.speed.SpeedLevers fields (``packing=False+fold_accumulation=False``).
-``--set`` overrides a setting of every run (e.g. ``LORA_DROPOUT=0``). Prints one line per run and writes
-the JSON: eval losses, every step's train loss, and how often torch.compile recompiled (TORCH_LOGS=recompiles).
+``--set`` overrides a setting of every run (e.g. ``LORA_DROPOUT=0``); ``--inductor`` sets a
+``torch._inductor.config`` value in every run but ``defaults``. Prints one line per run and writes the JSON:
+eval losses, every step's train loss, and how often torch.compile recompiled and why (TORCH_LOGS=recompiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import subprocess
@@ -32,8 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 #: Runs ``python -m train`` with ``dataclasses.replace(levers, <overrides>)`` as the plan's levers.
 PATCHED_TRAIN = """
-import dataclasses, runpy, train.speed as speed
-import torch, bitsandbytes.nn.modules as bnb_modules
+import dataclasses, json, os, runpy, train.speed as speed
+import torch, torch._inductor.config, bitsandbytes.nn.modules as bnb_modules
+for key, value in json.loads(os.environ.get("LORASHIP_AB_INDUCTOR", "{{}}")).items():
+    setattr(torch._inductor.config, key, value)
 if not torch.cuda.is_available():  # no CPU repacking of 4-bit weights for eval: a compiled graph cannot take it
     bnb_modules.has_avx512bf16 = lambda: False
 chosen = speed.choose_levers
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--runs", default="defaults,none,bf16_frozen=True")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every run, over the fixed ones (repeatable)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                        help="a torch._inductor.config value (a Python literal) for every patched run (repeatable)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="levers-ab-"))
@@ -86,6 +92,8 @@ def main() -> None:
         env = {key: value for key, value in os.environ.items() if key not in ("RECIPE", "HUB_REPO", "HF_TOKEN")}
         env.update(fixed, OUTPUT_DIR=str(out), TORCH_LOGS="recompiles")
         env.update(item.split("=", 1) for item in args.set)
+        inductor = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.inductor)}
+        env["LORASHIP_AB_INDUCTOR"] = json.dumps(inductor)
         started = time.time()
         done = subprocess.run(command_for(run), cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -97,8 +105,12 @@ def main() -> None:
         results[run] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
                         "peak_gib": summary["gpu_peak_memory_gib"], "train_loss_first": losses[0],
                         "train_loss_step10": dict(summary["train_losses"]).get(10), "train_loss_last": losses[-1],
-                        "eval_losses": summary["eval_losses"], "settings": args.set,
-                        "recompiles": done.stderr.count("Recompiling function"), "train_losses": losses}
+                        "eval_losses": summary["eval_losses"], "settings": args.set, "inductor": inductor,
+                        "recompiles": done.stderr.count("Recompiling function"),
+                        "recompile_reasons": [line.split("[__recompiles]")[-1].strip() for line in done.stderr.splitlines()
+                                              if "[__recompiles]" in line
+                                              and line.split("[__recompiles]")[-1].strip().startswith("-")],
+                        "train_losses": losses}
         print(f"{run}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "
               f"peak {summary['gpu_peak_memory_gib']} GiB")
         args.out.write_text(json.dumps(results, indent=2))  # after each run: a cut-off call keeps the finished ones
