@@ -50,7 +50,7 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
     optimizer = settings.optimizer
     if optimizer == "auto":
         optimizer = "adamw_8bit" if cuda else "adamw_torch"
-    levers, speed_notices = speed.choose_levers(cuda=cuda)
+    levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile)
     notices.extend(speed_notices)
     return Plan(
         cuda=cuda,

@@ -86,11 +86,18 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
-def choose_levers(*, cuda: bool) -> tuple[SpeedLevers, tuple[str, ...]]:
-    """The levers for this machine, and the notices that say what was left off and why."""
+def choose_levers(*, cuda: bool, compile: bool = False) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The levers for this machine (``compile``: the TORCH_COMPILE setting), and the notices that say what was left off and why."""
     if not cuda:
-        return SpeedLevers(), ("speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU",)
+        notices = ["speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"]
+        if compile:
+            notices.append("TORCH_COMPILE=true: the compiled decoder stack is CUDA-only; off on CPU")
+        return SpeedLevers(), tuple(notices)
     notices = []
+    if compile:  # liger's kernels do not trace inside a graph; inductor fuses that work itself
+        notices.append("speed: TORCH_COMPILE=true: the decoder stack compiles during the first step (minutes for an 8B); "
+                       "liger-kernel off")
+        return SpeedLevers(bf16_storage=True, compile_mode="stack", packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
@@ -268,8 +275,28 @@ def compile_model(model, mode: str) -> int:
         for index, layer in enumerate(layers):
             if index and index % group == 0:
                 break_graph_before(layer)
-    stack.compile(mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
+    compile_for_training(stack, mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)
+
+
+def compile_for_training(module, mode: str | None = None) -> None:
+    """``module.compile()`` for training steps only, with dynamic shapes from the first step.
+
+    A run's evaluation (eval mode, no gradients) and its packed rows, whose length changes every step,
+    each made torch.compile compile the whole stack again: 3-4 compiles in the 1B A/B, most of its
+    437 s against 67 s eager (docs/benchmarks.md, "Session 6"). Here a step that builds no graph for a
+    backward pass runs the module eagerly, and the one training graph takes symbolic lengths at once.
+    """
+    import torch
+
+    compiled = torch.compile(module._call_impl, dynamic=True, mode=mode)
+
+    def call(*args, **kwargs):
+        if module.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of forward
 
 
 def break_graph_before(layer) -> None:

@@ -202,6 +202,42 @@ def test_a_compiled_stack_keeps_packed_examples_apart(tiny_on, device):
     assert float((logits[0, 6:] - alone[0]).abs().max()) < 0.05 * float(alone.abs().max())
 
 
+def test_a_compiled_stack_compiles_one_graph_for_packed_rows_of_any_length(tiny_llama_dir):
+    """Packed rows change length every step; the training graph takes symbolic lengths from the start."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from train.data import collate_packed
+
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "stack")
+    generator = torch.Generator().manual_seed(0)
+    for lengths in ((9, 17, 6), (30, 4), (11,)):
+        rows = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in lengths]
+        batch = collate_packed([{"input_ids": r, "labels": r} for r in rows])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            peft_model(**batch, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_dir, ids):
+    """Evaluation (eval mode, no gradients) would compile the whole stack again for a few batches."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    eager = qlora(tiny_llama_dir, levers=LEAN)
+    compiled = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(compiled, "stack")
+    step(compiled, ids)
+    assert counters["stats"]["unique_graphs"] == 1
+    for peft_model in (eager, compiled):
+        peft_model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated, expected = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
+    assert counters["stats"]["unique_graphs"] == 1
+    assert float(evaluated) == float(expected)  # the same eager code on the same weights
+
+
 @pytest.mark.parametrize("mode", ["stack-0", "stack-x", "stack-N", "stacks-2"])
 def test_a_stack_mode_needs_a_whole_number_of_layers(tiny_llama_dir, mode):
     with pytest.raises(ValueError, match="N a whole number of layers"):

@@ -39,6 +39,28 @@ def test_cpu_falls_back_to_the_plain_path_with_one_notice():
     ]
 
 
+def test_torch_compile_compiles_the_decoder_stack_on_cuda_instead_of_liger(monkeypatch):
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    plan = model.plan_for(TrainSettings(torch_compile=True), cuda=True)
+    assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="stack", packing=True,
+                                            fold_accumulation=True)
+    said = [notice for notice in plan.notices if notice.startswith("speed:")]
+    assert len(said) == 1 and "TORCH_COMPILE=true" in said[0] and "liger-kernel off" in said[0]
+
+
+def test_torch_compile_is_off_on_a_cpu_and_says_so():
+    plan = model.plan_for(TrainSettings(torch_compile=True), cuda=False)
+    assert plan.levers == speed.SpeedLevers()
+    assert "TORCH_COMPILE=true: the compiled decoder stack is CUDA-only; off on CPU" in plan.notices
+
+
+def test_torch_compile_is_off_unless_asked(monkeypatch):
+    monkeypatch.setenv("TORCH_COMPILE", "true")
+    assert TrainSettings().torch_compile is True
+    monkeypatch.delenv("TORCH_COMPILE")
+    assert TrainSettings().torch_compile is False
+
+
 def test_the_residual_stream_stays_float32_by_default(monkeypatch):
     # bf16_frozen (a bf16 residual stream) + packing trained worse end to end on the GPU
     # (docs/benchmarks.md, "End-to-end A/B"); bf16_storage keeps peft's float32 stream.
