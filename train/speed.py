@@ -23,17 +23,22 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   (fused_lora alone), so it stays off (docs/benchmarks.md). A likely cause, found since and fixed:
   the layer added its frozen and adapter outputs in bf16 where peft adds them in float32, which
   rounded a young adapter's update (11% of it in the forward, 26% of its gradient of x on the tiny
-  test model); the A/B has not been re-run on a GPU since.
+  test model). Re-run on a GPU since (session 6, one seed): 4.216, above the eager defaults' three
+  seeds (3.52-3.72); one seed does not settle it (the compiled stack's seeds spread 3.09-3.93).
 - ``compile_mode`` (measured, NOT a default): ``torch.compile`` over the decoder
   (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and bitsandbytes'
   small ops goes and the casts and element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a
   registered custom op, so it stays in the graph). With the stack compiled, checkpointing takes
   a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
   saved rather than recomputed. 8B at 2 x 1024 on one H200 (docs/benchmarks.md, "Session 5"):
-  7,136 tok/s against the plain stack's 4,904 on that host (1.46x), at 7.01 GiB (0.57x). But in
-  the end-to-end A/B (1B shape, 150 steps) it ended at eval loss 3.934 against 3.615 without it,
-  and took 437 s against 67 s (compiling), so it stays off until that gap is explained; liger's
-  kernels do not trace inside a graph, so turn them off with it.
+  7,136 tok/s against the plain stack's 4,904 on that host (1.46x), at 7.01 GiB (0.57x). In the
+  end-to-end A/B (1B shape, 150 steps) one seed ended at eval loss 3.934 against 3.615 eager, but
+  over three seeds each the two match (eager 3.52-3.72, mean 3.62; compiled 3.09-3.93, mean 3.63;
+  docs/benchmarks.md, "Session 6"): run-to-run spread, not a fault. It is the TORCH_COMPILE setting
+  (:func:`choose_levers`), not a default: a run pays minutes of compiling first (the 1B A/B runs
+  took 365-476 s against 47-67 s eager, compiling 4-5 times; :func:`compile_for_training` makes it twice),
+  and at the folded default step and real lengths its gain since the memory fix is unmeasured.
+  liger's kernels do not trace inside a graph, so the plan turns them off with it.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -280,16 +285,19 @@ def compile_model(model, mode: str) -> int:
 
 
 def compile_for_training(module, mode: str | None = None) -> None:
-    """``module.compile()`` for training steps only, with dynamic shapes from the first step.
+    """``module.compile()`` for training steps only: evaluation runs the module eagerly.
 
-    A run's evaluation (eval mode, no gradients) and its packed rows, whose length changes every step,
-    each made torch.compile compile the whole stack again: 3-4 compiles in the 1B A/B, most of its
-    437 s against 67 s eager (docs/benchmarks.md, "Session 6"). Here a step that builds no graph for a
-    backward pass runs the module eagerly, and the one training graph takes symbolic lengths at once.
+    A run's evaluation (eval mode, no gradients, padded batches) made torch.compile compile the whole
+    stack again, twice: in the 1B A/B, 4-5 compiles and 365-476 s against 47-67 s eager
+    (docs/benchmarks.md, "Session 6"). Here a call that builds no graph for a backward pass runs the
+    module eagerly, so a run compiles twice: its first length, then once more with the length symbolic
+    when packed rows change it (torch's automatic dynamic shapes). Symbolic shapes from the first step
+    (``dynamic=True``, which makes every input's sizes symbolic, the weights' too) were slower: the CPU
+    demo A/B ran 401 s that way against 255 s this way.
     """
     import torch
 
-    compiled = torch.compile(module._call_impl, dynamic=True, mode=mode)
+    compiled = torch.compile(module._call_impl, mode=mode)
 
     def call(*args, **kwargs):
         if module.training and torch.is_grad_enabled():
