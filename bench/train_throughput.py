@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import platform
 import random
 import statistics
@@ -138,13 +137,6 @@ CONFIGS = {
                              dataclasses.replace(DEFAULTS, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
                                      dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=())),
-    "defaults+stack8-noliger": Config("loraship defaults + decoder stack compiled 8 layers a graph, no liger", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="stack-8", liger_kernels=())),
-    "defaults+stack4-noliger": Config("loraship defaults + decoder stack compiled 4 layers a graph, no liger", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="stack-4", liger_kernels=())),
-    "defaults+stack-bf16stream-noliger": Config(
-        "loraship defaults + compiled decoder stack, bf16 residual stream (bf16_frozen), no liger", "loraship",
-        dataclasses.replace(DEFAULTS, bf16_storage=False, bf16_frozen=True, compile_mode="stack", liger_kernels=())),
     "defaults+stack-accum4-noliger": Config(
         "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
         dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()), grad_accum=4),
@@ -168,10 +160,8 @@ GROUPS = {
     "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
                 "defaults+graphs-noliger"],
     "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
-    # Where the compiled stack's memory goes (run with --memory-trace), and whether smaller graphs bound it.
-    # (two groups: each config compiles for 2-3 minutes, and a device call lasts at most 10)
-    "stack-memory": ["plain", "defaults+stack-noliger", "defaults+stack8-noliger"],
-    "stack-memory2": ["plain", "defaults+stack4-noliger", "defaults+stack-bf16stream-noliger"],
+    # Where the compiled stack's memory goes (run with --memory-trace).
+    "stack-memory": ["plain", "defaults+stack-noliger"],
     "stack-goals": ["plain", "defaults+stack-noliger", "plain-accum4", "defaults+stack-accum4-noliger", "plain-real",
                     "defaults+stack-real-noliger"],
 }
@@ -384,7 +374,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
                  warmup: int = 0) -> dict:
     """``python -m train``'s own functions, the plan's levers set by ``config``."""
     import torch
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
 
     from train import data, model, run
     from train.settings import TrainSettings

@@ -214,19 +214,8 @@ def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str 
 COMPILE_MODES = {
     "layers": "torch.compile on each decoder layer (one graph shared by the layers; checkpointing around each)",
     "stack": "torch.compile on the whole decoder stack (one graph; checkpointing inside it)",
-    "stack-N": "the decoder stack compiled as graphs of N layers each (a graph break before every N-th layer)",
     "stack-cudagraphs": "the whole decoder stack compiled with CUDA graphs (mode='reduce-overhead')",
 }
-
-
-def layers_per_graph(mode: str) -> int | None:
-    """N of a ``stack-N`` mode (None for the others); a ValueError naming the choices for an unknown mode."""
-    if mode in COMPILE_MODES and mode != "stack-N":
-        return None
-    prefix, _, count = mode.partition("-")
-    if prefix == "stack" and count.isdigit() and int(count) > 0:
-        return int(count)
-    raise ValueError(f"compile_mode={mode!r}: one of {', '.join(COMPILE_MODES)} (N a whole number of layers)")
 
 
 def decoder_stack(model):
@@ -246,13 +235,14 @@ def compile_model(model, mode: str) -> int:
     stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
     with the RNG state the checkpoint restores, the same dropout mask). ``stack``: the whole decoder
     stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
-    per layer. ``stack-N``: the stack in graphs of N layers (graph breaks between them; measured in
-    session 5 while looking for the stack's memory, which it did not change: docs/benchmarks.md).
-    Stack modes set the model's checkpointing again with :func:`checkpoint_kwargs`.
+    per layer. Stack modes set the model's checkpointing again with :func:`checkpoint_kwargs`.
+    (Graphs of N layers each, ``stack-N``, were measured in session 5 while looking for the stack's
+    memory, which they did not change, and were taken out: docs/benchmarks.md.)
     """
     import torch
 
-    group = layers_per_graph(mode)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={mode!r}: one of {', '.join(COMPILE_MODES)}")
     # One graph serves all layers; room for the few variants a run meets (train/eval, new lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     stack, layers = decoder_stack(model)
@@ -276,10 +266,6 @@ def compile_model(model, mode: str) -> int:
     if is_checkpointing(base):
         enable_checkpointing(base, checkpoint_kwargs(mode))
         drop_input_grad_hook()
-    if group:
-        for index, layer in enumerate(layers):
-            if index and index % group == 0:
-                break_graph_before(layer)
     compile_for_training(stack, mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)
 
@@ -305,22 +291,3 @@ def compile_for_training(module, mode: str | None = None) -> None:
         return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of forward
-
-
-def break_graph_before(layer) -> None:
-    """End the compiled graph before ``layer`` is called, outside its checkpoint.
-
-    A hook would run inside the checkpoint (which cannot hold a graph break), and a wrapper module
-    would rename the layer's weights, so the layer gets a subclass of its own class whose call
-    breaks the graph first; its parameters and their names stay as they were.
-    """
-    import torch
-
-    cls = type(layer)
-
-    def call(self, *args, **kwargs):
-        torch._dynamo.graph_break()
-        return cls.__call__(self, *args, **kwargs)
-
-    layer.__class__ = type(cls.__name__, (cls,), {"__call__": call, "__module__": cls.__module__})
-

@@ -247,33 +247,6 @@ def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_
     assert float(evaluated) == float(expected)  # the same eager code on the same weights
 
 
-@pytest.mark.parametrize("mode", ["stack-0", "stack-x", "stack-N", "stacks-2"])
-def test_a_stack_mode_needs_a_whole_number_of_layers(tiny_llama_dir, mode):
-    with pytest.raises(ValueError, match="N a whole number of layers"):
-        speed.compile_model(qlora(tiny_llama_dir, levers=LEAN), mode)
-
-
-def test_stack_n_compiles_graphs_of_n_layers_and_keeps_the_weights_names(tiny_llama_dir, ids):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    whole = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(whole, "stack")
-    loss0, grads0 = step(whole, ids)
-    graphs_whole = counters["stats"]["unique_graphs"]
-    torch._dynamo.reset()
-    counters.clear()
-    grouped = qlora(tiny_llama_dir, levers=LEAN)
-    names = [name for name, _ in grouped.named_parameters()]
-    speed.compile_model(grouped, "stack-1")  # the tiny model's 2 layers: a break before the second
-    assert [name for name, _ in grouped.named_parameters()] == names  # the adapter saves under the same names
-    loss1, grads1 = step(grouped, ids)
-    assert graphs_whole == 1 and counters["stats"]["unique_graphs"] > 1
-    assert len(graph_breaks()) == 1 and "graph_break()" in next(iter(graph_breaks()))
-    assert abs(float(loss1 - loss0)) < 1e-3 * float(loss0)
-    assert grads1.keys() == grads0.keys() and all(close(grads1[n], grads0[n], 3e-2) for n in grads0)
-
-
 @pytest.mark.gpu
 def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
     """The bug itself: with bitsandbytes' CUDA kernels the untagged 4-bit matmuls were saved (run on the device)."""
