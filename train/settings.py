@@ -131,8 +131,9 @@ class TrainSettings(BaseSettings):
     torch_compile: bool = Field(
         False,
         description="CUDA: torch.compile the decoder stack (liger-kernel then off). The first step compiles it "
-        "(8B, fixed 2x1024 rows: 150 s measured), and packed rows of a new length once more; after that, 8B 2x1024 micro-batches ran 1.46x the plain stack's "
-        "tokens/s at 0.57x its memory. Worth it only on long runs (docs/benchmarks.md). Ignored on CPU.",
+        "(8B, fixed 2x1024 rows: 150 s measured), and packed rows of a new length once more; after that, 8B "
+        "2x1024 micro-batches ran 1.46x the plain stack's tokens/s at 0.57x its memory. Worth it only on long "
+        "runs (docs/benchmarks.md). Ignored on CPU.",
     )
     num_gpus: Annotated[int | None, EmptyIsNone] = Field(
         None, ge=1, le=64,

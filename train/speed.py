@@ -100,7 +100,7 @@ def choose_levers(*, cuda: bool, compile: bool = False) -> tuple[SpeedLevers, tu
         return SpeedLevers(), tuple(notices)
     notices = []
     if compile:  # liger's kernels do not trace inside a graph; inductor fuses that work itself
-        notices.append("speed: TORCH_COMPILE=true: the decoder stack compiles during the first step (minutes for an 8B); "
+        notices.append("speed: TORCH_COMPILE=true: the decoder stack compiles during the first steps (minutes for an 8B); "
                        "liger-kernel off")
         return SpeedLevers(bf16_storage=True, compile_mode="stack", packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
@@ -277,9 +277,8 @@ def compile_for_training(module, mode: str | None = None) -> None:
     stack again, twice: in the 1B A/B, 4-5 compiles and 365-476 s against 47-67 s eager
     (docs/benchmarks.md, "Session 6"). Here a call that builds no graph for a backward pass runs the
     module eagerly, so a run compiles twice: its first length, then once more with the length symbolic
-    when packed rows change it (torch's automatic dynamic shapes). Symbolic shapes from the first step
-    (``dynamic=True``, which makes every input's sizes symbolic, the weights' too) were slower: the CPU
-    demo A/B ran 401 s that way against 255 s this way.
+    when packed rows change it (torch's automatic dynamic shapes). Symbolic sizes from the first step
+    (``dynamic=True``) were slower: the CPU demo A/B ran 401 s that way against 255 s this way.
     """
     import torch
 
