@@ -73,6 +73,7 @@ class Config:
     targets: tuple[str, ...] = QKVO
     dropout: float = 0.05
     gradient_checkpointing: bool = True
+    optimizer: str | None = None  # OPTIMIZER for loraship's path (None: the plan's choice)
 
 
 CONFIGS = {
@@ -133,6 +134,17 @@ CONFIGS = {
                               dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
                                       dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=())),
+    "defaults+graphs-noliger-fusedadam": Config(
+        "loraship defaults + compile with CUDA graphs, no liger, fused torch AdamW", "loraship",
+        dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
+    "defaults-fusedadam": Config("loraship defaults, fused torch AdamW", "loraship", DEFAULTS, optimizer="adamw_torch_fused"),
+    "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", DEFAULTS, optimizer="adamw_8bit"),
+    # What TORCH_COMPILE=true plans on CUDA (the compiled stack with CUDA graphs, liger off), optimizer as planned.
+    "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile=True)[0]),
+    "torch_compile-accum4": Config("loraship, TORCH_COMPILE=true, 2x1024 x 4 accumulation", "loraship",
+                                   choose_levers(cuda=True, compile=True)[0], grad_accum=4),
+    "torch_compile-real": Config("loraship, TORCH_COMPILE=true, real lengths", "loraship",
+                                 choose_levers(cuda=True, compile=True)[0], rows="real", grad_accum=4),
     "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
                              dataclasses.replace(DEFAULTS, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
@@ -169,6 +181,10 @@ SEQ = 1024
 REAL_MAX = 2048
 #: ``--memory-trace``: record CUDA allocations after warm-up and report what is alive at the peak (bench/cuda_memory.py).
 MEMORY_TRACE = False
+#: ``--phases``: also synchronize before and after the optimizer step, and record where each step's wall
+#: time went (``phase_s``: logging and data before the step, forward + backward + clipping, the optimizer
+#: step, the rest). The extra synchronizations cost a little speed, so tok/s with it is not comparable.
+PHASES = False
 LEARNING_RATE = 2e-3
 
 
@@ -387,6 +403,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
         lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
         learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_steps=steps, logging_steps=1, save_steps=10_000, eval_fraction=0.0, seed=0,
+        **({"optimizer": config.optimizer} if config.optimizer else {}),
     )
     plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
     set_seed(settings.seed)
@@ -401,7 +418,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     trainer.args.train_sampling_strategy = "sequential"
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses,
+    result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses, "phase_s": clock.phases,
               "micro_batching": list(run.micro_batching(settings, plan)),
               **peaks(clock.warmup_peak, clock.train_peak()), "memory_at_peak": clock.memory}
     trainer.accelerator.free_memory()
@@ -420,6 +437,12 @@ class StepClock:
                 self.device, self.times, self.seen, self.last = device, [], [], None
                 self.train_peak = lambda: None
                 self.warmup_peak = self.memory = None
+                self.phases, self.marks = [], {}
+
+            def mark(self, name):
+                if PHASES:
+                    sync(self.device)
+                    self.marks[name] = time.perf_counter()
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.train_peak = reset_peak(self.device)
@@ -428,10 +451,24 @@ class StepClock:
                 if self.last is None:
                     sync(self.device)
                     self.last = time.perf_counter()
+                self.mark("begin")
+
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                self.mark("pre_optimizer")
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                self.mark("optimizer")
 
             def on_step_end(self, args, state, control, **kwargs):
                 sync(self.device)
                 now = time.perf_counter()
+                if PHASES and len(self.marks) == 3:
+                    m = self.marks
+                    self.phases.append({"before_step": round(m["begin"] - self.last, 4),
+                                        "forward_backward_clip": round(m["pre_optimizer"] - m["begin"], 4),
+                                        "optimizer": round(m["optimizer"] - m["pre_optimizer"], 4),
+                                        "after_optimizer": round(now - m["optimizer"], 4)})
+                    self.marks = {}
                 self.times.append(now - self.last)
                 self.last = now
                 self.seen.append(int(state.num_input_tokens_seen))
@@ -492,6 +529,9 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         else:
             raw = run_loraship(config, base, rows, steps, device, Path(tmp), warmup)
         free_memory()
+    # What the allocator held, not only what tensors used: a CUDA graph's replays allocate nothing, so
+    # max_memory_allocated misses the memory pool its recording reserved; max_memory_reserved does not.
+    reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
     wall = time.perf_counter() - started
     times, tokens = raw["times"][warmup:], raw["tokens"][warmup:]
     if config.rows == "real":
@@ -507,11 +547,17 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
         "timed_tokens": sum(tokens),
         "train_peak_gib": None if raw["train_peak_gib"] is None else round(raw["train_peak_gib"] - leftover, 2),
         "steady_peak_gib": None if raw["steady_peak_gib"] is None else round(raw["steady_peak_gib"] - leftover, 2),
-        "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"],
+        "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"], "reserved_peak_gib": reserved,
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "memory_at_peak": raw.get("memory_at_peak"),
+        **({"phase_s": raw["phase_s"], "phase_median_s": phase_medians(raw["phase_s"][warmup:])} if raw.get("phase_s") else {}),
     }
+
+
+def phase_medians(phases: list[dict]) -> dict:
+    """The median of each phase over the timed steps (``--phases``)."""
+    return {name: round(statistics.median(p[name] for p in phases), 4) for name in phases[0]} if phases else {}
 
 
 def table(results: list[dict]) -> str:
@@ -561,9 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, float32, no bitsandbytes")
     parser.add_argument("--memory-trace", action="store_true",
                         help="CUDA: record allocations after warm-up; the JSON gets what is alive at the peak, by source line")
+    parser.add_argument("--phases", action="store_true",
+                        help="loraship's path: time each step's forward+backward, optimizer step and the rest apart "
+                        "(extra synchronizations: tok/s not comparable)")
     args = parser.parse_args(argv)
-    global MEMORY_TRACE
+    global MEMORY_TRACE, PHASES
     MEMORY_TRACE = args.memory_trace
+    PHASES = args.phases
 
     import torch
 
