@@ -49,7 +49,7 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
         load_in_4bit = settings.load_in_4bit == "true"
     optimizer = settings.optimizer
     if optimizer == "auto":
-        optimizer = "adamw_8bit" if cuda else "adamw_torch"
+        optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
     levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile)
     notices.extend(speed_notices)
     return Plan(

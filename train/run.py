@@ -82,6 +82,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         if launch.world_size() == 1:  # several processes: the launcher fetched them before starting them
             fetch_hub_checkpoints(settings, token, echo)
         check_resumable(output_dir, settings)
+        plan = keep_checkpoints_optimizer(output_dir, settings, plan, echo)
     model_path = model.resolve_model_path(plan.base_model_resolved)
 
     # 2. Data, rendered with the base model's own chat template.
@@ -95,7 +96,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         echo("dry run: stopping before the model is loaded")
         return None
     if main_process:  # only once the data is accepted: a refused run leaves no record behind
-        record_run_settings(output_dir, settings)
+        record_run_settings(output_dir, settings, plan.optimizer)
 
     # 3. Base model and adapters.
     from transformers import set_seed
@@ -265,9 +266,43 @@ def resume_sensitive(settings: TrainSettings) -> dict[str, Any]:
     return {key: public_settings(settings)[key] for key in RESUME_SENSITIVE}
 
 
-def record_run_settings(output_dir: Path, settings: TrainSettings) -> None:
-    """What a later resume of this OUTPUT_DIR must match (see check_resumable)."""
-    write_json(output_dir / RUN_SETTINGS, resume_sensitive(settings))
+#: The run settings record's entry for the optimizer the run used (OPTIMIZER with 'auto' decided).
+RESOLVED_OPTIMIZER = "resolved_optimizer"
+#: What OPTIMIZER=auto meant on CUDA for runs whose record has no RESOLVED_OPTIMIZER (before adamw_torch_fused).
+EARLIER_CUDA_AUTO_OPTIMIZER = "adamw_8bit"
+
+
+def record_run_settings(output_dir: Path, settings: TrainSettings, optimizer: str) -> None:
+    """What a later resume of this OUTPUT_DIR must match (see check_resumable), and the optimizer it must keep."""
+    write_json(output_dir / RUN_SETTINGS, {**resume_sensitive(settings), RESOLVED_OPTIMIZER: optimizer})
+
+
+def keep_checkpoints_optimizer(output_dir: Path, settings: TrainSettings, plan, echo: Callable[[str], None]):
+    """The plan, with the optimizer whose state the checkpoints to continue hold.
+
+    A checkpoint's optimizer.pt is one optimizer's state (adamw_8bit's quantized moments are not
+    AdamW's), so a continued run keeps the optimizer that made it: OPTIMIZER=auto follows the
+    checkpoints (what 'auto' means may have changed since: it was adamw_8bit on CUDA before
+    adamw_torch_fused), and an explicit other optimizer is refused.
+    """
+    import dataclasses
+
+    record = output_dir / RUN_SETTINGS
+    if not (record.is_file() and last_checkpoint(output_dir / CHECKPOINTS_DIR)):
+        return plan
+    made_with = json.loads(record.read_text(encoding="utf-8")).get(RESOLVED_OPTIMIZER)
+    if made_with is None and settings.optimizer == "auto" and plan.cuda:
+        made_with = EARLIER_CUDA_AUTO_OPTIMIZER
+    if made_with is None or made_with == plan.optimizer:
+        return plan
+    if settings.optimizer != "auto":
+        raise TrainError(
+            f"OPTIMIZER={settings.optimizer!r}: the checkpoints in {output_dir / CHECKPOINTS_DIR} hold {made_with}'s "
+            f"state, which another optimizer cannot continue; set OPTIMIZER={made_with} (or auto) to resume, "
+            "or use a new OUTPUT_DIR"
+        )
+    echo(f"note: OPTIMIZER=auto: continuing with {made_with}, the optimizer whose state the checkpoints hold")
+    return dataclasses.replace(plan, optimizer=made_with)
 
 
 def check_resumable(output_dir: Path, settings: TrainSettings) -> None:

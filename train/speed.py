@@ -38,7 +38,11 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   (:func:`choose_levers`), not a default: a run pays minutes of compiling first (the 1B A/B runs
   took 365-476 s against 47-67 s eager, compiling 4-5 times; :func:`compile_for_training` makes it twice),
   and at the folded default step and real lengths its gain since the memory fix is unmeasured.
-  liger's kernels do not trace inside a graph, so the plan turns them off with it.
+  liger's kernels do not trace inside a graph, so the plan turns them off with it. CUDA graphs on
+  top (``stack-cudagraphs``, bench configurations only) ran 8,085 and 8,779 tok/s (session 7), but
+  packed rows change length from step to step and each length would record a graph of its own;
+  leaving graphs out for symbolic lengths (inductor's ``cudagraph_skip_dynamic_graphs``) raised
+  the 2 x 1024 peak from 7.08 to 11.8 GiB. So the plan does not use them.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.

@@ -37,6 +37,6 @@ def test_four_bit_and_optimizer_defaults_follow_the_device():
     cpu, gpu = plan_for(TrainSettings(), cuda=False), plan_for(TrainSettings(), cuda=True)
     assert (cpu.load_in_4bit, cpu.optimizer, cpu.compute_dtype) == (False, "adamw_torch", "float32")
     assert any("LOAD_IN_4BIT=auto" in notice for notice in cpu.notices)
-    assert (gpu.load_in_4bit, gpu.optimizer, gpu.compute_dtype) == (True, "adamw_8bit", "bfloat16")
+    assert (gpu.load_in_4bit, gpu.optimizer, gpu.compute_dtype) == (True, "adamw_torch_fused", "bfloat16")
     forced = plan_for(TrainSettings(load_in_4bit="true"), cuda=False)
     assert (forced.load_in_4bit, forced.compute_dtype) == (True, "float32")
