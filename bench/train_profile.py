@@ -60,7 +60,7 @@ def profile(shape: str, key: str, base: Path, warmup: int, active: int, top: int
     original = tt.StepClock.__new__
 
     # Ride on run_loraship: its StepClock callback is replaced by one that also steps the profiler.
-    tt.StepClock.__new__ = lambda cls, device: _Both(original(cls, device), step)
+    tt.StepClock.__new__ = lambda cls, device, warmup=0: _Both(original(cls, device, warmup), step)
     try:
         with tempfile.TemporaryDirectory() as tmp, tt.LlamaModuleState():
             raw = tt.run_loraship(config, base, rows, steps, device, Path(tmp))
@@ -68,9 +68,10 @@ def profile(shape: str, key: str, base: Path, warmup: int, active: int, top: int
         tt.StepClock.__new__ = original
         prof.stop()
     events = prof.key_averages()
-    # Device-side events, less the profiler's own step annotation (a range as long as the step, not a kernel).
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith("ProfilerStep")]
-    busy_us = sum(e.device_time for e in kernels) / active
+    # Device-side events, less annotations (the profiler's step range, record_function ranges): kernels and copies.
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA" and not e.name.startswith("ProfilerStep")
+               and not getattr(e, "is_user_annotation", False)]
+    busy_us = covered_us([(e.time_range.start, e.time_range.end) for e in kernels]) / active
     walls = step.walls[warmup:warmup + active]
     wall_us = 1e6 * sum(walls) / len(walls)
     by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
@@ -83,6 +84,16 @@ def profile(shape: str, key: str, base: Path, warmup: int, active: int, top: int
         "top_cpu": [{"name": e.key, "calls_per_step": e.count // active, "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / active, 1)} for e in by_cpu],
         "top_gpu": [{"name": e.key[:100], "calls_per_step": e.count // active, "self_gpu_ms_per_step": round(e.self_device_time_total / 1000 / active, 1)} for e in by_gpu],
     }
+
+
+def covered_us(intervals: list[tuple[float, float]]) -> float:
+    """How long at least one of ``intervals`` was running: kernels on several streams overlap, and are counted once."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
 
 
 class _Both:

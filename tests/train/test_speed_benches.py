@@ -1,0 +1,49 @@
+"""The GPU speed benches run end to end on the CPU (their ``--tiny`` / ``--device cpu`` modes).
+
+They are measured on the device, a few minutes at a time: a bench that breaks on the CPU would
+spend that time failing. Each runs as its own process, as on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+
+
+def test_the_throughput_bench_trains_both_stacks_on_the_same_rows_and_times_the_phases(tmp_path):
+    out = tmp_path / "t.json"
+    run_bench("train_throughput.py", "--tiny", "--configs", "plain,defaults", "--timed", "2", "--phases",
+              "--out", str(out))
+    plain, loraship = json.loads(out.read_text())["results"]
+    assert (plain["config"], loraship["config"]) == ("plain", "defaults")
+    assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # same rows, same adapter init
+    assert plain["tokens_per_s"] > 0 and loraship["tokens_per_s"] > 0
+    assert set(loraship["phase_median_s"]) == {"before_step", "forward_backward_clip", "optimizer", "after_optimizer"}
+
+
+def test_the_profile_bench_reports_wall_time_and_the_busiest_operators(tmp_path):
+    out = tmp_path / "p.json"
+    run_bench("train_profile.py", "--tiny", "--configs", "defaults", "--out", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["wall_ms_per_step"] > 0 and result["tokens_per_step"] == 128
+    assert result["top_cpu"] and all(op["self_cpu_ms_per_step"] >= 0 for op in result["top_cpu"])
+
+
+def test_the_optimizer_bench_times_each_optimizer_over_an_8b_adapters_tensors(tmp_path):
+    out = tmp_path / "o.json"
+    run_bench("optimizer_step.py", "--device", "cpu", "--optimizers", "adamw_torch,adamw_torch_fused",
+              "--warmup", "1", "--steps", "2", "--out", str(out))
+    results = json.loads(out.read_text())["results"]
+    assert [r["optimizer"] for r in results] == ["adamw_torch", "adamw_torch_fused"]
+    assert all(r["tensors"] == 256 and r["weights"] == 6_815_744 and r["step_ms"] > 0 for r in results)
