@@ -134,10 +134,11 @@ CONFIGS = {
                               dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
                                       dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=())),
+    # Session 7, call 2, before OPTIMIZER=auto meant the fused AdamW on CUDA (now the same as defaults+graphs-noliger).
     "defaults+graphs-noliger-fusedadam": Config(
         "loraship defaults + compile with CUDA graphs, no liger, fused torch AdamW", "loraship",
         dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
-    "defaults-fusedadam": Config("loraship defaults, fused torch AdamW", "loraship", DEFAULTS, optimizer="adamw_torch_fused"),
+    # The defaults with the optimizer OPTIMIZER=auto meant on CUDA before the fused AdamW.
     "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", DEFAULTS, optimizer="adamw_8bit"),
     # What TORCH_COMPILE=true plans on CUDA (the compiled stack with CUDA graphs, liger off), optimizer as planned.
     "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile=True)[0]),
