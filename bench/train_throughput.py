@@ -140,12 +140,8 @@ CONFIGS = {
         dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
     # The defaults with the optimizer OPTIMIZER=auto meant on CUDA before the fused AdamW.
     "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", DEFAULTS, optimizer="adamw_8bit"),
-    # What TORCH_COMPILE=true plans on CUDA (the compiled stack with CUDA graphs, liger off), optimizer as planned.
+    # Whatever TORCH_COMPILE=true plans on CUDA (now the compiled stack, liger off: defaults+stack-noliger).
     "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile=True)[0]),
-    "torch_compile-accum4": Config("loraship, TORCH_COMPILE=true, 2x1024 x 4 accumulation", "loraship",
-                                   choose_levers(cuda=True, compile=True)[0], grad_accum=4),
-    "torch_compile-real": Config("loraship, TORCH_COMPILE=true, real lengths", "loraship",
-                                 choose_levers(cuda=True, compile=True)[0], rows="real", grad_accum=4),
     "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
                              dataclasses.replace(DEFAULTS, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
