@@ -87,3 +87,48 @@ def test_packed_loss_equals_the_mean_over_rows_run_alone(tiny_llama_dir, tiny_ro
             sums += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
             count += ids.shape[1] - 1
     torch.testing.assert_close(packed, sums / count, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, padded", [(1, 64), (64, 64), (65, 128), (513, 576), (1000, 1024), (1025, 1152), (2048, 2048),
+                                            (2049, 2304), (3000, 3072), (8191, 8192), (9000, 9216)])
+def test_bucket_lengths_are_eight_per_doubling(tokens, padded):
+    assert data.bucket_length(tokens) == padded
+
+
+def test_bucket_padding_stays_under_an_eighth_and_a_run_meets_few_lengths():
+    """From 512 tokens on; below that the lengths go in steps of 64."""
+    lengths = {data.bucket_length(n) for n in range(1024, 8193)}
+    assert len(lengths) == 25  # 1024 itself, then 8 sizes in each of the three doublings
+    assert all(data.bucket_length(n) - n < n / 8 for n in range(512, 20000))
+
+
+def test_a_bucketed_row_ends_in_a_filler_segment_with_no_labels():
+    batch = data.collate_packed(ROWS, bucket=True)  # 12 tokens -> 64
+    ids, labels, positions = (batch[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+    assert len(ids) == len(labels) == len(positions) == 64
+    assert ids[:12] == [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] and ids[12:] == [0] * 52
+    assert labels[:12] == data.collate_packed(ROWS)["labels"][0].tolist() and labels[12:] == [-100] * 52
+    assert positions[12:] == list(range(52))  # its own segment: restarts at 0, attends only to itself
+    assert batch[data.REAL_TOKENS] == 12
+
+
+def test_rows_of_one_length_are_not_bucketed():
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10], "labels": [8, 9, 10]}]
+    batch = data.collate_packed(rows, bucket=True)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 10]] and data.REAL_TOKENS not in batch
+
+
+def test_the_filler_changes_no_logit_and_no_loss(tiny_llama_dir, tiny_rows):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    model.config.use_cache = False
+    with torch.no_grad():
+        plain = data.collate_packed(tiny_rows)
+        bucketed = data.collate_packed(tiny_rows, bucket=True)
+        real = bucketed.pop(data.REAL_TOKENS)
+        assert real == plain["input_ids"].shape[1] < bucketed["input_ids"].shape[1]
+        unpadded, padded = model(**plain), model(**bucketed)
+    torch.testing.assert_close(padded.logits[0, :real], unpadded.logits[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded.loss, unpadded.loss, rtol=1e-5, atol=1e-6)
