@@ -193,7 +193,11 @@ def micro_batching(settings: TrainSettings, plan: model.Plan) -> tuple[int, int]
 
 def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
                   callbacks=()):
-    from trl import SFTConfig, SFTTrainer
+    import functools
+
+    from trl import SFTConfig
+
+    from train.trainer import Trainer
 
     has_eval = bool(eval_examples)
     rows, accumulation = micro_batching(settings, plan)
@@ -213,6 +217,8 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         logging_steps=settings.logging_steps,
+        # Its check reads every step's loss back from the GPU (a wait each step); a NaN loss shows in the log.
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=settings.eval_steps,
         save_strategy="steps",
@@ -247,14 +253,16 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         ddp_find_unused_parameters=False if launch.world_size() > 1 else None,
         disable_tqdm=False,
     )
-    trainer = SFTTrainer(
+    trainer = Trainer(
         model=peft_model,
         args=args,
         train_dataset=data.to_hf_dataset(train_examples),
         eval_dataset=data.to_hf_dataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
         # Padding-free batches on CUDA (train/speed.py); otherwise trl pads each batch to its longest row.
-        data_collator=data.collate_packed if plan.levers.packing else None,
+        # With CUDA graphs the packed rows are padded to a few lengths (data.bucket_length).
+        data_collator=functools.partial(data.collate_packed, bucket=speed.replays_graphs(plan.levers))
+        if plan.levers.packing else None,
         callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
     )
     if plan.load_in_4bit and plan.compute_dtype == "float32":

@@ -39,10 +39,13 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   took 365-476 s against 47-67 s eager, compiling 4-5 times; :func:`compile_for_training` makes it twice),
   and at the folded default step and real lengths its gain since the memory fix is unmeasured.
   liger's kernels do not trace inside a graph, so the plan turns them off with it. CUDA graphs on
-  top (``stack-cudagraphs``, bench configurations only) ran 8,085 and 8,779 tok/s (session 7), but
-  packed rows change length from step to step and each length would record a graph of its own;
-  leaving graphs out for symbolic lengths (inductor's ``cudagraph_skip_dynamic_graphs``) raised
-  the 2 x 1024 peak from 7.08 to 11.8 GiB. So the plan does not use them.
+  top (``stack-cudagraphs``, bench configurations only) ran 8,085-9,305 tok/s (sessions 7-8; 2.14-2.28x
+  the plain stack on the same host, 8.2 GiB reserved), but packed rows change length from step to
+  step and each length would record a graph of its own; leaving graphs out for symbolic lengths
+  (inductor's ``cudagraph_skip_dynamic_graphs``) raised the 2 x 1024 peak from 7.08 to 11.8 GiB.
+  With graphs the trainer pads packed rows to a few lengths (:func:`replays_graphs`,
+  ``data.bucket_length``); at real lengths on the 8B that cost two compiles (~8 minutes) and a
+  recording per new length before the first fast step (session 8), so the plan does not use them.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -220,6 +223,11 @@ COMPILE_MODES = {
     "stack": "torch.compile on the whole decoder stack (one graph; checkpointing inside it)",
     "stack-cudagraphs": "the whole decoder stack compiled with CUDA graphs (mode='reduce-overhead')",
 }
+
+
+def replays_graphs(levers: SpeedLevers) -> bool:
+    """Whether training steps replay CUDA graphs, so packed rows must come in a few lengths (``data.bucket_length``)."""
+    return levers.packing and levers.compile_mode == "stack-cudagraphs"
 
 
 def decoder_stack(model):

@@ -1,0 +1,94 @@
+"""The trainer (``train/trainer.py``): trl's loss and metrics, without reading them back from the device every step.
+
+A tiny Llama on the CPU with LoRA and padding-free batches, as ``python -m train`` trains on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from train import data, model, speed
+from train.run import build_trainer
+from train.settings import TrainSettings
+
+LENGTHS = (5, 9, 13, 7, 11, 6)
+
+
+@pytest.fixture
+def make_trainer(tmp_path, tiny_llama_dir, embedded_tokenizer):
+    def make(levers=speed.SpeedLevers(packing=True), steps=1):
+        settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", max_steps=steps,
+                                 lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=3, grad_accum=1, save_steps=100,
+                                 logging_steps=1)
+        plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=levers)
+        base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False)
+        peft_model = model.add_lora(base, settings)
+        examples = [data.Example(list(range(3, 3 + n)), list(range(3, 3 + n)), f"row {i}")
+                    for i, n in enumerate(LENGTHS)]
+        return build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
+
+    return make
+
+
+def packed_batch(trainer, rows=(0, 1, 2)):
+    return trainer.data_collator([trainer.train_dataset[i] for i in rows])
+
+
+def test_the_loss_and_metrics_are_trls_own(make_trainer):
+    from trl import SFTTrainer
+
+    trainer = make_trainer()
+    batch = packed_batch(trainer)
+    theirs = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
+    expected = {name: trainer._metrics["train"][name][-1] for name in ("entropy", "mean_token_accuracy")}
+    trainer._metrics["train"].clear()
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    trainer.read_metrics("train")
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    for name, value in expected.items():
+        assert trainer._metrics["train"][name] == [pytest.approx(value, rel=1e-6)]
+
+
+def test_a_micro_batchs_metrics_are_not_read_back_from_the_device(make_trainer, monkeypatch):
+    """Outside the decoder stack (which on CUDA runs as a compiled graph), nothing reads a tensor's value:
+    not the loss, nor trl's entropy and token accuracy, nor the token count. A log line reads them."""
+    import torch
+
+    trainer = make_trainer()
+    batch = packed_batch(trainer)
+    stack, _ = speed.decoder_stack(trainer.model)
+    inside = []
+    stack.register_forward_pre_hook(lambda *_: inside.append(True))
+    stack.register_forward_hook(lambda *_: inside.pop() and None)
+
+    def refusing(original):
+        def read(self, *args, **kwargs):
+            assert inside, "a tensor's value was read back during compute_loss"
+            return original(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patched:
+        for method in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            patched.setattr(torch.Tensor, method, refusing(getattr(torch.Tensor, method)))
+        trainer.compute_loss(trainer.model, dict(batch))
+    assert not trainer._metrics["train"]["entropy"]  # still on the device
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1]["entropy"] > 0
+    assert 0 <= trainer.state.log_history[-1]["mean_token_accuracy"] <= 1
+
+
+def test_cuda_graphs_bucket_the_packed_rows(make_trainer):
+    graphs = make_trainer(speed.SpeedLevers(packing=True, compile_mode="stack-cudagraphs"))
+    assert graphs.data_collator.keywords["bucket"] is True
+    assert make_trainer().data_collator.keywords["bucket"] is False
+
+
+def test_tokens_seen_count_real_tokens_and_not_the_bucket_filler(make_trainer):
+    trainer = make_trainer(speed.SpeedLevers(packing=True, compile_mode="stack-cudagraphs"), steps=2)
+    assert packed_batch(trainer)["input_ids"].shape[1] == 64  # 27 real tokens, bucketed
+    assert packed_batch(trainer, rows=(3, 4, 5))["input_ids"].shape[1] == 64  # 24
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen == sum(LENGTHS)
+    assert trainer.state.log_history[-2]["num_tokens"] == sum(LENGTHS)
