@@ -134,6 +134,10 @@ CONFIGS = {
                               dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
                                       dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=())),
+    # CUDA graphs at real lengths: packed rows padded to a few lengths (data.bucket_length), one graph each.
+    "defaults+graphs-real-noliger": Config(
+        "loraship defaults + compile with CUDA graphs, no liger, real lengths (bucketed)", "loraship",
+        dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), rows="real", grad_accum=4),
     # Session 7, call 2, before OPTIMIZER=auto meant the fused AdamW on CUDA (now the same as defaults+graphs-noliger).
     "defaults+graphs-noliger-fusedadam": Config(
         "loraship defaults + compile with CUDA graphs, no liger, fused torch AdamW", "loraship",
