@@ -295,10 +295,30 @@ def compile_for_training(module, mode: str | None = None) -> None:
     import torch
 
     compiled = torch.compile(module._call_impl, mode=mode)
+    graphs = mode == "reduce-overhead"
 
     def call(*args, **kwargs):
         if module.training and torch.is_grad_enabled():
+            if graphs:
+                mark_packed_length_dynamic(kwargs)
             return compiled(*args, **kwargs)
         return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of forward
+
+
+def mark_packed_length_dynamic(kwargs: dict) -> None:
+    """With CUDA graphs: a packed row's length is symbolic from the first step, so the stack compiles once.
+
+    Without it torch compiles for the first length, then again with the length symbolic when a second
+    one comes: on the 8B at real lengths that was 174 s and then 303 s before the first fast step
+    (docs/benchmarks.md, "Session 8"). Under CUDA graphs each (bucketed) length still records a graph of
+    its own. Rows of one length (a batch of several rows) keep their static shape. Not measured on a
+    GPU yet: CUDA graphs are a bench configuration (``stack-cudagraphs``), not in the plan.
+    """
+    import torch
+
+    for name in ("input_ids", "position_ids"):
+        tensor = kwargs.get(name)
+        if tensor is not None and tensor.dim() == 2 and tensor.shape[0] == 1:
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)

@@ -229,6 +229,27 @@ def test_a_compiled_stack_compiles_twice_for_packed_rows_of_any_length(tiny_llam
     assert graphs == [1, 2, 2, 2]
 
 
+def test_with_cuda_graphs_a_compiled_stack_compiles_once_for_packed_rows_of_any_length(tiny_llama_dir):
+    """Under CUDA graphs (speed.mark_packed_length_dynamic) a packed row's length is symbolic from the
+    first step, so the stack compiles once, not for the first length and again for the second."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    from train.data import collate_packed
+
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "stack-cudagraphs")  # on the CPU: compiled, no graphs to record
+    generator = torch.Generator().manual_seed(0)
+    graphs = []
+    for lengths in ((9, 17, 6), (30, 4), (11,), (7, 3, 12)):
+        rows = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in lengths]
+        batch = collate_packed([{"input_ids": r, "labels": r} for r in rows])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            peft_model(**batch, use_cache=False).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 1, 1, 1]
+
+
 def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_dir, ids):
     """Evaluation (eval mode, no gradients) would compile the whole stack again for a few batches."""
     import torch
