@@ -208,16 +208,13 @@ def test_a_compiled_stack_keeps_packed_examples_apart(tiny_on, device):
     assert float((logits[0, 6:] - alone[0]).abs().max()) < 0.05 * float(alone.abs().max())
 
 
-def test_a_compiled_stack_compiles_twice_for_packed_rows_of_any_length(tiny_llama_dir):
-    """Packed rows change length every step: the first length compiles, the second compiles a graph with
-    the length symbolic, and no later length compiles again."""
+def graphs_after_each_packed_step(peft_model) -> list[int]:
+    """Train steps on packed rows of four different lengths; how many graphs were compiled after each."""
     import torch
     from torch._dynamo.utils import counters
 
     from train.data import collate_packed
 
-    peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "stack")
     generator = torch.Generator().manual_seed(0)
     graphs = []
     for lengths in ((9, 17, 6), (30, 4), (11,), (7, 3, 12)):
@@ -226,27 +223,24 @@ def test_a_compiled_stack_compiles_twice_for_packed_rows_of_any_length(tiny_llam
         with torch.autocast("cpu", dtype=torch.bfloat16):
             peft_model(**batch, use_cache=False).loss.backward()
         graphs.append(counters["stats"]["unique_graphs"])
+    return graphs
+
+
+def test_a_compiled_stack_compiles_twice_for_packed_rows_of_any_length(tiny_llama_dir):
+    """Packed rows change length every step: the first length compiles, the second compiles a graph with
+    the length symbolic, and no later length compiles again."""
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "stack")
+    graphs = graphs_after_each_packed_step(peft_model)
     assert graphs == [1, 2, 2, 2]
 
 
 def test_with_cuda_graphs_a_compiled_stack_compiles_once_for_packed_rows_of_any_length(tiny_llama_dir):
     """Under CUDA graphs (speed.mark_packed_length_dynamic) a packed row's length is symbolic from the
     first step, so the stack compiles once, not for the first length and again for the second."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    from train.data import collate_packed
-
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
     speed.compile_model(peft_model, "stack-cudagraphs")  # on the CPU: compiled, no graphs to record
-    generator = torch.Generator().manual_seed(0)
-    graphs = []
-    for lengths in ((9, 17, 6), (30, 4), (11,), (7, 3, 12)):
-        rows = [torch.randint(3, 200, (length,), generator=generator).tolist() for length in lengths]
-        batch = collate_packed([{"input_ids": r, "labels": r} for r in rows])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            peft_model(**batch, use_cache=False).loss.backward()
-        graphs.append(counters["stats"]["unique_graphs"])
+    graphs = graphs_after_each_packed_step(peft_model)
     assert graphs == [1, 1, 1, 1]
 
 
