@@ -46,6 +46,8 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   With graphs the trainer pads packed rows to a few lengths (:func:`replays_graphs`,
   ``data.bucket_length``); at real lengths on the 8B that cost two compiles (~8 minutes) and a
   recording per new length before the first fast step (session 8), so the plan does not use them.
+  Since then the length is symbolic from the first step (:func:`mark_packed_length_dynamic`): one
+  compile on the CPU, not yet measured on a GPU.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.

@@ -8,7 +8,7 @@ until the CPU has queued the next work. Profiled on the 8B shape at 2 x 1024 wit
 
 Here the metrics stay on the GPU until a log line needs them (one read per LOGGING_STEPS), and the
 token counts come from the batch's shape on the CPU. The loss is trl's, computed the same way
-(:func:`tests/train/test_trainer.py` pins it against trl's own). Whatever this does not cover
+(tests/train/test_trainer.py pins it against trl's own). Whatever this does not cover
 (several processes, label smoothing, a custom loss, padded batches) runs trl's own code.
 """
 
