@@ -538,6 +538,11 @@ def to_hf_dataset(examples: Sequence[Example]):
 REAL_TOKENS = "real_tokens"
 
 
+def real_tokens(batch: dict) -> int:
+    """How many of a collated batch's tokens are data: all of them, less a bucket's filler."""
+    return int(batch[REAL_TOKENS]) if REAL_TOKENS in batch else int(batch["input_ids"].numel())
+
+
 def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> int:
     """The length a packed row of ``tokens`` is padded to: one of ``per_octave`` sizes per doubling.
 

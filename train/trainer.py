@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 from trl import SFTTrainer
 
-from train.data import REAL_TOKENS
+from train.data import REAL_TOKENS, real_tokens
 
 
 class Trainer(SFTTrainer):
@@ -43,7 +43,7 @@ class Trainer(SFTTrainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        real_tokens = inputs.get(REAL_TOKENS)
+        tokens = real_tokens(inputs) if "input_ids" in inputs else None
         inputs = {key: value for key, value in inputs.items() if key != REAL_TOKENS}
         if return_outputs or self._runs_trls_own(inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -63,7 +63,7 @@ class Trainer(SFTTrainer):
             if outputs.is_top1 is not None:
                 self._unread[mode]["mean_token_accuracy"].append(outputs.is_top1.sum() / per_token)
         if mode == "train":
-            self._total_train_tokens += int(real_tokens if real_tokens is not None else inputs["position_ids"].numel())
+            self._total_train_tokens += tokens
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
 
@@ -85,8 +85,6 @@ class Trainer(SFTTrainer):
         """transformers' count of tokens seen, from the batch's shape (and without a bucket's filler)."""
         if self.args.include_num_input_tokens_seen == "all" and self.accelerator.num_processes == 1 \
                 and "input_ids" in inputs:
-            real_tokens = inputs.get(REAL_TOKENS)
-            self.state.num_input_tokens_seen += int(real_tokens if real_tokens is not None
-                                                    else inputs["input_ids"].numel())
+            self.state.num_input_tokens_seen += real_tokens(inputs)
             return None
         return super()._track_num_input_tokens(inputs)
