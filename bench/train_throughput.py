@@ -19,6 +19,8 @@ for the real-length rows, non-padding tokens over the timed steps' total time), 
     python bench/train_throughput.py --tiny            # CPU smoke test of every code path (no GPU, no bnb)
     python bench/train_throughput.py --shapes llama-3-8b --configs defaults+stack-noliger --memory-trace --out m.json
                                                        # + what is alive at the GPU memory peak, by source line
+    python bench/train_throughput.py --shapes llama-3-8b --configs plain,defaults,defaults+compile --isolate
+                                                       # each configuration in a process of its own
 
 Prints a table and writes JSON (``--out``).
 """
@@ -29,9 +31,11 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -130,6 +134,9 @@ CONFIGS = {
     "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(DEFAULTS, compile_mode="layers")),
     "defaults+compile-noliger": Config("loraship defaults + compile, no liger", "loraship",
                                        dataclasses.replace(DEFAULTS, compile_mode="layers", liger_kernels=())),
+    "defaults+compile-real-noliger": Config("loraship defaults + compile, no liger, real lengths", "loraship",
+                                            dataclasses.replace(DEFAULTS, compile_mode="layers", liger_kernels=()),
+                                            rows="real", grad_accum=4),
     "defaults+graphs": Config("loraship defaults + compile with CUDA graphs", "loraship",
                               dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
@@ -552,6 +559,7 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "memory_at_peak": raw.get("memory_at_peak"),
+        "pid": os.getpid(),
         **({"phase_s": raw["phase_s"], "phase_median_s": phase_medians(raw["phase_s"][warmup:])} if raw.get("phase_s") else {}),
     }
 
@@ -595,6 +603,27 @@ def versions() -> dict:
     return out
 
 
+def measure_in_child(shape: str, key: str, workdir: Path, argv: list[str]) -> dict:
+    """:func:`measure` of one configuration in a fresh process of this script (``--isolate``); its result."""
+    keep, skip = [], False
+    for arg in argv:  # this run's flags, less what the child is given apart
+        if skip:
+            skip = False
+        elif arg in ("--configs", "--shapes", "--out", "--workdir"):
+            skip = True
+        elif arg != "--isolate" and not arg.startswith(("--configs=", "--shapes=", "--out=", "--workdir=")):
+            keep.append(arg)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "one.json"
+        command = [sys.executable, str(Path(__file__).resolve()), *keep, "--shapes", shape, "--configs", key,
+                   "--workdir", str(workdir), "--out", str(out)]
+        done = subprocess.run(command)
+        results = json.loads(out.read_text())["results"] if out.is_file() else []
+    if not results:
+        raise RuntimeError(f"the process measuring {shape}:{key} ended with exit code {done.returncode} and no result")
+    return results[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b", help=f"comma-separated: {', '.join(SHAPES)}")
@@ -611,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", action="store_true",
                         help="loraship's path: time each step's forward+backward, optimizer step and the rest apart "
                         "(extra synchronizations: tok/s not comparable)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="measure each configuration in a process of its own (nothing one leaves behind, "
+                        "a patched module, a compiled graph, an allocator's cache, reaches the next)")
     args = parser.parse_args(argv)
     global MEMORY_TRACE, PHASES
     MEMORY_TRACE = args.memory_trace
@@ -650,7 +682,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shape}: base built in {report['base_build_s'][shape]} s", flush=True)
         for key in keys:
             try:
-                result = measure(shape, key, base, args.warmup, args.timed, device, seq)
+                if args.isolate:
+                    result = measure_in_child(shape, key, workdir, argv if argv is not None else sys.argv[1:])
+                else:
+                    result = measure(shape, key, base, args.warmup, args.timed, device, seq)
             except Exception as err:  # one failing configuration must not lose the others' numbers
                 import traceback
 

@@ -32,6 +32,16 @@ def test_the_throughput_bench_trains_both_stacks_on_the_same_rows_and_times_the_
     assert set(loraship["phase_median_s"]) == {"before_step", "forward_backward_clip", "optimizer", "after_optimizer"}
 
 
+def test_the_throughput_bench_can_measure_each_configuration_in_a_process_of_its_own(tmp_path):
+    out = tmp_path / "t.json"
+    run_bench("train_throughput.py", "--tiny", "--configs", "plain,defaults", "--warmup", "0", "--timed", "1",
+              "--isolate", "--out", str(out))
+    plain, loraship = json.loads(out.read_text())["results"]
+    assert (plain["config"], loraship["config"]) == ("plain", "defaults")
+    assert len({plain["pid"], loraship["pid"], os.getpid()}) == 3
+    assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # the same rows and base in both processes
+
+
 def test_the_profile_bench_reports_wall_time_and_the_busiest_operators(tmp_path):
     out = tmp_path / "p.json"
     run_bench("train_profile.py", "--tiny", "--configs", "defaults", "--out", str(out))
