@@ -569,10 +569,16 @@ def phase_medians(phases: list[dict]) -> dict:
     return {name: round(statistics.median(p[name] for p in phases), 4) for name in phases[0]} if phases else {}
 
 
+def median_loss_gap(losses: list[float], plain_losses: list[float]) -> float:
+    """The median over the steps both ran of ``(loss - plain) / plain``: parity that one loss spike, in
+    either run, does not decide (at the bench's constant learning rate a spike can come at any step)."""
+    return statistics.median((mine - theirs) / theirs for mine, theirs in zip(losses, plain_losses))
+
+
 def table(results: list[dict]) -> str:
     lines = ["| shape | config | batch | tok/s | × plain | train peak GiB | × plain | after warm-up GiB | × plain "
-             "| loss first → last | last vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| loss first → last | last vs plain | median step vs plain |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     plain = {}
     for r in results:
         if r["stack"] == "plain":
@@ -584,10 +590,11 @@ def table(results: list[dict]) -> str:
         steady = r.get("steady_peak_gib")
         steady_ratio = f"{steady / p['steady_peak_gib']:.2f}" if p and steady and p.get("steady_peak_gib") else "-"
         loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
+        gap = f"{median_loss_gap(r['losses'], p['losses']):+.2%}" if p else "-"
         batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']} rows"
         batch += f" x{r['grad_accum']} acc" if r["grad_accum"] > 1 else ""
         lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_peak_gib']} | {mem} "
-                     f"| {steady} | {steady_ratio} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} |")
+                     f"| {steady} | {steady_ratio} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} | {gap} |")
     return "\n".join(lines)
 
 
