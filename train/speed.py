@@ -247,7 +247,7 @@ def decoder_stack(model):
 def compile_model(model, mode: str) -> int:
     """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
 
-    ``layers``: each decoder layer compiled (they share one code path, so one graph); checkpointing
+    ``layers``: each decoder layer compiled for training steps (they share one code path, so one graph); checkpointing
     stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
     with the RNG state the checkpoint restores, the same dropout mask). ``stack``: the whole decoder
     stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
@@ -264,7 +264,7 @@ def compile_model(model, mode: str) -> int:
     stack, layers = decoder_stack(model)
     if mode == "layers":
         for layer in layers:
-            layer.compile()
+            compile_for_training(layer)
         return len(layers)
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")

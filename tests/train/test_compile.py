@@ -262,6 +262,24 @@ def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_
     assert float(evaluated) == float(expected)  # the same eager code on the same weights
 
 
+def test_compiled_layers_evaluate_eagerly_without_a_second_compile(tiny_llama_dir, ids):
+    """As the compiled stack: evaluation (eval mode, no gradients) runs the layers' eager code."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    eager = qlora(tiny_llama_dir, levers=LEAN)
+    compiled = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(compiled, "layers")
+    step(compiled, ids)
+    assert counters["stats"]["unique_graphs"] == 1
+    for peft_model in (eager, compiled):
+        peft_model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        evaluated, expected = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
+    assert counters["stats"]["unique_graphs"] == 1
+    assert float(evaluated) == float(expected)
+
+
 @pytest.mark.gpu
 def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
     """The bug itself: with bitsandbytes' CUDA kernels the untagged 4-bit matmuls were saved (run on the device)."""
