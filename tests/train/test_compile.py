@@ -244,14 +244,15 @@ def test_with_cuda_graphs_a_compiled_stack_compiles_once_for_packed_rows_of_any_
     assert graphs == [1, 1, 1, 1]
 
 
-def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_dir, ids):
-    """Evaluation (eval mode, no gradients) would compile the whole stack again for a few batches."""
+@pytest.mark.parametrize("mode", ["stack", "layers"])
+def test_a_compiled_model_evaluates_eagerly_without_a_second_compile(tiny_llama_dir, ids, mode):
+    """Evaluation (eval mode, no gradients) would compile the stack, or the layers, again for a few batches."""
     import torch
     from torch._dynamo.utils import counters
 
     eager = qlora(tiny_llama_dir, levers=LEAN)
     compiled = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(compiled, "stack")
+    speed.compile_model(compiled, mode)
     step(compiled, ids)
     assert counters["stats"]["unique_graphs"] == 1
     for peft_model in (eager, compiled):
@@ -260,24 +261,6 @@ def test_a_compiled_stack_evaluates_eagerly_without_a_second_compile(tiny_llama_
         evaluated, expected = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
     assert counters["stats"]["unique_graphs"] == 1
     assert float(evaluated) == float(expected)  # the same eager code on the same weights
-
-
-def test_compiled_layers_evaluate_eagerly_without_a_second_compile(tiny_llama_dir, ids):
-    """As the compiled stack: evaluation (eval mode, no gradients) runs the layers' eager code."""
-    import torch
-    from torch._dynamo.utils import counters
-
-    eager = qlora(tiny_llama_dir, levers=LEAN)
-    compiled = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(compiled, "layers")
-    step(compiled, ids)
-    assert counters["stats"]["unique_graphs"] == 1
-    for peft_model in (eager, compiled):
-        peft_model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        evaluated, expected = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
-    assert counters["stats"]["unique_graphs"] == 1
-    assert float(evaluated) == float(expected)
 
 
 @pytest.mark.gpu
