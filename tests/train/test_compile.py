@@ -94,6 +94,7 @@ def test_layers_mode_compiles_each_decoder_layer_and_stack_mode_the_stack(tiny_l
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+MODES = ["stack", "layers"]  # the whole decoder stack as one graph; each decoder layer compiled
 
 
 @pytest.fixture
@@ -118,12 +119,13 @@ def tiny_on(request, tmp_path):
     return folder_for
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_stack_gives_the_eager_loss_and_gradients_in_one_graph(tiny_on, ids, device):
+def test_a_compiled_decoder_gives_the_eager_loss_and_gradients_without_a_graph_break(tiny_on, mode, ids, device):
     folder = tiny_on(device)
     eager = step(qlora(folder, levers=LEAN, device=device), ids, device)
     compiled_model = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled_model, "stack")
+    speed.compile_model(compiled_model, mode)
     compiled = step(compiled_model, ids, device)
     assert graph_breaks() == {}  # bitsandbytes' 4-bit matmul and the checkpoints stay inside the graph
     assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
@@ -131,8 +133,9 @@ def test_a_compiled_stack_gives_the_eager_loss_and_gradients_in_one_graph(tiny_o
     assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_stack_gives_the_eager_gradients_on_a_packed_row(tiny_on, device):
+def test_a_compiled_decoder_gives_the_eager_gradients_on_a_packed_row(tiny_on, mode, device):
     """What training feeds it: rows of different lengths packed into one (data.collate_packed)."""
     import torch
 
@@ -152,14 +155,15 @@ def test_a_compiled_stack_gives_the_eager_gradients_on_a_packed_row(tiny_on, dev
 
     eager = packed_step(qlora(folder, levers=LEAN, device=device))
     compiled_model = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled_model, "stack")
+    speed.compile_model(compiled_model, mode)
     compiled = packed_step(compiled_model)
     assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
     assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward_every_step(tiny_on, ids, device):
+def test_a_recomputed_compiled_decoder_draws_the_dropout_mask_of_its_forward_every_step(tiny_on, mode, ids, device):
     """Checkpointing recomputes the forward in the backward pass; with LoRA dropout on, the recomputed
     pass must drop the same inputs, or the gradients belong to a forward that never happened; and each
     step must draw a new mask, not replay the first (CUDA's compiled RNG keeps its own state)."""
@@ -170,7 +174,7 @@ def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward_every
     def grads_per_step(*, checkpointing: bool):
         torch._dynamo.reset()
         peft_model = qlora(folder, levers=LEAN, dropout=0.3, checkpointing=checkpointing, device=device)
-        speed.compile_model(peft_model, "stack")
+        speed.compile_model(peft_model, mode)
         torch.manual_seed(0)
         grads = []
         for _ in range(3):  # the same rows and weights each time: only the dropout mask changes
@@ -186,8 +190,9 @@ def test_a_recomputed_compiled_stack_draws_the_dropout_mask_of_its_forward_every
         assert not all(close(later[n], earlier[n], 0.2) for n in earlier)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_stack_keeps_packed_examples_apart(tiny_on, device):
+def test_a_compiled_decoder_keeps_packed_examples_apart(tiny_on, mode, device):
     """Packing puts several examples in one row whose position ids restart at each; the compiled stack
     must build the same block-diagonal mask eager does, so the second example's logits are what it
     gets alone (a causal mask over the whole row moves them by ~0.6 on the tiny model)."""
@@ -202,7 +207,7 @@ def test_a_compiled_stack_keeps_packed_examples_apart(tiny_on, device):
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         alone = alone_model(input_ids=second[None].to(device), use_cache=False).logits.float()
     compiled = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled, "stack")
+    speed.compile_model(compiled, mode)
     with torch.autocast(device, dtype=torch.bfloat16):
         logits = compiled(input_ids=packed, position_ids=positions, labels=packed).logits.float()
     assert float((logits[0, 6:] - alone[0]).abs().max()) < 0.05 * float(alone.abs().max())
