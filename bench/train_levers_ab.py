@@ -45,6 +45,25 @@ def choose(**kwargs):
     levers, notices = chosen(**kwargs)
     return ({overrides}), notices
 speed.choose_levers = choose
+# Count the calls that reach each compiled module, by (training mode, gradients on, rows): which run eagerly.
+import atexit, collections
+calls = collections.Counter()
+wrap = speed.compile_for_training
+def counted(module, mode=None):
+    wrap(module, mode)
+    inner = module._compiled_call_impl
+    def call(*args, **kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        rows = int(hidden.shape[0]) if hasattr(hidden, "shape") else -1
+        key = f"training={{module.training}} grad={{torch.is_grad_enabled()}} rows={{rows}}"
+        if module.training and rows != 1 and not calls[key]:  # where an unpacked training batch came from
+            import traceback
+            print("first call with " + key + ":" + chr(10) + "".join(traceback.format_stack(limit=40)), flush=True)
+        calls[key] += 1
+        return inner(*args, **kwargs)
+    module._compiled_call_impl = call
+speed.compile_for_training = counted
+atexit.register(lambda: print("compiled-module calls: " + json.dumps(dict(calls)), flush=True))
 runpy.run_module("train", run_name="__main__")
 """
 
@@ -67,6 +86,8 @@ def main() -> None:
     parser.add_argument("--runs", default="defaults,none,bf16_frozen=True")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting for every run, over the fixed ones (repeatable)")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="a folder for each run's whole output (RUN-INDEX.log: its log lines and TORCH_LOGS)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config value (a Python literal) for every patched run (repeatable)")
     args = parser.parse_args()
@@ -87,8 +108,8 @@ def main() -> None:
                  "SAVE_STEPS": "50", "LOGGING_STEPS": "1", "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true",
                  "SEED": "0"}
     results = {}
-    for run in args.runs.split(","):
-        out = work / f"run{len(results)}"
+    for index, run in enumerate(args.runs.split(",")):
+        out = work / f"run{index}"
         env = {key: value for key, value in os.environ.items() if key not in ("RECIPE", "HUB_REPO", "HF_TOKEN")}
         env.update(fixed, OUTPUT_DIR=str(out), TORCH_LOGS="recompiles")
         env.update(item.split("=", 1) for item in args.set)
@@ -96,6 +117,9 @@ def main() -> None:
         env["LORASHIP_AB_INDUCTOR"] = json.dumps(inductor)
         started = time.time()
         done = subprocess.run(command_for(run), cwd=ROOT, env=env, capture_output=True, text=True)
+        if args.logs:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            (args.logs / f"run{index}.log").write_text(f"$ {run}\n{done.stdout}\n--- stderr ---\n{done.stderr}")
         if done.returncode:
             print(f"{run}: rc {done.returncode}\n{done.stderr[-3000:]}")
             continue
@@ -107,6 +131,8 @@ def main() -> None:
                         "train_loss_step10": dict(summary["train_losses"]).get(10), "train_loss_last": losses[-1],
                         "eval_losses": summary["eval_losses"], "settings": args.set, "inductor": inductor,
                         "recompiles": done.stderr.count("Recompiling function"),
+                        "compiled_calls": next((json.loads(line.split(": ", 1)[1]) for line in done.stdout.splitlines()
+                                                if line.startswith("compiled-module calls: ")), None),
                         "recompile_reasons": [line.split("[__recompiles]")[-1].strip() for line in done.stderr.splitlines()
                                               if "[__recompiles]" in line
                                               and line.split("[__recompiles]")[-1].strip().startswith("-")],
