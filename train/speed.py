@@ -249,7 +249,10 @@ def compile_model(model, mode: str) -> int:
 
     ``layers``: each decoder layer compiled for training steps (they share one code path, so one graph); checkpointing
     stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
-    with the RNG state the checkpoint restores, the same dropout mask). ``stack``: the whole decoder
+    with the RNG state the checkpoint restores, the same dropout mask). Not in the plan: on the 8B it
+    ran 1.52x the plain stack at 2 x 1024 and 1.22-1.31x the eager defaults at real lengths, with an
+    11 s start, but over three seeds of the 1B end-to-end A/B it ended at a mean eval loss of 4.06
+    against eager's 3.52 (docs/benchmarks.md, "Session 10"). ``stack``: the whole decoder
     stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
     per layer. Stack modes set the model's checkpointing again with :func:`checkpoint_kwargs`.
     (Graphs of N layers each, ``stack-N``, were measured in session 5 while looking for the stack's
