@@ -8,13 +8,14 @@ data for every run; each run is its own process whose plan has the named levers 
 Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py; ``--setup demo`` runs on a CPU)::
 
     python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
-        [--set LORA_DROPOUT=0 ...] [--inductor fallback_random=True ...]
+        [--set LORA_DROPOUT=0 ...] [--inductor fallback_random=True ...] [--logs DIR]
 
 A run is ``defaults`` (the plan as it is), ``none`` (no lever) or comma-free ``field=value`` pairs
 joined by ``+`` that override train.speed.SpeedLevers fields (``packing=False+fold_accumulation=False``).
 ``--set`` overrides a setting of every run (e.g. ``LORA_DROPOUT=0``); ``--inductor`` sets a
 ``torch._inductor.config`` value in every run but ``defaults``. Prints one line per run and writes the JSON:
-eval losses, every step's train loss, and how often torch.compile recompiled and why (TORCH_LOGS=recompiles).
+eval losses, every step's train loss, how often torch.compile recompiled and why (TORCH_LOGS=recompiles),
+and, for a patched run, how many calls reached a compiled module by training mode, gradients and rows.
 """
 
 from __future__ import annotations

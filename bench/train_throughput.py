@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -601,7 +602,7 @@ def table(results: list[dict]) -> str:
         steady_ratio = f"{steady / p['steady_peak_gib']:.2f}" if p and steady and p.get("steady_peak_gib") else "-"
         loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
         gap = median_loss_gap(r["losses"], p["losses"]) if p else float("nan")
-        gap = "-" if gap != gap else f"{gap:+.2%}"
+        gap = "-" if math.isnan(gap) else f"{gap:+.2%}"
         batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']} rows"
         batch += f" x{r['grad_accum']} acc" if r["grad_accum"] > 1 else ""
         lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_peak_gib']} | {mem} "
