@@ -9,6 +9,7 @@ Usage (GPU; the SmolLM2 tokenizer folder as in tests/train/test_gpu.py; ``--setu
 
     python bench/train_levers_ab.py --tokenizer DIR --out FILE.json [--runs defaults,none,bf16_frozen=False,...]
         [--set LORA_DROPOUT=0 ...] [--inductor fallback_random=True ...] [--logs DIR]
+        [--seeds 0,1,2,3,4 --parallel 5]
 
 A run is ``defaults`` (the plan as it is), ``none`` (no lever) or comma-free ``field=value`` pairs
 joined by ``+`` that override train.speed.SpeedLevers fields (``packing=False+fold_accumulation=False``).
@@ -89,6 +90,10 @@ def main() -> None:
                         help="a setting for every run, over the fixed ones (repeatable)")
     parser.add_argument("--logs", type=Path, default=None,
                         help="a folder for each run's whole output (RUN-INDEX.log: its log lines and TORCH_LOGS)")
+    parser.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                        help="run each of --runs once per seed (SEED); prints each run's last eval loss per seed and the mean")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="processes at once (the 1B runs use ~1.2 GiB of a GPU; run times are then not comparable)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config value (a Python literal) for every patched run (repeatable)")
     args = parser.parse_args()
@@ -108,40 +113,83 @@ def main() -> None:
                  "LR_SCHEDULER": "cosine", "LORA_R": "16", "LORA_ALPHA": "32", "EVAL_SIZE": "32", "EVAL_STEPS": "50",
                  "SAVE_STEPS": "50", "LOGGING_STEPS": "1", "MAX_SEQ_LENGTH": "128", "GRADIENT_CHECKPOINTING": "true",
                  "SEED": "0"}
-    results = {}
-    for index, run in enumerate(args.runs.split(",")):
+    inductor = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.inductor)}
+    seeds = args.seeds.split(",") if args.seeds else [None]
+    jobs = [(run, seed) for run in args.runs.split(",") for seed in seeds]
+    results, running = {}, []
+    for index, (run, seed) in enumerate(jobs):
+        while len(running) >= args.parallel:
+            running = finish_one(running, results, args, inductor)
         out = work / f"run{index}"
+        out.mkdir(parents=True)
         env = {key: value for key, value in os.environ.items() if key not in ("RECIPE", "HUB_REPO", "HF_TOKEN")}
         env.update(fixed, OUTPUT_DIR=str(out), TORCH_LOGS="recompiles")
         env.update(item.split("=", 1) for item in args.set)
-        inductor = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.inductor)}
+        if seed is not None:
+            env["SEED"] = seed
         env["LORASHIP_AB_INDUCTOR"] = json.dumps(inductor)
-        started = time.time()
-        done = subprocess.run(command_for(run), cwd=ROOT, env=env, capture_output=True, text=True)
-        if args.logs:
-            args.logs.mkdir(parents=True, exist_ok=True)
-            (args.logs / f"run{index}.log").write_text(f"$ {run}\n{done.stdout}\n--- stderr ---\n{done.stderr}")
-        if done.returncode:
-            print(f"{run}: rc {done.returncode}\n{done.stderr[-3000:]}")
-            continue
-        said = [line for line in done.stdout.splitlines() + done.stderr.splitlines() if "speed:" in line]
-        summary = json.loads((out / "train_summary.json").read_text())
-        losses = [loss for _, loss in summary["train_losses"]]
-        results[run] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
-                        "peak_gib": summary["gpu_peak_memory_gib"], "train_loss_first": losses[0],
-                        "train_loss_step10": dict(summary["train_losses"]).get(10), "train_loss_last": losses[-1],
-                        "eval_losses": summary["eval_losses"], "settings": args.set, "inductor": inductor,
-                        "recompiles": done.stderr.count("Recompiling function"),
-                        "compiled_calls": next((json.loads(line.split(": ", 1)[1]) for line in done.stdout.splitlines()
-                                                if line.startswith("compiled-module calls: ")), None),
-                        "recompile_reasons": [line.split("[__recompiles]")[-1].strip() for line in done.stderr.splitlines()
-                                              if "[__recompiles]" in line
-                                              and line.split("[__recompiles]")[-1].strip().startswith("-")],
-                        "train_losses": losses}
-        print(f"{run}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "
-              f"peak {summary['gpu_peak_memory_gib']} GiB")
-        args.out.write_text(json.dumps(results, indent=2))  # after each run: a cut-off call keeps the finished ones
+        stdout, stderr = (out / "stdout.txt").open("w"), (out / "stderr.txt").open("w")
+        process = subprocess.Popen(command_for(run), cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
+        key = run if seed is None else f"{run} SEED={seed}"
+        running.append((key, index, out, process, time.time(), (stdout, stderr)))
+    while running:
+        running = finish_one(running, results, args, inductor)
+    if len(seeds) > 1:
+        print(seed_table(results, args.runs.split(","), seeds))
 
+
+def finish_one(running: list, results: dict, args, inductor: dict) -> list:
+    """Wait for the first of the ``running`` jobs to end, record it in ``results`` (and args.out); the rest."""
+    while True:
+        for job in running:
+            if job[3].poll() is not None:
+                record(*job, results=results, args=args, inductor=inductor)
+                return [other for other in running if other is not job]
+        time.sleep(0.5)
+
+
+def record(key: str, index: int, out: Path, process, started: float, files, *, results: dict, args, inductor: dict):
+    for file in files:
+        file.close()
+    stdout, stderr = (out / "stdout.txt").read_text(), (out / "stderr.txt").read_text()
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        (args.logs / f"run{index}.log").write_text(f"$ {key}\n{stdout}\n--- stderr ---\n{stderr}")
+    if process.returncode:
+        print(f"{key}: rc {process.returncode}\n{stderr[-3000:]}")
+        return
+    said = [line for line in stdout.splitlines() + stderr.splitlines() if "speed:" in line]
+    summary = json.loads((out / "train_summary.json").read_text())
+    losses = [loss for _, loss in summary["train_losses"]]
+    results[key] = {"levers": said[:1], "wall_s": round(time.time() - started, 1), "runtime_s": summary["runtime_s"],
+                    "parallel": args.parallel, "peak_gib": summary["gpu_peak_memory_gib"],
+                    "train_loss_first": losses[0] if losses else None,
+                    "train_loss_step10": dict(summary["train_losses"]).get(10),
+                    "train_loss_last": losses[-1] if losses else None,
+                    "eval_losses": summary["eval_losses"], "settings": args.set, "inductor": inductor,
+                    "recompiles": stderr.count("Recompiling function"),
+                    "compiled_calls": next((json.loads(line.split(": ", 1)[1]) for line in stdout.splitlines()
+                                            if line.startswith("compiled-module calls: ")), None),
+                    "recompile_reasons": [line.split("[__recompiles]")[-1].strip() for line in stderr.splitlines()
+                                          if "[__recompiles]" in line
+                                          and line.split("[__recompiles]")[-1].strip().startswith("-")],
+                    "train_losses": losses}
+    print(f"{key}: eval {[round(loss, 3) for _, loss in summary['eval_losses']]}, runtime {summary['runtime_s']} s, "
+          f"peak {summary['gpu_peak_memory_gib']} GiB", flush=True)
+    args.out.write_text(json.dumps(results, indent=2))  # after each run: a cut-off call keeps the finished ones
+
+
+def seed_table(results: dict, runs: list[str], seeds: list[str]) -> str:
+    """Each run's last eval loss for every seed, and their mean (a run that failed shows ``-``)."""
+    lines = ["| run | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for run in runs:
+        last = [results.get(f"{run} SEED={seed}", {}).get("eval_losses") for seed in seeds]
+        last = [evals[-1][1] if evals else None for evals in last]
+        done = [loss for loss in last if loss is not None]
+        mean = f"{sum(done) / len(done):.3f}" if done else "-"
+        lines.append(f"| {run} | " + " | ".join("-" if loss is None else f"{loss:.3f}" for loss in last) + f" | {mean} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -80,3 +80,14 @@ def test_loss_parity_by_the_median_step_leaves_out_steps_where_the_plain_run_has
     mine = [4.88, 4.73, 4.55, 4.30, 0.760, 0.530, 0.345, 0.231, 0.141, 0.107, 0.077]
     assert median_loss_gap(mine, plain) == pytest.approx(0.0)
     assert math.isnan(median_loss_gap(mine[4:], plain[4:]))  # nothing left to compare
+
+
+def test_the_levers_ab_tabulates_each_runs_last_eval_loss_per_seed_and_their_mean():
+    from bench.train_levers_ab import seed_table
+
+    results = {"defaults SEED=0": {"eval_losses": [[50, 4.4], [150, 3.265]]},
+               "defaults SEED=1": {"eval_losses": [[50, 4.4], [150, 3.626]]},
+               "compile_mode='layers' SEED=0": {"eval_losses": [[50, 5.3], [150, 4.699]]}}  # its seed 1 failed
+    lines = seed_table(results, ["defaults", "compile_mode='layers'"], ["0", "1"]).splitlines()
+    assert lines[2] == "| defaults | 3.265 | 3.626 | 3.446 |"
+    assert lines[3] == "| compile_mode='layers' | 4.699 | - | 4.699 |"
