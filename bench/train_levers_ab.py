@@ -51,8 +51,8 @@ speed.choose_levers = choose
 import atexit, collections
 calls = collections.Counter()
 wrap = speed.compile_for_training
-def counted(module, mode=None):
-    wrap(module, mode)
+def counted(module, mode=None, **options):
+    wrap(module, mode, **options)
     inner = module._compiled_call_impl
     def call(*args, **kwargs):
         hidden = kwargs.get("hidden_states", args[0] if args else None)

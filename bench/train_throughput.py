@@ -59,10 +59,13 @@ SHAPES = {
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Every lever, bf16_frozen included: what the 2026-11-29 tables measured as "loraship".
 ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
-#: What ``python -m train`` picks on a CUDA machine today (bf16_frozen left out after an end-to-end A/B).
+#: What ``python -m train`` picks on a CUDA machine today (since session 11: each decoder layer compiled, no liger).
 DEFAULTS = choose_levers(cuda=True)[0]
+#: The eager levers (TORCH_COMPILE=off: liger-kernel, no torch.compile): the defaults of sessions 3-10, which the
+#: ``defaults-*`` and ``defaults+*`` configurations below were built on and measured as.
+EAGER = choose_levers(cuda=True, compile="off")[0]
 #: The defaults before bf16_storage and fused_lora (what the first 2026-11-29 session-3 call measured as "defaults").
-MORNING = dataclasses.replace(DEFAULTS, bf16_storage=False, fused_lora=False)
+MORNING = dataclasses.replace(EAGER, bf16_storage=False, fused_lora=False)
 NONE = SpeedLevers()
 
 
@@ -118,56 +121,66 @@ CONFIGS = {
     "defaults": Config("loraship defaults", "loraship", DEFAULTS),
     "defaults-accum4": Config("loraship defaults, 2x1024 x 4 accumulation", "loraship", DEFAULTS, grad_accum=4),
     "defaults-real": Config("loraship defaults, real lengths", "loraship", DEFAULTS, rows="real", grad_accum=4),
+    # The eager levers (TORCH_COMPILE=off), the defaults until session 10.
+    "eager": Config("loraship eager (TORCH_COMPILE=off)", "loraship", EAGER),
+    "eager-real": Config("loraship eager (TORCH_COMPILE=off), real lengths", "loraship", EAGER, rows="real",
+                         grad_accum=4),
+    # Each decoder layer compiled with CUDA graphs (bench only); at real lengths, packed rows bucketed.
+    "layers-graphs": Config("loraship defaults, layers with CUDA graphs", "loraship",
+                            dataclasses.replace(DEFAULTS, compile_mode="layers-cudagraphs")),
+    "layers-graphs-real": Config("loraship defaults, layers with CUDA graphs, real lengths (bucketed)", "loraship",
+                                 dataclasses.replace(DEFAULTS, compile_mode="layers-cudagraphs"), rows="real",
+                                 grad_accum=4),
     # One lever left out of today's defaults at a time.
     "defaults-nofused": Config("loraship defaults without fused_lora", "loraship",
-                               dataclasses.replace(DEFAULTS, fused_lora=False)),
+                               dataclasses.replace(EAGER, fused_lora=False)),
     "defaults-nostorage": Config("loraship defaults without bf16_storage", "loraship",
-                                 dataclasses.replace(DEFAULTS, bf16_storage=False)),
-    "defaults+fused": Config("loraship defaults + fused_lora", "loraship", dataclasses.replace(DEFAULTS, fused_lora=True)),
+                                 dataclasses.replace(EAGER, bf16_storage=False)),
+    "defaults+fused": Config("loraship defaults + fused_lora", "loraship", dataclasses.replace(EAGER, fused_lora=True)),
     "defaults-noliger": Config("loraship defaults without liger", "loraship",
-                               dataclasses.replace(DEFAULTS, liger_kernels=())),
+                               dataclasses.replace(EAGER, liger_kernels=())),
     "defaults-accum4-noliger": Config("loraship defaults without liger, 2x1024 x 4 accumulation", "loraship",
-                                      dataclasses.replace(DEFAULTS, liger_kernels=()), grad_accum=4),
+                                      dataclasses.replace(EAGER, liger_kernels=()), grad_accum=4),
     "morning": Config("loraship defaults before bf16_storage + fused_lora", "loraship", MORNING),
     "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
                              MORNING, grad_accum=4),
     # torch.compile on each decoder layer (train/speed.py compile_mode), on today's defaults.
-    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(DEFAULTS, compile_mode="layers")),
+    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(EAGER, compile_mode="layers")),
     "defaults+compile-noliger": Config("loraship defaults + compile, no liger", "loraship",
-                                       dataclasses.replace(DEFAULTS, compile_mode="layers", liger_kernels=())),
+                                       dataclasses.replace(EAGER, compile_mode="layers", liger_kernels=())),
     "defaults+compile-real-noliger": Config("loraship defaults + compile, no liger, real lengths", "loraship",
-                                            dataclasses.replace(DEFAULTS, compile_mode="layers", liger_kernels=()),
+                                            dataclasses.replace(EAGER, compile_mode="layers", liger_kernels=()),
                                             rows="real", grad_accum=4),
     "defaults+graphs": Config("loraship defaults + compile with CUDA graphs", "loraship",
-                              dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs")),
+                              dataclasses.replace(EAGER, compile_mode="stack-cudagraphs")),
     "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=())),
+                                      dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=())),
     # CUDA graphs at real lengths: packed rows padded to a few lengths (data.bucket_length), one graph each.
     "defaults+graphs-real-noliger": Config(
         "loraship defaults + compile with CUDA graphs, no liger, real lengths (bucketed)", "loraship",
-        dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), rows="real", grad_accum=4),
+        dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=()), rows="real", grad_accum=4),
     # Session 7, call 2, before OPTIMIZER=auto meant the fused AdamW on CUDA (now the same as defaults+graphs-noliger).
     "defaults+graphs-noliger-fusedadam": Config(
         "loraship defaults + compile with CUDA graphs, no liger, fused torch AdamW", "loraship",
-        dataclasses.replace(DEFAULTS, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
+        dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
     # The defaults with the optimizer OPTIMIZER=auto meant on CUDA before the fused AdamW.
-    "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", DEFAULTS, optimizer="adamw_8bit"),
-    # Whatever TORCH_COMPILE=true plans on CUDA (now the compiled stack, liger off: defaults+stack-noliger).
-    "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile=True)[0]),
+    "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", EAGER, optimizer="adamw_8bit"),
+    # Whatever TORCH_COMPILE=stack (before session 11: TORCH_COMPILE=true) plans on CUDA (now the compiled stack, liger off: defaults+stack-noliger).
+    "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile="stack")[0]),
     "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
-                             dataclasses.replace(DEFAULTS, compile_mode="stack")),
+                             dataclasses.replace(EAGER, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
-                                     dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=())),
+                                     dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=())),
     "defaults+stack-accum4-noliger": Config(
         "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
-        dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()), grad_accum=4),
+        dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=()), grad_accum=4),
     "defaults+stack-real-noliger": Config("loraship defaults + compiled decoder stack, no liger, real lengths", "loraship",
-                                          dataclasses.replace(DEFAULTS, compile_mode="stack", liger_kernels=()),
+                                          dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=()),
                                           rows="real", grad_accum=4),
     "defaults+compile-accum4": Config("loraship defaults + compile, 2x1024 x 4 accumulation", "loraship",
-                                      dataclasses.replace(DEFAULTS, compile_mode="layers"), grad_accum=4),
+                                      dataclasses.replace(EAGER, compile_mode="layers"), grad_accum=4),
     "defaults+compile-real": Config("loraship defaults + compile, real lengths", "loraship",
-                                    dataclasses.replace(DEFAULTS, compile_mode="layers"), rows="real", grad_accum=4),
+                                    dataclasses.replace(EAGER, compile_mode="layers"), rows="real", grad_accum=4),
 }
 GROUPS = {
     "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],

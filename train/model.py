@@ -50,7 +50,11 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
     optimizer = settings.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-    levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile)
+    can_compile = cuda and settings.torch_compile != "off" and speed.compile_supported()
+    try:
+        levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile)
+    except ValueError as err:
+        raise TrainError(str(err)) from err
     notices.extend(speed_notices)
     return Plan(
         cuda=cuda,

@@ -25,31 +25,36 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   rounded a young adapter's update (11% of it in the forward, 26% of its gradient of x on the tiny
   test model). Re-run on a GPU since (session 6, one seed): 4.216, above the eager defaults' three
   seeds (3.52-3.72); one seed does not settle it (the compiled stack's seeds spread 3.09-3.93).
-- ``compile_mode`` (measured, NOT a default): ``torch.compile`` over the decoder
-  (:data:`COMPILE_MODES`), so the per-op Python and launch overhead of peft's and bitsandbytes'
-  small ops goes and the casts and element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a
-  registered custom op, so it stays in the graph). With the stack compiled, checkpointing takes
-  a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
-  saved rather than recomputed. 8B at 2 x 1024 on one H200 (docs/benchmarks.md, "Session 5"):
-  7,136 tok/s against the plain stack's 4,904 on that host (1.46x), at 7.01 GiB (0.57x). In the
-  end-to-end A/B (1B shape, 150 steps) one seed ended at eval loss 3.934 against 3.615 eager, but
-  over three seeds each the two match (eager 3.52-3.72, mean 3.62; compiled 3.09-3.93, mean 3.63;
-  docs/benchmarks.md, "Session 6"): run-to-run spread, not a fault. It is the TORCH_COMPILE setting
-  (:func:`choose_levers`), not a default: a run pays minutes of compiling first (the 1B A/B runs
-  took 365-476 s against 47-67 s eager, compiling 4-5 times; :func:`compile_for_training` makes it twice),
-  and at the folded default step and real lengths its gain since the memory fix is unmeasured.
-  liger's kernels do not trace inside a graph, so the plan turns them off with it. CUDA graphs on
-  top (``stack-cudagraphs``, bench configurations only) ran 8,085-9,305 tok/s (sessions 7-8; 2.14-2.28x
-  the plain stack on the same host, 8.2 GiB reserved), but packed rows change length from step to
-  step and each length would record a graph of its own; leaving graphs out for symbolic lengths
-  (inductor's ``cudagraph_skip_dynamic_graphs``) raised the 2 x 1024 peak from 7.08 to 11.8 GiB.
-  With graphs the trainer pads packed rows to a few lengths (:func:`replays_graphs`,
-  ``data.bucket_length``); at real lengths on the 8B that cost two compiles (~8 minutes) and a
-  recording per new length before the first fast step (session 8), so the plan does not use them.
-  Since then the length is symbolic from the first step (:func:`mark_packed_length_dynamic`): one
-  compile, 232-243 s on the 8B (session 9), after which, once most lengths had a graph, steps ran 1.72x
-  the eager defaults at real lengths. That pays for the start only after ~730 steps of ~3,300 tokens,
-  about the length of the longest recipe, so the plan still does not use them.
+- ``compile_mode``: ``torch.compile`` over the decoder (:data:`COMPILE_MODES`), so the per-op
+  Python and launch overhead of peft's and bitsandbytes' small ops goes and the casts and
+  element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a registered custom op, so it stays
+  in the graph). liger's kernels do not trace inside a graph, so the plan turns them off with it.
+
+  The default on CUDA (TORCH_COMPILE=auto) is ``layers``: each decoder layer compiled, the
+  checkpoint around it. 8B r8 q,k,v,o at 2 x 1024, each configuration in a process of its own on
+  one H200: 7,168 tok/s against the plain stack's 4,740 (1.51x) at 7.01 GiB (0.57x), with a 13 s
+  first step (session 11); the eager levers ran 1.12x (session 10). At real lengths 5,322-5,491 tok/s
+  against the eager levers' 4,424 (sessions 10-11). End to end (1B shape, 150 steps, LR 1e-3) it
+  learned as well as eager over ten seeds: mean final eval loss 2.300 against 2.308 (session 11).
+  At LR 2e-3, the edge of stability on that random-init base, single seeds of both spiked and the
+  five-seed means were 3.735 against 3.527 (seed 0 4.98 against 3.27, seed 4 2.38 against 3.18).
+
+  ``stack`` (TORCH_COMPILE=stack): the whole decoder stack as one graph, the checkpoints inside it
+  with a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
+  saved rather than recomputed. 1.46x the plain stack at 2 x 1024 (session 5), but its compile
+  takes minutes on an 8B (139-243 s), which only long runs earn back.
+
+  CUDA graphs (bench configurations only). ``stack-cudagraphs`` ran 8,085-9,305 tok/s (sessions 7-8;
+  2.14-2.28x the plain stack on the same host), but packed rows change length from step to step and
+  each length records a graph of its own: with rows padded to a few lengths (:func:`replays_graphs`,
+  ``data.bucket_length``) and the length symbolic from the first step
+  (:func:`mark_packed_length_dynamic`), one compile of 232-243 s on the 8B (session 9), after which
+  steps ran 1.72x the eager levers at real lengths. ``layers-cudagraphs`` (session 11) graphs each
+  layer with its checkpoint inside the graph: 10,304 tok/s at 2 x 1024, 2.66x the plain stack's
+  3,880 in that run, at 7.13 GiB, with an 18 s first step; end to end (1B, five seeds) it learned as
+  well (mean 2.283 against 2.307). But at real lengths every new bucketed length compiles (~10 s on
+  the 8B: a symbolic length failed in inductor) and records 64 graphs, so 40 steps averaged 1,360
+  tok/s; warm steps took 0.27-0.37 s against the eager per-layer compile's ~0.6 s.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -102,18 +107,40 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
-def choose_levers(*, cuda: bool, compile: bool = False) -> tuple[SpeedLevers, tuple[str, ...]]:
-    """The levers for this machine (``compile``: the TORCH_COMPILE setting), and the notices that say what was left off and why."""
+def compile_supported() -> bool:
+    """Whether torch.compile's GPU backend can run here: Triton installed and a GPU of compute capability 7.0+."""
+    import torch
+
+    return (importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (7, 0))
+
+
+def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`),
+    and the notices that say what was left off and why."""
     if not cuda:
         notices = ["speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"]
-        if compile:
-            notices.append("TORCH_COMPILE=true: the compiled decoder stack is CUDA-only; off on CPU")
+        if compile in ("layers", "stack"):
+            notices.append(f"TORCH_COMPILE={compile}: torch.compile of the decoder is CUDA-only; off on CPU")
         return SpeedLevers(), tuple(notices)
     notices = []
-    if compile:  # liger's kernels do not trace inside a graph; inductor fuses that work itself
-        notices.append("speed: TORCH_COMPILE=true: the decoder stack compiles during the first steps (minutes for an 8B); "
-                       "liger-kernel off")
-        return SpeedLevers(bf16_storage=True, compile_mode="stack", packing=True, fold_accumulation=True), tuple(notices)
+    mode = compile
+    if compile == "auto":
+        mode = "layers" if can_compile else "off"
+        if not can_compile:
+            notices.append("speed: torch.compile needs Triton and a GPU of compute capability 7.0+; "
+                           "the decoder layers run eagerly")
+    elif compile != "off" and not can_compile:
+        raise ValueError(f"TORCH_COMPILE={compile}: torch.compile cannot run here (it needs Triton and a GPU of "
+                         "compute capability 7.0+); set TORCH_COMPILE=off")
+    if mode != "off":  # liger's kernels do not trace inside a graph; inductor fuses that work itself
+        if mode == "stack":
+            notices.append("speed: TORCH_COMPILE=stack: the decoder stack compiles during the first steps "
+                           "(minutes for an 8B); liger-kernel off")
+        else:
+            notices.append("speed: torch.compile on each decoder layer (the first step compiles them, ~10 s); "
+                           "TORCH_COMPILE=off runs them eagerly")
+        return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
@@ -179,7 +206,7 @@ def checkpoint_kwargs(compile_mode: str = "") -> dict:
     function or a ``functools.partial`` as ``context_fn``.)
     """
     kwargs: dict = {"use_reentrant": False}
-    if compile_mode.startswith("stack"):
+    if checkpoints_in_graph(compile_mode):
         import functools
 
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
@@ -197,6 +224,13 @@ def recompute_quantized_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def checkpoints_in_graph(compile_mode: str) -> bool:
+    """Whether the checkpointing of the decoder layers runs inside the compiled graphs (the stack modes, and the
+    per-layer graphs of ``layers-cudagraphs``, where a recompute outside a graph would replay a CUDA graph
+    during the backward pass and overwrite the outputs it is about to use)."""
+    return compile_mode.startswith("stack") or compile_mode == "layers-cudagraphs"
+
+
 def trainer_sets_checkpointing(compile_mode: str) -> bool:
     """Whether the Trainer may turn checkpointing on again from its arguments (it does when it starts).
 
@@ -204,7 +238,7 @@ def trainer_sets_checkpointing(compile_mode: str) -> bool:
     cannot carry (they are written out as JSON), so the model keeps the checkpointing it was given
     (``load_base_model`` and :func:`compile_model` set it).
     """
-    return not compile_mode.startswith("stack")
+    return not compile_mode
 
 
 def apply_liger_kernels(model, kernels: tuple[str, ...] = LIGER_KERNELS) -> str | None:
@@ -226,12 +260,13 @@ COMPILE_MODES = {
     "layers": "torch.compile on each decoder layer (one graph shared by the layers; checkpointing around each)",
     "stack": "torch.compile on the whole decoder stack (one graph; checkpointing inside it)",
     "stack-cudagraphs": "the whole decoder stack compiled with CUDA graphs (mode='reduce-overhead')",
+    "layers-cudagraphs": "each decoder layer compiled with CUDA graphs (mode='reduce-overhead'; bench only)",
 }
 
 
 def replays_graphs(levers: SpeedLevers) -> bool:
     """Whether training steps replay CUDA graphs, so packed rows must come in a few lengths (``data.bucket_length``)."""
-    return levers.packing and levers.compile_mode == "stack-cudagraphs"
+    return levers.packing and levers.compile_mode.endswith("cudagraphs")
 
 
 def decoder_stack(model):
@@ -247,14 +282,13 @@ def decoder_stack(model):
 def compile_model(model, mode: str) -> int:
     """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
 
-    ``layers``: each decoder layer compiled for training steps (they share one code path, so one graph); checkpointing
-    stays outside, around each compiled layer, so a recomputed layer replays the same graph (and,
-    with the RNG state the checkpoint restores, the same dropout mask). Not in the plan: on the 8B it
-    ran 1.52x the plain stack at 2 x 1024 and 1.22-1.31x the eager defaults at real lengths, with an
-    11 s start, but over three seeds of the 1B end-to-end A/B it ended at a mean eval loss of 4.06
-    against eager's 3.52 (docs/benchmarks.md, "Session 10"). ``stack``: the whole decoder
-    stack as one graph, the checkpoints inside it, so a step pays Python's overhead once rather than
-    per layer. Stack modes set the model's checkpointing again with :func:`checkpoint_kwargs`.
+    ``layers`` (the default on CUDA): each decoder layer compiled for training steps (they share one code
+    path, so one graph); the compiled call checkpoints the layer itself, around its graph, so a
+    recomputed layer replays the same graph (and, with the RNG state the checkpoint restores, the
+    same dropout mask). ``layers-cudagraphs``: the same with CUDA graphs, the checkpoint inside each
+    layer's graph. ``stack``: the whole decoder stack as one graph, the checkpoints inside it, so a
+    step pays Python's overhead once rather than per layer. Stack modes set the model's
+    checkpointing again with :func:`checkpoint_kwargs`.
     (Graphs of N layers each, ``stack-N``, were measured in session 5 while looking for the stack's
     memory, which they did not change, and were taken out: docs/benchmarks.md.)
     """
@@ -265,9 +299,17 @@ def compile_model(model, mode: str) -> int:
     # One graph serves all layers; room for the few variants a run meets (train/eval, new lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     stack, layers = decoder_stack(model)
-    if mode == "layers":
+    if mode.startswith("layers"):
+        # The compiled call checkpoints the layer itself rather than leave it to transformers, whose wrapper
+        # moved from around the layer's __call__ (5.17, measured) to inside its forward (5.23), which would
+        # put the checkpoint inside the graph without the policy of checkpoint_kwargs.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        checkpointed = is_checkpointing(base)
+        graphs = mode == "layers-cudagraphs"
         for layer in layers:
-            compile_for_training(layer)
+            layer.gradient_checkpointing = False
+            compile_for_training(layer, mode="reduce-overhead" if graphs else None, dynamic_length=False,
+                                 checkpoint=checkpoint_kwargs(mode) if checkpointed else None, checkpoint_in_graph=graphs)
         return len(layers)
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")
@@ -289,7 +331,8 @@ def compile_model(model, mode: str) -> int:
     return len(layers)
 
 
-def compile_for_training(module, mode: str | None = None) -> None:
+def compile_for_training(module, mode: str | None = None, dynamic_length: bool = True,
+                         checkpoint: dict | None = None, checkpoint_in_graph: bool = False) -> None:
     """``module.compile()`` for training steps only: evaluation runs the module eagerly.
 
     A run's evaluation (eval mode, no gradients, padded batches) made torch.compile compile the whole
@@ -298,16 +341,34 @@ def compile_for_training(module, mode: str | None = None) -> None:
     module eagerly, so a run compiles twice: its first length, then once more with the length symbolic
     when packed rows change it (torch's automatic dynamic shapes). Symbolic sizes from the first step
     (``dynamic=True``) were slower: the CPU demo A/B ran 401 s that way against 255 s this way.
-    """
-    import torch
+    With CUDA graphs (``mode='reduce-overhead'``) and ``dynamic_length``, a packed row's length is
+    symbolic from the first call (:func:`mark_packed_length_dynamic`; the stack's inputs only).
 
-    compiled = torch.compile(module._call_impl, mode=mode)
-    graphs = mode == "reduce-overhead"
+    ``checkpoint``: keyword arguments of ``torch.utils.checkpoint`` for the training calls, around the
+    compiled module (a recompute replays its graph, with the RNG state the checkpoint restores) or, with
+    ``checkpoint_in_graph``, inside its graph (with CUDA graphs a recompute outside would replay a graph
+    during the backward pass and overwrite outputs still in use: session 11). Those graphs of one layer
+    take static shapes: on the 8B at real lengths, the recompile with a symbolic length failed in inductor
+    ("Node add_797 was invalid, but is output", session 11).
+    """
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import checkpoint as checkpointed
+
+    target = module._call_impl
+    if checkpoint is not None and checkpoint_in_graph:
+        target = functools.partial(checkpointed, module._call_impl, **checkpoint)
+    compiled = torch.compile(target, mode=mode, dynamic=False if checkpoint_in_graph else None)
+    mark_dynamic = mode == "reduce-overhead" and dynamic_length
+    outside = checkpoint if checkpoint is not None and not checkpoint_in_graph else None
 
     def call(*args, **kwargs):
         if module.training and torch.is_grad_enabled():
-            if graphs:
+            if mark_dynamic:
                 mark_packed_length_dynamic(kwargs)
+            if outside is not None:
+                return checkpointed(compiled, *args, **outside, **kwargs)
             return compiled(*args, **kwargs)
         return module._call_impl(*args, **kwargs)
 

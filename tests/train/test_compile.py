@@ -93,8 +93,32 @@ def test_layers_mode_compiles_each_decoder_layer_and_stack_mode_the_stack(tiny_l
     assert stack._compiled_call_impl is not None and all(layer._compiled_call_impl is None for layer in layers)
 
 
+def test_per_layer_compile_checkpoints_each_layer_once_whatever_transformers_does(tiny_llama_dir, ids, monkeypatch):
+    """transformers' own checkpoint wrapper moved from around a layer's __call__ (5.17) to inside its
+    forward (5.23), i.e. inside the compiled graph; the compiled call checkpoints each layer itself
+    instead, around its graph, as measured on the GPU, and transformers' wrapper stays off."""
+    import torch.utils.checkpoint
+
+    real = torch.utils.checkpoint.checkpoint
+    calls = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "layers")
+    _, layers = speed.decoder_stack(peft_model)
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    step(peft_model, ids)
+    assert len(calls) == len(layers)
+
+
+def test_the_trainer_leaves_per_layer_compiles_checkpointing_to_the_compiled_layers():
+    assert not speed.trainer_sets_checkpointing("layers")
+    assert speed.trainer_sets_checkpointing("")
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-MODES = ["stack", "layers"]  # the whole decoder stack as one graph; each decoder layer compiled
+# The whole decoder stack as one graph; each decoder layer compiled (the CUDA default); each layer with
+# CUDA graphs, its checkpoint inside the graph (a bench configuration; on the CPU, graphs are skipped).
+MODES = ["stack", "layers", "layers-cudagraphs"]
 
 
 @pytest.fixture
