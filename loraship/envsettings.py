@@ -150,6 +150,8 @@ def settings_markdown(cls: type[BaseSettings]) -> str:
     """The same table as markdown, for the README."""
     out = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for var, typ, default, desc in settings_rows(cls):
+        # A choice's "a | b" would split the cell: markdown reads an escaped pipe as a character.
+        typ, desc = typ.replace("|", "\\|"), desc.replace("|", "\\|")
         out.append(f"| `{var}` | {typ} | `{default}` | {desc} |")
     return "\n".join(out)
 
