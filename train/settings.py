@@ -141,7 +141,7 @@ class TrainSettings(BaseSettings):
     torch_compile: Annotated[Literal["auto", "layers", "stack", "off"], BeforeValidator(_compile_choice)] = Field(
         "auto",
         description="CUDA: what torch.compile covers. 'auto' (= 'layers' where torch.compile can run: a GPU of "
-        "compute capability 7.0+ with Triton): each decoder layer, liger-kernel then off; about 11 s of compiling "
+        "compute capability 7.0+ with Triton): each decoder layer, liger-kernel then off; 11-13 s of compiling "
         "on the first step, then 8B 2x1024 steps ran 1.35x the eager levers' tokens/s and real lengths 1.2-1.3x, "
         "learning as well over ten seeds. 'stack': the whole decoder stack as one graph (minutes of compiling; "
         "for long runs). 'off': eager, with liger-kernel. true/false mean layers/off. Ignored on CPU "
