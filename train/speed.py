@@ -363,16 +363,32 @@ def compile_for_training(module, mode: str | None = None, dynamic_length: bool =
     mark_dynamic = mode == "reduce-overhead" and dynamic_length
     outside = checkpoint if checkpoint is not None and not checkpoint_in_graph else None
 
+    def run_compiled(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError) as err:
+            raise compile_failed(err) from err
+
     def call(*args, **kwargs):
         if module.training and torch.is_grad_enabled():
             if mark_dynamic:
                 mark_packed_length_dynamic(kwargs)
             if outside is not None:
-                return checkpointed(compiled, *args, **outside, **kwargs)
-            return compiled(*args, **kwargs)
+                return checkpointed(run_compiled, *args, **outside, **kwargs)
+            return run_compiled(*args, **kwargs)
         return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of forward
+
+
+def compile_failed(err: Exception) -> Exception:
+    """A compiler failure in a training step as the user's error: what failed, and the setting that avoids it."""
+    from train.settings import TrainError
+
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith("backend=")), type(err).__name__)
+    return TrainError(f"torch.compile failed on the decoder ({type(err).__name__}: {detail}); "
+                      "set TORCH_COMPILE=off to train without it")
 
 
 def mark_packed_length_dynamic(kwargs: dict) -> None:

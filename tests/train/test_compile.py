@@ -301,3 +301,21 @@ def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
         step(peft_model, ids, "cuda")
     saved = [target for graph in graphs for target, _ in graph["saved"]]
     assert saved and not [target for target in saved if "bitsandbytes" in target]
+
+
+def test_a_compiler_failure_in_a_training_step_names_the_setting_that_avoids_it(tiny_llama_dir, ids, monkeypatch):
+    """An inductor bug on some model or GPU (session 11 met one) must not end a run in a compiler traceback."""
+    import torch
+
+    from train.settings import TrainError
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("Node add_797 was invalid, but is output")
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real(fn, backend=failing_backend))
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "layers")
+    with pytest.raises(TrainError, match=r"torch.compile failed on the decoder \(BackendCompilerFailed: "
+                                         r"RuntimeError: Node add_797 was invalid.*set TORCH_COMPILE=off"):
+        step(peft_model, ids)
