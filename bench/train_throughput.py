@@ -7,9 +7,12 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   LoRA (r8 q,k,v,o, dropout 0.05), bf16 autocast, torch AdamW, the model's own loss over full logits;
 - ``loraship*``: the functions ``python -m train`` runs (``model.plan_for``, ``load_base_model``,
   ``add_lora``, ``run.build_trainer``, trl's SFTTrainer), with the plan's speed levers switched on one
-  at a time (train/speed.py); ``loraship`` alone is the default on CUDA;
-- ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: today's defaults with torch.compile
-  on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``).
+  at a time (train/speed.py);
+- ``defaults*``: what ``python -m train`` plans on CUDA today (since session 11: each decoder layer
+  compiled, no liger); ``eager*``: the plan before it (liger, no compile; ``TORCH_COMPILE=off``);
+- ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
+  on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
+  ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
 
 Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized;
 for the real-length rows, non-padding tokens over the timed steps' total time), peak GPU memory
@@ -165,8 +168,8 @@ CONFIGS = {
         dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
     # The defaults with the optimizer OPTIMIZER=auto meant on CUDA before the fused AdamW.
     "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", EAGER, optimizer="adamw_8bit"),
-    # Whatever TORCH_COMPILE=stack (before session 11: TORCH_COMPILE=true) plans on CUDA (now the compiled stack, liger off: defaults+stack-noliger).
-    "torch_compile": Config("loraship, TORCH_COMPILE=true", "loraship", choose_levers(cuda=True, compile="stack")[0]),
+    # What TORCH_COMPILE=stack plans on CUDA (TORCH_COMPILE=true until session 10): the compiled stack, liger off.
+    "torch_compile": Config("loraship, TORCH_COMPILE=stack", "loraship", choose_levers(cuda=True, compile="stack")[0]),
     "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
                              dataclasses.replace(EAGER, compile_mode="stack")),
     "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
