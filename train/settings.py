@@ -53,13 +53,13 @@ def _lower(value: object) -> object:
 
 
 def _compile_choice(value: object) -> object:
-    """TORCH_COMPILE's yes/no spellings: yes is the default per-layer compile, no is eager."""
+    """TORCH_COMPILE's yes/no spellings: yes is the default per-layer compile, no is eager; empty is unset."""
     value = _lower(value)
     if value in ("true", "1", "yes", "on"):
         return "layers"
-    if value in ("false", "0", "no", ""):
+    if value in ("false", "0", "no"):
         return "off"
-    return value
+    return "auto" if value == "" else value
 
 
 def base_model_problem(value: str) -> str | None:

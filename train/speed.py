@@ -138,7 +138,7 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
             notices.append("speed: TORCH_COMPILE=stack: the decoder stack compiles during the first steps "
                            "(minutes for an 8B); liger-kernel off")
         else:
-            notices.append("speed: torch.compile on each decoder layer (the first step compiles them, ~10 s); "
+            notices.append("speed: torch.compile on each decoder layer (the first step compiles them: 11-13 s on an 8B); "
                            "TORCH_COMPILE=off runs them eagerly")
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()

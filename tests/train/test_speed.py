@@ -86,7 +86,7 @@ def test_an_asked_compile_is_off_on_a_cpu_and_says_so():
 
 @pytest.mark.parametrize(("value", "expected"), [
     ("auto", "auto"), ("layers", "layers"), ("Stack", "stack"), ("off", "off"),
-    ("true", "layers"), ("1", "layers"), ("false", "off"), ("no", "off"),
+    ("true", "layers"), ("1", "layers"), ("false", "off"), ("no", "off"), ("", "auto"),
 ])
 def test_torch_compile_reads_its_choices_and_yes_no_spellings(monkeypatch, value, expected):
     monkeypatch.setenv("TORCH_COMPILE", value)
