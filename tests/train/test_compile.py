@@ -110,11 +110,6 @@ def test_per_layer_compile_checkpoints_each_layer_once_whatever_transformers_doe
     assert len(calls) == len(layers)
 
 
-def test_the_trainer_leaves_per_layer_compiles_checkpointing_to_the_compiled_layers():
-    assert not speed.trainer_sets_checkpointing("layers")
-    assert speed.trainer_sets_checkpointing("")
-
-
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # The whole decoder stack as one graph; each decoder layer compiled (the CUDA default); each layer with
 # CUDA graphs, its checkpoint inside the graph (a bench configuration; on the CPU, graphs are skipped).
@@ -319,3 +314,35 @@ def test_a_compiler_failure_in_a_training_step_names_the_setting_that_avoids_it(
     with pytest.raises(TrainError, match=r"torch.compile failed on the decoder \(BackendCompilerFailed: "
                                          r"RuntimeError: Node add_797 was invalid.*set TORCH_COMPILE=off"):
         step(peft_model, ids)
+
+
+def test_training_with_per_layer_compile_checkpoints_each_layer_once_per_step(tmp_path, tiny_llama_dir,
+                                                                          embedded_tokenizer, monkeypatch):
+    """Through the Trainer, as ``python -m train`` runs it: the Trainer does not turn transformers'
+    own checkpointing on again over the compiled layers, so each layer is checkpointed once a step."""
+    import dataclasses
+
+    import torch.utils.checkpoint
+
+    from train import data, model
+    from train.run import build_trainer
+    from train.settings import TrainSettings
+
+    settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", max_steps=2, lora_r=4,
+                             lora_alpha=8, save_steps=10, load_in_4bit="true")
+    plan = model.plan_for(settings, cuda=False)
+    layered = dataclasses.replace(plan, levers=speed.SpeedLevers(bf16_storage=True, compile_mode="layers"))
+    real = torch.utils.checkpoint.checkpoint
+    calls = []
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    base = model.load_base_model(str(tiny_llama_dir), layered, gradient_checkpointing=True)
+    peft_model = model.add_lora(base, settings, layered.levers)  # compiles each layer, as python -m train does
+    examples = [data.Example([5, 6, 7, 8, 9], [5, 6, 7, 8, 9], "row")] * 4
+    trainer = build_trainer(settings, layered, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
+    stack, layers = speed.decoder_stack(peft_model)
+    forwards = []
+    stack.register_forward_pre_hook(lambda module, args: forwards.append(module.training))
+    trainer.train()
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    assert forwards and all(forwards)
+    assert len(calls) == len(forwards) * len(layers)
