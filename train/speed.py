@@ -54,7 +54,7 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   3,880 in that run, at 7.13 GiB, with an 18 s first step; end to end (1B, five seeds) it learned as
   well (mean 2.283 against 2.307). But at real lengths every new bucketed length compiles (~10 s on
   the 8B: a symbolic length failed in inductor) and records 64 graphs, so 40 steps averaged 1,360
-  tok/s; warm steps took 0.27-0.37 s against the eager per-layer compile's ~0.6 s.
+  tok/s; warm steps took 0.27-0.37 s against ~0.6 s for per-layer compile without graphs.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -234,9 +234,10 @@ def checkpoints_in_graph(compile_mode: str) -> bool:
 def trainer_sets_checkpointing(compile_mode: str) -> bool:
     """Whether the Trainer may turn checkpointing on again from its arguments (it does when it starts).
 
-    Not with a compiled stack: its selective policy is a function, which the Trainer's arguments
-    cannot carry (they are written out as JSON), so the model keeps the checkpointing it was given
-    (``load_base_model`` and :func:`compile_model` set it).
+    Not with any compile mode: a compiled stack's selective policy is a function, which the Trainer's
+    arguments cannot carry (they are written out as JSON), and compiled layers checkpoint themselves
+    (:func:`compile_for_training`), so transformers' own checkpointing must stay off on them. The model
+    keeps the checkpointing it was given (``load_base_model`` and :func:`compile_model` set it).
     """
     return not compile_mode
 
@@ -299,16 +300,16 @@ def compile_model(model, mode: str) -> int:
     # One graph serves all layers; room for the few variants a run meets (train/eval, new lengths).
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     stack, layers = decoder_stack(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if mode.startswith("layers"):
         # The compiled call checkpoints the layer itself rather than leave it to transformers, whose wrapper
         # moved from around the layer's __call__ (5.17, measured) to inside its forward (5.23), which would
         # put the checkpoint inside the graph without the policy of checkpoint_kwargs.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         checkpointed = is_checkpointing(base)
         graphs = mode == "layers-cudagraphs"
         for layer in layers:
             layer.gradient_checkpointing = False
-            compile_for_training(layer, mode="reduce-overhead" if graphs else None, dynamic_length=False,
+            compile_for_training(layer, mode="reduce-overhead" if graphs else None,
                                  checkpoint=checkpoint_kwargs(mode) if checkpointed else None, checkpoint_in_graph=graphs)
         return len(layers)
     if stack is None:
@@ -317,8 +318,6 @@ def compile_model(model, mode: str) -> int:
     # (transformers adds it with any checkpointing) breaks the graph there. transformers keeps only the
     # last hook it added, so it goes before checkpointing is set again (with the policy that recomputes
     # the 4-bit matmuls too: checkpoint_kwargs), and again after.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-
     def drop_input_grad_hook():
         if hasattr(base, "disable_input_require_grads") and getattr(base, "_require_grads_hooks", None):
             base.disable_input_require_grads()
@@ -331,8 +330,8 @@ def compile_model(model, mode: str) -> int:
     return len(layers)
 
 
-def compile_for_training(module, mode: str | None = None, dynamic_length: bool = True,
-                         checkpoint: dict | None = None, checkpoint_in_graph: bool = False) -> None:
+def compile_for_training(module, mode: str | None = None, checkpoint: dict | None = None,
+                         checkpoint_in_graph: bool = False) -> None:
     """``module.compile()`` for training steps only: evaluation runs the module eagerly.
 
     A run's evaluation (eval mode, no gradients, padded batches) made torch.compile compile the whole
@@ -341,14 +340,14 @@ def compile_for_training(module, mode: str | None = None, dynamic_length: bool =
     module eagerly, so a run compiles twice: its first length, then once more with the length symbolic
     when packed rows change it (torch's automatic dynamic shapes). Symbolic sizes from the first step
     (``dynamic=True``) were slower: the CPU demo A/B ran 401 s that way against 255 s this way.
-    With CUDA graphs (``mode='reduce-overhead'``) and ``dynamic_length``, a packed row's length is
-    symbolic from the first call (:func:`mark_packed_length_dynamic`; the stack's inputs only).
+    With CUDA graphs over the stack (``mode='reduce-overhead'``), a packed row's length is symbolic from
+    the first call (:func:`mark_packed_length_dynamic`; the stack's inputs only).
 
     ``checkpoint``: keyword arguments of ``torch.utils.checkpoint`` for the training calls, around the
     compiled module (a recompute replays its graph, with the RNG state the checkpoint restores) or, with
-    ``checkpoint_in_graph``, inside its graph (with CUDA graphs a recompute outside would replay a graph
-    during the backward pass and overwrite outputs still in use: session 11). Those graphs of one layer
-    take static shapes: on the 8B at real lengths, the recompile with a symbolic length failed in inductor
+    ``checkpoint_in_graph`` (per-layer CUDA graphs), inside its graph (with CUDA graphs a recompute outside
+    would replay a graph during the backward pass and overwrite outputs still in use: session 11). Those
+    graphs of one layer take static shapes: on the 8B at real lengths, the recompile with a symbolic length failed in inductor
     ("Node add_797 was invalid, but is output", session 11).
     """
     import functools
@@ -360,7 +359,7 @@ def compile_for_training(module, mode: str | None = None, dynamic_length: bool =
     if checkpoint is not None and checkpoint_in_graph:
         target = functools.partial(checkpointed, module._call_impl, **checkpoint)
     compiled = torch.compile(target, mode=mode, dynamic=False if checkpoint_in_graph else None)
-    mark_dynamic = mode == "reduce-overhead" and dynamic_length
+    mark_dynamic = mode == "reduce-overhead" and not checkpoint_in_graph
     outside = checkpoint if checkpoint is not None and not checkpoint_in_graph else None
 
     def run_compiled(*args, **kwargs):
