@@ -33,8 +33,9 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   The default on CUDA (TORCH_COMPILE=auto) is ``layers``: each decoder layer compiled, the
   checkpoint around it. 8B r8 q,k,v,o at 2 x 1024, each configuration in a process of its own on
   one H200: 7,168 tok/s against the plain stack's 4,740 (1.51x) at 7.01 GiB (0.57x), with a 13 s
-  first step (session 11); the eager levers ran 1.12x (session 10). At real lengths 5,322-5,491 tok/s
-  against the eager levers' 4,424 (sessions 10-11). End to end (1B shape, 150 steps, LR 1e-3) it
+  first step (session 11); 7,452 (1.56x) and 6,474 (1.77x) on two hosts in session 12, where the
+  eager levers ran 0.92x. At real lengths 5,430-5,463 tok/s: 4.28x the plain stack of the same call
+  (1,275, at 0.65x its memory) and 1.40x the eager levers' 3,881 (session 12). End to end (1B shape, 150 steps, LR 1e-3) it
   learned as well as eager over ten seeds: mean final eval loss 2.300 against 2.308 (session 11).
   At LR 2e-3, the edge of stability on that random-init base, single seeds of both spiked and the
   five-seed means were 3.735 against 3.527 (seed 0 4.98 against 3.27, seed 4 2.38 against 3.18).
@@ -49,12 +50,15 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   each length records a graph of its own: with rows padded to a few lengths (:func:`replays_graphs`,
   ``data.bucket_length``) and the length symbolic from the first step
   (:func:`mark_packed_length_dynamic`), one compile of 232-243 s on the 8B (session 9), after which
-  steps ran 1.72x the eager levers at real lengths. ``layers-cudagraphs`` (session 11) graphs each
-  layer with its checkpoint inside the graph: 10,304 tok/s at 2 x 1024, 2.66x the plain stack's
-  3,880 in that run, at 7.13 GiB, with an 18 s first step; end to end (1B, five seeds) it learned as
-  well (mean 2.283 against 2.307). But at real lengths every new bucketed length compiles (~10 s on
-  the 8B: a symbolic length failed in inductor) and records 64 graphs, so 40 steps averaged 1,360
-  tok/s; warm steps took 0.27-0.37 s against ~0.6 s for per-layer compile without graphs.
+  steps ran 1.72x the eager levers at real lengths. ``layers-cudagraphs`` (sessions 11-12) graphs each
+  layer with its checkpoint inside the graph: 10,107-10,440 tok/s at 2 x 1024 over four runs on
+  two hosts, 2.15-2.77x the plain stack of the same call (plain itself ran 3,649-4,780 there), at
+  7.13 GiB, with a 11-18 s first step; end to end (1B, five seeds) it learned as well (mean 2.283
+  against 2.307). At real lengths on the device's torch 2.11 the length cannot be symbolic
+  (:func:`symbolic_lengths_in_graph`), so every new bucketed length compiles (~10 s on the 8B) and
+  records 64 graphs: 40 steps averaged 1,360 tok/s; warm steps took 0.27-0.37 s against ~0.6 s for
+  per-layer compile without graphs. With torch 2.13 the length is symbolic from the second length
+  (tested on the CPU), not yet measured on a GPU.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -347,8 +351,8 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
     compiled module (a recompute replays its graph, with the RNG state the checkpoint restores) or, with
     ``checkpoint_in_graph`` (per-layer CUDA graphs), inside its graph (with CUDA graphs a recompute outside
     would replay a graph during the backward pass and overwrite outputs still in use: session 11). Those
-    graphs of one layer take static shapes: on the 8B at real lengths, the recompile with a symbolic length failed in inductor
-    ("Node add_797 was invalid, but is output", session 11).
+    graphs of one layer take the length symbolic from the second length where :func:`symbolic_lengths_in_graph`,
+    and static shapes (a compile per bucketed length) before that.
     """
     import functools
 
@@ -358,7 +362,8 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
     target = module._call_impl
     if checkpoint is not None and checkpoint_in_graph:
         target = functools.partial(checkpointed, module._call_impl, **checkpoint)
-    compiled = torch.compile(target, mode=mode, dynamic=False if checkpoint_in_graph else None)
+    static = checkpoint_in_graph and not symbolic_lengths_in_graph()
+    compiled = torch.compile(target, mode=mode, dynamic=False if static else None)
     mark_dynamic = mode == "reduce-overhead" and not checkpoint_in_graph
     outside = checkpoint if checkpoint is not None and not checkpoint_in_graph else None
 
@@ -378,6 +383,21 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
         return module._call_impl(*args, **kwargs)
 
     module._compiled_call_impl = call  # what nn.Module.compile sets; __call__ runs it in place of forward
+
+
+def symbolic_lengths_in_graph() -> bool:
+    """Whether this torch compiles a graph with a checkpoint inside it for a symbolic packed length.
+
+    torch 2.11's partitioner leaves the length (a SymInt input) out of the backward graph's inputs when
+    the layer's checkpoint is inside the graph, and inductor fails with "Node add_N was invalid, but is
+    output": on the 8B (session 11) and on the tiny CPU model with torch 2.11 (session 12, with or
+    without the selective policy). torch 2.13 (the train image's, CI's) compiles the same graph, and
+    tests/train/test_compile.py pins that it compiles twice for packed rows of any length. 2.12 is untried.
+    """
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
 
 
 def compile_failed(err: Exception) -> Exception:

@@ -268,6 +268,18 @@ def test_with_cuda_graphs_a_compiled_stack_compiles_once_for_packed_rows_of_any_
     assert graphs == [1, 1, 1, 1]
 
 
+@pytest.mark.skipif(not speed.symbolic_lengths_in_graph(), reason="this torch takes static shapes for per-layer graphs")
+def test_per_layer_cuda_graphs_take_the_packed_length_symbolic_from_the_second_length(tiny_llama_dir):
+    """Each layer's graph, its checkpoint inside: the first length compiles, the second compiles with the length
+    symbolic, a lone row (not packed: a plain causal batch, no mask) compiles its own, and then no length
+    compiles again: on a GPU a new length only records its CUDA graphs. (torch 2.11 takes static shapes here, and
+    every bucketed length compiled: docs/benchmarks.md, session 11.)"""
+    peft_model = qlora(tiny_llama_dir, levers=LEAN)
+    speed.compile_model(peft_model, "layers-cudagraphs")  # on the CPU: compiled, no graphs to record
+    graphs = graphs_after_each_packed_step(peft_model)
+    assert graphs == [1, 2, 3, 3]
+
+
 @pytest.mark.parametrize("mode", ["stack", "layers"])
 def test_a_compiled_model_evaluates_eagerly_without_a_second_compile(tiny_llama_dir, ids, mode):
     """Evaluation (eval mode, no gradients) would compile the stack, or the layers, again for a few batches."""
