@@ -24,6 +24,8 @@ for the real-length rows, non-padding tokens over the timed steps' total time), 
                                                        # + what is alive at the GPU memory peak, by source line
     python bench/train_throughput.py --shapes llama-3-8b --configs plain,defaults,defaults+compile --isolate
                                                        # each configuration in a process of its own
+    python bench/train_throughput.py --shapes llama-3-8b --configs layers-graphs-real --symbolic-graph-lengths
+                                                       # per-layer graphs, packed length symbolic (torch 2.11 too)
 
 Prints a table and writes JSON (``--out``).
 """
@@ -675,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", action="store_true",
                         help="loraship's path: time each step's forward+backward, optimizer step and the rest apart "
                         "(extra synchronizations: tok/s not comparable)")
+    parser.add_argument("--symbolic-graph-lengths", action="store_true",
+                        help="per-layer CUDA graphs with a symbolic packed length even where this torch cannot "
+                        "(before 2.13: bench/symbolic_graph_lengths.py works around its partitioner)")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each configuration in a process of its own (nothing one leaves behind, "
                         "a patched module, a compiled graph, an allocator's cache, reaches the next)")
@@ -685,6 +690,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    if args.symbolic_graph_lengths:
+        from bench import symbolic_graph_lengths
+
+        print(symbolic_graph_lengths.enable(), flush=True)
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     seq = 64 if args.tiny else SEQ
