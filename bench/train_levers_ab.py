@@ -40,6 +40,9 @@ import dataclasses, json, os, runpy, train.speed as speed
 import torch, torch._inductor.config, bitsandbytes.nn.modules as bnb_modules
 for key, value in json.loads(os.environ.get("LORASHIP_AB_INDUCTOR", "{{}}")).items():
     setattr(torch._inductor.config, key, value)
+if os.environ.get("LORASHIP_AB_SYMBOLIC_GRAPH_LENGTHS"):  # --symbolic-graph-lengths
+    from bench import symbolic_graph_lengths
+    print(symbolic_graph_lengths.enable(), flush=True)
 if not torch.cuda.is_available():  # no CPU repacking of 4-bit weights for eval: a compiled graph cannot take it
     bnb_modules.has_avx512bf16 = lambda: False
 chosen = speed.choose_levers
@@ -96,6 +99,9 @@ def main() -> None:
                         help="processes at once (the 1B runs use ~1.2 GiB of a GPU; run times are then not comparable)")
     parser.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                         help="a torch._inductor.config value (a Python literal) for every patched run (repeatable)")
+    parser.add_argument("--symbolic-graph-lengths", action="store_true",
+                        help="patched runs: per-layer CUDA graphs with a symbolic packed length even where this torch "
+                        "cannot (bench/symbolic_graph_lengths.py)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="levers-ab-"))
@@ -128,6 +134,8 @@ def main() -> None:
         if seed is not None:
             env["SEED"] = seed
         env["LORASHIP_AB_INDUCTOR"] = json.dumps(inductor)
+        if args.symbolic_graph_lengths:
+            env["LORASHIP_AB_SYMBOLIC_GRAPH_LENGTHS"] = "1"
         stdout, stderr = (out / "stdout.txt").open("w"), (out / "stderr.txt").open("w")
         process = subprocess.Popen(command_for(run), cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
         key = run if seed is None else f"{run} SEED={seed}"

@@ -17,10 +17,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, *args: str) -> None:
+def run_bench(script: str, *args: str) -> str:
     done = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def test_the_throughput_bench_trains_both_stacks_on_the_same_rows_and_times_the_phases(tmp_path):
@@ -42,6 +43,19 @@ def test_the_throughput_bench_can_measure_each_configuration_in_a_process_of_its
     assert (plain["config"], loraship["config"]) == ("plain", "defaults")
     assert len({plain["pid"], loraship["pid"], os.getpid()}) == 3
     assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # the same rows and base in both processes
+
+
+def test_the_throughput_bench_runs_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process(tmp_path):
+    """``--symbolic-graph-lengths`` (the device's torch 2.11 needs bench/symbolic_graph_lengths.py for it) reaches
+    the processes of ``--isolate``, and the graphs train on the rows the per-layer compile trains on."""
+    out = tmp_path / "t.json"
+    printed = run_bench("train_throughput.py", "--tiny", "--configs", "defaults-real,layers-graphs-real", "--warmup", "1",
+                        "--timed", "2", "--isolate", "--symbolic-graph-lengths", "--out", str(out))
+    assert printed.count("packed length symbolic") == 3  # this process, and each that measures
+    layers, graphs = json.loads(out.read_text())["results"]
+    assert (layers["config"], graphs["config"]) == ("defaults-real", "layers-graphs-real"), graphs.get("error")
+    assert graphs["tokens_per_s"] > 0
+    assert abs(layers["loss_first"] - graphs["loss_first"]) < 1e-3
 
 
 def test_the_profile_bench_reports_wall_time_and_the_busiest_operators(tmp_path):
