@@ -52,7 +52,7 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   (:func:`mark_packed_length_dynamic`), one compile of 232-243 s on the 8B (session 9), after which
   steps ran 1.72x the eager levers at real lengths. ``layers-cudagraphs`` (sessions 11-12) graphs each
   layer with its checkpoint inside the graph: 10,107-10,440 tok/s at 2 x 1024 over four runs on
-  two hosts, 2.15-2.77x the plain stack of the same call (plain itself ran 3,649-4,780 there), at
+  three hosts, 2.15-2.77x the plain stack of the same call (plain itself ran 3,649-4,780 there), at
   7.13 GiB, with a 11-18 s first step; end to end (1B, five seeds) it learned as well (mean 2.283
   against 2.307). At real lengths on the device's torch 2.11 the length cannot be symbolic
   (:func:`symbolic_lengths_in_graph`), so every new bucketed length compiles (~10 s on the 8B) and
@@ -392,7 +392,8 @@ def symbolic_lengths_in_graph() -> bool:
     the layer's checkpoint is inside the graph, and inductor fails with "Node add_N was invalid, but is
     output": on the 8B (session 11) and on the tiny CPU model with torch 2.11 (session 12, with or
     without the selective policy). torch 2.13 (the train image's, CI's) compiles the same graph, and
-    tests/train/test_compile.py pins that it compiles twice for packed rows of any length. 2.12 is untried.
+    tests/train/test_compile.py pins that after the second packed length no length compiles again. 2.12 is
+    untried.
     """
     import torch
 
