@@ -15,7 +15,16 @@
 #
 # Needs root, apt-get and `make setup` (.venv holds hadolint and pytest).
 # Environment: SERVE_IMAGE (tag to build, default localhost/loraship-serve:ci),
-# CI_BASE_PYTHON (base to build on, default: the local python stand-in).
+# BUILDER_IMAGE (tag for its builder stage, default
+# localhost/loraship-serve-builder:ci), CI_BASE_PYTHON (base to build on,
+# default: the local python stand-in), CI_IMAGE_MIN_FREE_GB (free space the
+# build needs where podman stores images and in /var/tmp, default 4).
+#
+# Disk: each build supersedes the previous serve image and its builder stage
+# (about 1 GB of layers that nothing else uses). Once the new image is built,
+# the two images it replaced are removed, and with them every layer only they
+# used; the builder stage carries a tag so that its llama-cpp-python compile
+# layer, shared by old and new, stays cached.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -35,6 +44,8 @@ fail() {
 }
 
 SERVE_IMAGE=${SERVE_IMAGE:-localhost/loraship-serve:ci}
+BUILDER_IMAGE=${BUILDER_IMAGE:-localhost/loraship-serve-builder:ci}
+MIN_FREE_GB=${CI_IMAGE_MIN_FREE_GB:-4}
 DEBIAN_BASE=localhost/loraship-ci/debian:bookworm
 PYTHON_STANDIN=localhost/loraship-ci/python:3.11-slim
 # The tag Dockerfile.serve names by default, so an unmodified build works too.
@@ -166,21 +177,62 @@ lint() {
 
 # --- the serve image --------------------------------------------------------------
 
-build_serve() {
-    local log=$STATE/serve-build.log rc
-    # --format docker keeps the HEALTHCHECK (the OCI format has no field for it).
+image_id() { podman image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
+# Fails before the build, naming the place and the shortfall, instead of pip
+# failing half-way through a layer with "No space left on device".
+check_free_space() {
+    local graphroot dir avail_kb need_kb=$((MIN_FREE_GB * 1024 * 1024))
+    graphroot=$(podman info --format '{{.Store.GraphRoot}}' 2>/dev/null || echo /var/lib/containers)
+    for dir in "$graphroot" /var/tmp; do
+        [ -d "$dir" ] || continue
+        avail_kb=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+        echo "  $((avail_kb / 1024 / 1024)) GB free at $dir"
+        [ "$avail_kb" -ge "$need_kb" ] || fail "only $((avail_kb / 1024)) MB free at $dir; building the serve image needs about ${MIN_FREE_GB} GB there. Free space on that disk (old images: podman images -a; old clones and caches), then run .ci/images.sh again"
+    done
+}
+
+# Removes the image a tag pointed to before this build, and the layers only it
+# used (podman rmi takes untagged parents with it, and stops at shared ones).
+remove_superseded() {
+    local old=$1 tag=$2 new
+    new=$(image_id "$tag")
+    [ -n "$old" ] && [ "$old" != "$new" ] || return 0
+    if podman rmi "$old" >/dev/null 2>&1; then
+        echo "  removed the superseded $tag (${old:0:12}) and the layers only it used"
+    else
+        echo "  kept the superseded $tag (${old:0:12}): something still uses it"
+    fi
+}
+
+podman_build() {
+    local log=$1 rc
+    shift
     set +e
     podman build --pull=never --format docker \
         --build-arg BASE_IMAGE="$CI_BASE_PYTHON" \
-        -f Dockerfile.serve -t "$SERVE_IMAGE" . 2>&1 \
+        -f Dockerfile.serve "$@" . 2>&1 \
         | tee "$log" \
         | grep --line-buffered -E 'STEP [0-9]+/[0-9]+: (FROM|RUN|COPY)|^--> Using cache|COMMIT|Successfully tagged|ERROR|Error:'
     rc=${PIPESTATUS[0]}
     set -e
-    [ "$rc" = 0 ] || { tail -40 "$log" >&2; fail "podman build -f Dockerfile.serve (exit $rc; full log: $log)"; }
-    local bytes
+    [ "$rc" = 0 ] || { tail -40 "$log" >&2; fail "podman build -f Dockerfile.serve $* (exit $rc; full log: $log)"; }
+}
+
+build_serve() {
+    local old_serve old_builder bytes
+    old_serve=$(image_id "$SERVE_IMAGE")
+    old_builder=$(image_id "$BUILDER_IMAGE")
+    check_free_space
+    # The builder stage first, under its own tag (the full build below finds
+    # every one of its steps cached); --format docker keeps the HEALTHCHECK
+    # (the OCI format has no field for it).
+    podman_build "$STATE/serve-builder-build.log" --target builder -t "$BUILDER_IMAGE"
+    podman_build "$STATE/serve-build.log" -t "$SERVE_IMAGE"
     bytes=$(podman image inspect --format '{{.Size}}' "$SERVE_IMAGE")
     echo "  $SERVE_IMAGE: $((bytes / 1000000)) MB ($bytes bytes) on base $CI_BASE_PYTHON"
+    remove_superseded "$old_serve" "$SERVE_IMAGE"
+    remove_superseded "$old_builder" "$BUILDER_IMAGE"
 }
 
 check_serve_contents() {
