@@ -8,8 +8,10 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
 - ``loraship*``: the functions ``python -m train`` runs (``model.plan_for``, ``load_base_model``,
   ``add_lora``, ``run.build_trainer``, trl's SFTTrainer), with the plan's speed levers switched on one
   at a time (train/speed.py);
-- ``defaults*``: what ``python -m train`` plans on CUDA today (since session 11: each decoder layer
-  compiled, no liger); ``eager*``: the plan before it (liger, no compile; ``TORCH_COMPILE=off``);
+- ``defaults*``: what ``python -m train`` plans on CUDA with this torch (since session 14: each decoder
+  layer compiled with CUDA graphs where :func:`train.speed.symbolic_lengths_in_graph`, torch 2.13 or
+  ``--symbolic-graph-lengths``; without graphs before, as since session 11); ``layers*``: per-layer compile
+  without graphs (``TORCH_COMPILE=layers``); ``eager*``: liger, no compile (``TORCH_COMPILE=off``);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
   ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
@@ -51,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import cuda_memory  # noqa: E402
-from train.speed import SpeedLevers, choose_levers  # noqa: E402
+from train.speed import SpeedLevers, choose_levers, symbolic_lengths_in_graph  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -64,8 +66,11 @@ SHAPES = {
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 #: Every lever, bf16_frozen included: what the 2026-11-29 tables measured as "loraship".
 ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
-#: What ``python -m train`` picks on a CUDA machine today (since session 11: each decoder layer compiled, no liger).
-DEFAULTS = choose_levers(cuda=True)[0]
+#: What ``python -m train`` picks on a CUDA machine with this torch (each decoder layer compiled, no liger; with
+#: CUDA graphs where the packed length can be symbolic in them). ``--symbolic-graph-lengths`` re-plans it.
+DEFAULTS = choose_levers(cuda=True, graphs=symbolic_lengths_in_graph())[0]
+#: Per-layer compile without CUDA graphs (TORCH_COMPILE=layers): the default of sessions 11-13.
+LAYERS = choose_levers(cuda=True, compile="layers")[0]
 #: The eager levers (TORCH_COMPILE=off: liger-kernel, no torch.compile): the defaults of sessions 3-10, which the
 #: ``defaults-*`` and ``defaults+*`` configurations below were built on and measured as.
 EAGER = choose_levers(cuda=True, compile="off")[0]
@@ -87,6 +92,18 @@ class Config:
     dropout: float = 0.05
     gradient_checkpointing: bool = True
     optimizer: str | None = None  # OPTIMIZER for loraship's path (None: the plan's choice)
+
+
+def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
+    """The ``defaults*`` configurations for the plan ``levers``: the goal's three workloads."""
+    graphs = ", layers with CUDA graphs" if levers.compile_mode == "layers-cudagraphs" else ""
+    return {
+        "defaults": Config(f"loraship defaults{graphs}", "loraship", levers),
+        "defaults-accum4": Config(f"loraship defaults{graphs}, 2x1024 x 4 accumulation", "loraship", levers,
+                                  grad_accum=4),
+        "defaults-real": Config(f"loraship defaults{graphs}, real lengths", "loraship", levers, rows="real",
+                                grad_accum=4),
+    }
 
 
 CONFIGS = {
@@ -123,18 +140,21 @@ CONFIGS = {
     "loraship-real-noliger": Config("loraship, real lengths (packed, folded), no liger", "loraship",
                                     dataclasses.replace(ALL, liger_kernels=()), rows="real", grad_accum=4),
     # Today's defaults of python -m train (DEFAULTS), on the goal's three workloads.
-    "defaults": Config("loraship defaults", "loraship", DEFAULTS),
-    "defaults-accum4": Config("loraship defaults, 2x1024 x 4 accumulation", "loraship", DEFAULTS, grad_accum=4),
-    "defaults-real": Config("loraship defaults, real lengths", "loraship", DEFAULTS, rows="real", grad_accum=4),
+    **defaults_configs(DEFAULTS),
+    # Per-layer compile without CUDA graphs (TORCH_COMPILE=layers; the default of sessions 11-13).
+    "layers": Config("loraship, TORCH_COMPILE=layers", "loraship", LAYERS),
+    "layers-real": Config("loraship, TORCH_COMPILE=layers, real lengths", "loraship", LAYERS, rows="real",
+                          grad_accum=4),
     # The eager levers (TORCH_COMPILE=off), the defaults until session 10.
     "eager": Config("loraship eager (TORCH_COMPILE=off)", "loraship", EAGER),
     "eager-real": Config("loraship eager (TORCH_COMPILE=off), real lengths", "loraship", EAGER, rows="real",
                          grad_accum=4),
-    # Each decoder layer compiled with CUDA graphs (bench only); at real lengths, packed rows bucketed.
+    # Each decoder layer compiled with CUDA graphs (TORCH_COMPILE=layers-cudagraphs); at real lengths, packed
+    # rows bucketed.
     "layers-graphs": Config("loraship defaults, layers with CUDA graphs", "loraship",
-                            dataclasses.replace(DEFAULTS, compile_mode="layers-cudagraphs")),
+                            dataclasses.replace(LAYERS, compile_mode="layers-cudagraphs")),
     "layers-graphs-real": Config("loraship defaults, layers with CUDA graphs, real lengths (bucketed)", "loraship",
-                                 dataclasses.replace(DEFAULTS, compile_mode="layers-cudagraphs"), rows="real",
+                                 dataclasses.replace(LAYERS, compile_mode="layers-cudagraphs"), rows="real",
                                  grad_accum=4),
     # One lever left out of today's defaults at a time.
     "defaults-nofused": Config("loraship defaults without fused_lora", "loraship",
@@ -694,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import symbolic_graph_lengths
 
         print(symbolic_graph_lengths.enable(), flush=True)
+        CONFIGS.update(defaults_configs(choose_levers(cuda=True, graphs=True)[0]))  # what torch 2.13 plans
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     seq = 64 if args.tiny else SEQ

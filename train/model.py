@@ -52,7 +52,8 @@ def plan_for(settings: TrainSettings, *, cuda: bool) -> Plan:
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
     can_compile = cuda and settings.torch_compile != "off" and speed.compile_supported()
     try:
-        levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile)
+        levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile,
+                                                    graphs=can_compile and speed.symbolic_lengths_in_graph())
     except ValueError as err:
         raise TrainError(str(err)) from err
     notices.extend(speed_notices)

@@ -119,18 +119,24 @@ def compile_supported() -> bool:
             and torch.cuda.get_device_capability() >= (7, 0))
 
 
-def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True) -> tuple[SpeedLevers, tuple[str, ...]]:
-    """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`),
-    and the notices that say what was left off and why."""
+def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True,
+                  graphs: bool = False) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`;
+    ``graphs``: :func:`symbolic_lengths_in_graph`), and the notices that say what was left off and why.
+
+    TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where this torch
+    takes a packed length symbolic inside them (``graphs``: torch 2.13, the train image's), and without
+    (``layers``) before that, where every new packed length would compile again.
+    """
     if not cuda:
         notices = ["speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"]
-        if compile in ("layers", "stack"):
+        if compile not in ("auto", "off"):
             notices.append(f"TORCH_COMPILE={compile}: torch.compile of the decoder is CUDA-only; off on CPU")
         return SpeedLevers(), tuple(notices)
     notices = []
     mode = compile
     if compile == "auto":
-        mode = "layers" if can_compile else "off"
+        mode = ("layers-cudagraphs" if graphs else "layers") if can_compile else "off"
         if not can_compile:
             notices.append("speed: torch.compile needs Triton and a GPU of compute capability 7.0+; "
                            "the decoder layers run eagerly")
@@ -141,9 +147,17 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
         if mode == "stack":
             notices.append("speed: TORCH_COMPILE=stack: the decoder stack compiles during the first steps "
                            "(minutes for an 8B); liger-kernel off")
+        elif mode == "layers-cudagraphs":
+            notices.append("speed: torch.compile with CUDA graphs on each decoder layer (the first steps compile "
+                           "them: about 15 s on an 8B; each new packed length records its graphs, about 3 s); "
+                           "TORCH_COMPILE=layers compiles without graphs (less memory), off runs eagerly"
+                           + ("" if graphs else "; with this torch every new packed length compiles again "
+                              "(about 10 s on an 8B): torch 2.13 takes the length symbolic"))
         else:
             notices.append("speed: torch.compile on each decoder layer (the first step compiles them: 11-13 s on an 8B); "
-                           "TORCH_COMPILE=off runs them eagerly")
+                           "TORCH_COMPILE=off runs them eagerly"
+                           + ("" if graphs or compile != "auto" else
+                              "; CUDA graphs on the layers, faster, need torch 2.13 (the train image's)"))
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
     if not liger:
@@ -305,6 +319,8 @@ def compile_model(model, mode: str) -> int:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     stack, layers = decoder_stack(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if mode.endswith("cudagraphs"):
+        quiet_expected_graph_warnings()
     if mode.startswith("layers"):
         # The compiled call checkpoints the layer itself rather than leave it to transformers, whose wrapper
         # moved from around the layer's __call__ (5.17, measured) to inside its forward (5.23), which would
@@ -332,6 +348,23 @@ def compile_model(model, mode: str) -> int:
         drop_input_grad_hook()
     compile_for_training(stack, mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)
+
+
+def quiet_expected_graph_warnings() -> None:
+    """Silence two warnings that CUDA graphs of checkpointed, bucketed layers give by design, not by fault.
+
+    Inductor warns once it has recorded graphs for more than 8 input sizes: packed rows come in a few dozen
+    bucketed lengths (``data.bucket_length``), each recorded once. And it warns that it cannot take its
+    "fast path" while earlier graphs' outputs still wait for their backward: per-layer graphs always do (the
+    next layer runs before the backward of the last), and the steps measured in docs/benchmarks.md ran so.
+    """
+    import warnings
+
+    import torch._inductor.config as inductor
+
+    if hasattr(inductor.triton, "cudagraph_dynamic_shape_warn_limit"):
+        inductor.triton.cudagraph_dynamic_shape_warn_limit = None
+    warnings.filterwarnings("ignore", message="Unable to hit fast path of CUDAGraphs")
 
 
 def compile_for_training(module, mode: str | None = None, checkpoint: dict | None = None,
@@ -371,7 +404,7 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
         try:
             return compiled(*args, **kwargs)
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError) as err:
-            raise compile_failed(err) from err
+            raise compile_failed(err, graphs=mode == "reduce-overhead") from err
 
     def call(*args, **kwargs):
         if module.training and torch.is_grad_enabled():
@@ -401,14 +434,15 @@ def symbolic_lengths_in_graph() -> bool:
     return (major, minor) >= (2, 13)
 
 
-def compile_failed(err: Exception) -> Exception:
+def compile_failed(err: Exception, graphs: bool = False) -> Exception:
     """A compiler failure in a training step as the user's error: what failed, and the setting that avoids it."""
     from train.settings import TrainError
 
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     detail = next((line for line in lines if not line.startswith("backend=")), type(err).__name__)
-    return TrainError(f"torch.compile failed on the decoder ({type(err).__name__}: {detail}); "
-                      "set TORCH_COMPILE=off to train without it")
+    instead = ("set TORCH_COMPILE=layers to compile without CUDA graphs, or TORCH_COMPILE=off to train without it"
+               if graphs else "set TORCH_COMPILE=off to train without it")
+    return TrainError(f"torch.compile failed on the decoder ({type(err).__name__}: {detail}); {instead}")
 
 
 def mark_packed_length_dynamic(kwargs: dict) -> None:

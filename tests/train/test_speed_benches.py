@@ -45,16 +45,19 @@ def test_the_throughput_bench_can_measure_each_configuration_in_a_process_of_its
     assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # the same rows and base in both processes
 
 
-def test_the_throughput_bench_runs_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process(tmp_path):
+def test_the_throughput_bench_runs_the_default_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process(
+        tmp_path):
     """``--symbolic-graph-lengths`` (the device's torch 2.11 needs bench/symbolic_graph_lengths.py for it) reaches
-    the processes of ``--isolate``, and the graphs train as the per-layer compile does: the same loss at every
-    step, the later steps (new packed lengths) through the graph with the length symbolic."""
+    the processes of ``--isolate``, where the defaults are then what torch 2.13 plans, per-layer CUDA graphs; and
+    they train as the per-layer compile does: the same loss at every step, the later steps (new packed lengths)
+    through the graph with the length symbolic."""
     out = tmp_path / "t.json"
-    printed = run_bench("train_throughput.py", "--tiny", "--configs", "defaults-real,layers-graphs-real", "--warmup", "1",
+    printed = run_bench("train_throughput.py", "--tiny", "--configs", "layers-real,defaults-real", "--warmup", "1",
                         "--timed", "2", "--isolate", "--symbolic-graph-lengths", "--out", str(out))
     assert printed.count("packed length symbolic") == 3  # this process, and each that measures
     layers, graphs = json.loads(out.read_text())["results"]
-    assert (layers["config"], graphs["config"]) == ("defaults-real", "layers-graphs-real"), graphs.get("error")
+    assert (layers["config"], graphs["config"]) == ("layers-real", "defaults-real"), graphs.get("error")
+    assert "compile_mode=layers" in layers["levers"] and "compile_mode=layers-cudagraphs" in graphs["levers"]
     assert graphs["tokens_per_s"] > 0
     assert len(set(graphs["tokens_per_step"])) == 3  # three packed lengths
     assert graphs["losses"] == pytest.approx(layers["losses"], rel=1e-4)
