@@ -142,14 +142,14 @@ class TrainSettings(BaseSettings):
                              BeforeValidator(_compile_choice)] = Field(
         "auto",
         description="CUDA: what torch.compile covers. 'auto': each decoder layer where torch.compile can run (a GPU "
-        "of compute capability 7.0+ with Triton), liger-kernel then off; with CUDA graphs ('layers-cudagraphs') "
-        "on torch 2.13+ (the train image's), else without ('layers'). On an 8B r8 q,k,v,o (one H200), against the "
+        "of compute capability 7.0+ with Triton), liger-kernel then off: with CUDA graphs ('layers-cudagraphs') "
+        "on torch 2.13+ (the train image's), without ('layers') before. 8B r8 q,k,v,o on one H200, against the "
         "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.2-2.8x its tokens/s with graphs, 1.5-1.8x "
-        "without, at 0.58x its memory; real lengths 5x and 4.3x; about 15 s of compiling on the first steps, and "
-        "with graphs about 3 s more for each new packed length; both learned as well as eager. 'layers': no "
-        "CUDA graphs (2 GiB less at real lengths on an 8B). 'stack': the whole decoder stack as one graph "
-        "(minutes of compiling; for long runs). 'off': eager, with liger-kernel. true/false mean auto/off. "
-        "Ignored on CPU (docs/benchmarks.md).",
+        "without, at 0.58x its memory; real lengths 3.5-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
+        "on an 8B); with graphs each new packed length records its graphs (about 3 s) and they hold about "
+        "2 GiB more. Both learned as well as eager. 'layers': no CUDA graphs. 'stack': the whole decoder stack "
+        "as one graph (minutes of compiling; for long runs). 'off': eager, with liger-kernel. true/false mean "
+        "auto/off. Ignored on CPU (docs/benchmarks.md).",
     )
     num_gpus: Annotated[int | None, EmptyIsNone] = Field(
         None, ge=1, le=64,

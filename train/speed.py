@@ -30,35 +30,35 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   element-wise LoRA work fuse (bitsandbytes' 4-bit matmul is a registered custom op, so it stays
   in the graph). liger's kernels do not trace inside a graph, so the plan turns them off with it.
 
-  The default on CUDA (TORCH_COMPILE=auto) is ``layers``: each decoder layer compiled, the
-  checkpoint around it. 8B r8 q,k,v,o at 2 x 1024, each configuration in a process of its own on
-  one H200: 7,168 tok/s against the plain stack's 4,740 (1.51x) at 7.01 GiB (0.57x), with a 13 s
-  first step (session 11); 7,452 (1.56x) and 6,474 (1.77x) on two hosts in session 12, where the
-  eager levers ran 0.92x. At real lengths 5,430-5,463 tok/s: 4.28x the plain stack of the same call
-  (1,275, at 0.65x its memory) and 1.40x the eager levers' 3,881 (session 12). End to end (1B shape, 150 steps, LR 1e-3) it
-  learned as well as eager over ten seeds: mean final eval loss 2.300 against 2.308 (session 11).
-  At LR 2e-3, the edge of stability on that random-init base, single seeds of both spiked and the
-  five-seed means were 3.735 against 3.527 (seed 0 4.98 against 3.27, seed 4 2.38 against 3.18).
+  The default on CUDA (TORCH_COMPILE=auto) is ``layers-cudagraphs`` where torch takes the packed length
+  symbolic inside a checkpointed graph (:func:`symbolic_lengths_in_graph`: torch 2.13, the train image's),
+  and ``layers`` before that. ``layers``: each decoder layer compiled, the checkpoint around it. 8B r8
+  q,k,v,o at 2 x 1024, each configuration in a process of its own on one H200: 7,452 and 6,474 tok/s, 1.56x
+  and 1.77x the plain stack of the same call, at 7.01 GiB (0.57x), with a 11-15 s first step (session 12).
+  At real lengths 5,430-5,463 tok/s, 4.13-4.28x the plain stack (sessions 12, 14). End to end (1B shape,
+  150 steps, LR 1e-3) it learned as well as eager over ten seeds: mean final eval loss 2.300 against 2.308
+  (session 11).
+
+  ``layers-cudagraphs``: the same layers replayed as CUDA graphs, each layer's checkpoint inside its graph
+  (a recompute outside would replay a graph during the backward pass). Packed rows are padded to a few
+  lengths (:func:`replays_graphs`, ``data.bucket_length``); each new length records its graphs (about 3 s on
+  the 8B), the length symbolic so nothing compiles again. 2 x 1024: 10,082 tok/s, 2.44x the plain stack of
+  the same call (2.37x its second plain run) at 7.13 GiB (0.58x), every step 0.20-0.21 s, after a 17 s
+  first step (session 14); 10,107-10,440 and 2.15-2.77x over sessions 11-12. Real lengths: 3.47-3.78x the
+  plain stack over 40 timed steps with the recordings in them, 6.4-6.7x after them; over 160 steps 132 s
+  against per-layer compile's 140 s, at 12.9 GiB against 10.7 (the graphs' pool). End to end (1B, five
+  seeds) the same mean final eval loss as per-layer compile, 2.294, in 25-32% less time (session 14).
+  Measured on the device's torch 2.11 through ``bench/symbolic_graph_lengths.py``, which gives it what torch
+  2.13 does itself; torch 2.11 alone compiles every new packed length again (session 12).
 
   ``stack`` (TORCH_COMPILE=stack): the whole decoder stack as one graph, the checkpoints inside it
   with a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
   saved rather than recomputed. 1.46x the plain stack at 2 x 1024 (session 5), but its compile
   takes minutes on an 8B (139-243 s), which only long runs earn back.
 
-  CUDA graphs (bench configurations only). ``stack-cudagraphs`` ran 8,085-9,305 tok/s (sessions 7-8;
-  2.14-2.28x the plain stack on the same host), but packed rows change length from step to step and
-  each length records a graph of its own: with rows padded to a few lengths (:func:`replays_graphs`,
-  ``data.bucket_length``) and the length symbolic from the first step
-  (:func:`mark_packed_length_dynamic`), one compile of 232-243 s on the 8B (session 9), after which
-  steps ran 1.72x the eager levers at real lengths. ``layers-cudagraphs`` (sessions 11-12) graphs each
-  layer with its checkpoint inside the graph: 10,107-10,440 tok/s at 2 x 1024 over four runs on
-  three hosts, 2.15-2.77x the plain stack of the same call (plain itself ran 3,649-4,780 there), at
-  7.13 GiB, with a 11-18 s first step; end to end (1B, five seeds) it learned as well (mean 2.283
-  against 2.307). At real lengths on the device's torch 2.11 the length cannot be symbolic
-  (:func:`symbolic_lengths_in_graph`), so every new bucketed length compiles (~10 s on the 8B) and
-  records 64 graphs: 40 steps averaged 1,360 tok/s; warm steps took 0.27-0.37 s against ~0.6 s for
-  per-layer compile without graphs. With torch 2.13 the length is symbolic from the second length
-  (tested on the CPU), not yet measured on a GPU.
+  ``stack-cudagraphs`` (bench only) ran 8,085-9,305 tok/s (sessions 7-8; 2.14-2.28x the plain stack on
+  the same host), with the length symbolic from the first step (:func:`mark_packed_length_dynamic`), but one
+  compile of the stack took 232-243 s on the 8B (session 9).
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -279,7 +279,7 @@ COMPILE_MODES = {
     "layers": "torch.compile on each decoder layer (one graph shared by the layers; checkpointing around each)",
     "stack": "torch.compile on the whole decoder stack (one graph; checkpointing inside it)",
     "stack-cudagraphs": "the whole decoder stack compiled with CUDA graphs (mode='reduce-overhead')",
-    "layers-cudagraphs": "each decoder layer compiled with CUDA graphs (mode='reduce-overhead'; bench only)",
+    "layers-cudagraphs": "each decoder layer compiled with CUDA graphs (mode='reduce-overhead'; checkpoint inside)",
 }
 
 
@@ -301,7 +301,7 @@ def decoder_stack(model):
 def compile_model(model, mode: str) -> int:
     """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
 
-    ``layers`` (the default on CUDA): each decoder layer compiled for training steps (they share one code
+    ``layers`` (the CUDA default before torch 2.13): each decoder layer compiled for training steps (they share one code
     path, so one graph); the compiled call checkpoints the layer itself, around its graph, so a
     recomputed layer replays the same graph (and, with the RNG state the checkpoint restores, the
     same dropout mask). ``layers-cudagraphs``: the same with CUDA graphs, the checkpoint inside each

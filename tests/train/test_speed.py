@@ -193,6 +193,30 @@ def test_the_trainer_packs_and_folds_when_the_plan_says_so(tmp_path, tiny_llama_
     assert sorted(map(tuple, _rows_of(batch))) == sorted(map(tuple, rows))
 
 
+
+def test_the_trainer_buckets_packed_rows_when_the_default_plan_replays_cuda_graphs(tmp_path, tiny_llama_dir,
+                                                                                   embedded_tokenizer):
+    # A CUDA graph replays one shape: packed rows come padded to a few lengths (data.bucket_length), the
+    # padding a filler segment with no labels.
+    import dataclasses
+
+    from train.run import build_trainer
+
+    settings = TrainSettings(
+        base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", batch_size=2, grad_accum=3, max_seq_length=64,
+        max_steps=1, lora_r=4, lora_alpha=8,
+    )
+    levers, _ = speed.choose_levers(cuda=True, graphs=True)
+    plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=levers)
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18], [19, 20]]
+    examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
+    peft_model = model.add_lora(model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False), settings)
+    trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape == (1, data.bucket_length(16)) == (1, 64)
+    assert sorted(map(tuple, _rows_of(batch)[:-1])) == sorted(map(tuple, rows))  # then the filler
+    assert (batch["labels"][0, 16:] == -100).all()
+
 def _rows_of(batch):
     """Split a packed row back into its rows at each position id 0."""
     ids, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
