@@ -72,7 +72,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     token = settings.hf_token.get_secret_value() if settings.hf_token else None
 
     # 1. What the settings mean here; where an interrupted run left off (locally, else on the Hub).
-    plan = model.plan_for(settings, cuda=cuda_available())
+    plan = model.plan_for(settings, cuda=cuda_available(), processes=launch.world_size())
     for notice in plan.notices:
         echo(f"note: {notice}")
     if not dry_run:

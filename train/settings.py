@@ -143,7 +143,8 @@ class TrainSettings(BaseSettings):
         "auto",
         description="CUDA: what torch.compile covers. 'auto': each decoder layer where torch.compile can run (a GPU "
         "of compute capability 7.0+ with Triton), liger-kernel then off: with CUDA graphs ('layers-cudagraphs') "
-        "on torch 2.13+ (the train image's), without ('layers') before. 8B r8 q,k,v,o on one H200, against the "
+        "on torch 2.13+ (the train image's) for one process whose optimizer step fits one micro-batch "
+        "(BATCH_SIZE x GRAD_ACCUM x MAX_SEQ_LENGTH <= 16384, the case measured), else without ('layers'). 8B r8 q,k,v,o on one H200, against the "
         "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.2-2.8x its tokens/s with graphs, 1.5-1.8x "
         "without, at 0.58x its memory; real lengths 3.5-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
         "on an 8B); with graphs each new packed length records its graphs (about 3 s) and they hold about "

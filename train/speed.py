@@ -49,7 +49,8 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   against per-layer compile's 140 s, at 12.9 GiB against 10.7 (the graphs' pool). End to end (1B, five
   seeds) the same mean final eval loss as per-layer compile, 2.294, in 25-32% less time (session 14).
   Measured on the device's torch 2.11 through ``bench/symbolic_graph_lengths.py``, which gives it what torch
-  2.13 does itself; torch 2.11 alone compiles every new packed length again (session 12).
+  2.13 does itself; torch 2.11 alone compiles every new packed length again (session 12). Planned only for
+  the case measured, one process with each optimizer step in one micro-batch (:func:`graphs_blocker`).
 
   ``stack`` (TORCH_COMPILE=stack): the whole decoder stack as one graph, the checkpoints inside it
   with a selective policy (:func:`checkpoint_kwargs`) without which the 4-bit matmuls' outputs were
@@ -119,14 +120,40 @@ def compile_supported() -> bool:
             and torch.cuda.get_device_capability() >= (7, 0))
 
 
-def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True,
-                  graphs: bool = False) -> tuple[SpeedLevers, tuple[str, ...]]:
-    """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`;
-    ``graphs``: :func:`symbolic_lengths_in_graph`), and the notices that say what was left off and why.
+#: Why TORCH_COMPILE=auto plans no CUDA graphs before torch 2.13 (:func:`symbolic_lengths_in_graph`).
+GRAPHS_NEED_TORCH = "they need torch 2.13 (the train image's)"
 
-    TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where this torch
-    takes a packed length symbolic inside them (``graphs``: torch 2.13, the train image's), and without
-    (``layers``) before that, where every new packed length would compile again.
+
+def graphs_blocker(*, symbolic_lengths: bool, batch_size: int, grad_accum: int, max_seq_length: int,
+                   processes: int) -> str | None:
+    """Why TORCH_COMPILE=auto should not plan per-layer CUDA graphs for this run, or None where it should.
+
+    They were measured (docs/benchmarks.md, "Session 14") on one GPU with each optimizer step in one folded
+    micro-batch. Not planned where a step takes several micro-batches (their gradients would accumulate over
+    outputs of graph replays, which torch warns a later replay can overwrite) or several processes (DDP), both
+    unmeasured; ``TORCH_COMPILE=layers-cudagraphs`` still asks for them there.
+    """
+    if not symbolic_lengths:
+        return GRAPHS_NEED_TORCH
+    folded = micro_batching(batch_size, grad_accum, max_seq_length, SpeedLevers(packing=True, fold_accumulation=True))
+    if folded[1] > 1:
+        return (f"not planned when an optimizer step takes several micro-batches (BATCH_SIZE x GRAD_ACCUM x "
+                f"MAX_SEQ_LENGTH = {batch_size * grad_accum * max_seq_length} tokens, over {FOLD_TOKEN_BUDGET}): "
+                "unmeasured with gradient accumulation")
+    if processes > 1:
+        return f"not planned for {processes} processes: unmeasured with DDP"
+    return None
+
+
+def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True,
+                  graphs: bool = False, why_no_graphs: str = GRAPHS_NEED_TORCH) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`;
+    ``graphs``: whether this torch takes the packed length symbolic in them, :func:`symbolic_lengths_in_graph`;
+    ``why_no_graphs``: for the notice, when ``graphs`` is false), and the notices that say what was left off and why.
+
+    TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where ``graphs``
+    (torch 2.13, the train image's, and a run :func:`graphs_blocker` clears), and without (``layers``) otherwise:
+    before torch 2.13 every new packed length would compile again.
     """
     if not cuda:
         notices = ["speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"]
@@ -152,12 +179,13 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
                            "them: about 15 s on an 8B; each new packed length records its graphs, about 3 s); "
                            "TORCH_COMPILE=layers compiles without graphs (less memory), off runs eagerly"
                            + ("" if graphs else "; with this torch every new packed length compiles again "
-                              "(about 10 s on an 8B): torch 2.13 takes the length symbolic"))
+                              "(about 10 s on an 8B): torch 2.13 takes the length symbolic"
+                              if why_no_graphs == GRAPHS_NEED_TORCH else
+                              f"; measured only on one GPU with each optimizer step in one micro-batch ({why_no_graphs})"))
         else:
             notices.append("speed: torch.compile on each decoder layer (the first step compiles them: 11-13 s on an 8B); "
                            "TORCH_COMPILE=off runs them eagerly"
-                           + ("" if graphs or compile != "auto" else
-                              "; CUDA graphs on the layers, faster, need torch 2.13 (the train image's)"))
+                           + ("" if graphs or compile != "auto" else f"; CUDA graphs on the layers, faster: {why_no_graphs}"))
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
     if not liger:

@@ -47,6 +47,31 @@ def test_cuda_defaults_compile_each_layer_without_graphs_where_torch_cannot_take
     assert len(said) == 1 and "torch.compile on each decoder layer" in said[0] and "need torch 2.13" in said[0]
 
 
+
+def test_cuda_defaults_plan_no_graphs_where_a_step_accumulates_over_several_micro_batches(gpu):
+    # Measured only with the optimizer step folded into one micro-batch (at most 16384 tokens).
+    settings = TrainSettings(batch_size=4, grad_accum=4, max_seq_length=2048)
+    plan = model.plan_for(settings, cuda=True)
+    assert plan.levers.compile_mode == "layers"
+    said = [notice for notice in plan.notices if notice.startswith("speed:")]
+    assert len(said) == 1 and "several micro-batches" in said[0] and "32768 tokens, over 16384" in said[0]
+    assert model.plan_for(TrainSettings(batch_size=2, grad_accum=8, max_seq_length=1024),  # 16384: folds
+                          cuda=True).levers.compile_mode == "layers-cudagraphs"
+
+
+def test_cuda_defaults_plan_no_graphs_for_several_processes(gpu):
+    plan = model.plan_for(TrainSettings(), cuda=True, processes=2)
+    assert plan.levers.compile_mode == "layers"
+    assert any("not planned for 2 processes" in notice for notice in plan.notices)
+
+
+def test_asking_for_layer_graphs_where_they_are_unmeasured_gets_them_and_says_so(gpu):
+    plan = model.plan_for(TrainSettings(torch_compile="layers-cudagraphs", batch_size=4, grad_accum=4,
+                                        max_seq_length=2048), cuda=True)
+    assert plan.levers.compile_mode == "layers-cudagraphs"
+    said = [notice for notice in plan.notices if notice.startswith("speed:")]
+    assert len(said) == 1 and "measured only on one GPU with each optimizer step in one micro-batch" in said[0]
+
 def test_torch_compile_layers_compiles_each_layer_without_graphs(gpu):
     plan = model.plan_for(TrainSettings(torch_compile="layers"), cuda=True)
     assert plan.levers.compile_mode == "layers" and plan.levers.liger_kernels == ()
