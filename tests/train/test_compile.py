@@ -365,9 +365,11 @@ def test_training_with_per_layer_compile_checkpoints_each_layer_once_per_step(tm
 def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer_compiles_losses(
         tmp_path, tiny_llama_dir, embedded_tokenizer):
     """``python -m train``'s CUDA plan on torch 2.13, through the Trainer: packed rows bucketed (a filler segment
-    with no labels), each layer's graph with its checkpoint inside; the same loss at every step as per-layer
-    compile on the unbucketed rows. (On the CPU no CUDA graph is recorded; the compiled graphs are the same.)"""
+    with no labels), each layer's graph with its checkpoint inside; the same loss and gradient norm at every
+    step as per-layer compile on the unbucketed rows. (On the CPU no CUDA graph is recorded; the compiled graphs are the same.)"""
     import dataclasses
+
+    from transformers import set_seed
 
     from train import data, model
     from train.run import build_trainer
@@ -376,19 +378,20 @@ def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer
     rows = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19], [20, 21], [22, 23, 24, 25], [26, 27, 28],
             [29, 30, 31, 32, 33, 34], [35, 36]]
     examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
-    losses = {}
+    logged = {}
     for mode in ("layers", "layers-cudagraphs"):
         settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / mode, max_steps=4, lora_r=4,
                                  lora_alpha=8, lora_dropout=0.0, batch_size=2, grad_accum=1, max_seq_length=64,
                                  logging_steps=1, save_steps=10, load_in_4bit="true", seed=0)
         plan = model.plan_for(settings, cuda=False)
         plan = dataclasses.replace(plan, levers=speed.SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True))
+        set_seed(settings.seed)  # as python -m train does: the same adapter init in both runs
         base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=True)
         peft_model = model.add_lora(base, settings, plan.levers)
         trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / f"ckpt-{mode}",
                                 print)
         assert speed.replays_graphs(plan.levers) == (mode == "layers-cudagraphs")
         trainer.train()
-        losses[mode] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses["layers"]) == 4
-    assert losses["layers-cudagraphs"] == pytest.approx(losses["layers"], rel=1e-4)
+        logged[mode] = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged["layers"]) == 4
+    assert logged["layers-cudagraphs"] == [pytest.approx(pair, rel=1e-4) for pair in logged["layers"]]
