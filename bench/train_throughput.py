@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import cuda_memory  # noqa: E402
-from train.speed import SpeedLevers, choose_levers, symbolic_lengths_in_graph  # noqa: E402
+from train.speed import GRAPHS_NEED_TORCH, SpeedLevers, choose_levers, symbolic_lengths_in_graph  # noqa: E402
 
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -68,7 +68,7 @@ QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
 #: What ``python -m train`` picks on a CUDA machine with this torch (each decoder layer compiled, no liger; with
 #: CUDA graphs where the packed length can be symbolic in them). ``--symbolic-graph-lengths`` re-plans it.
-DEFAULTS = choose_levers(cuda=True, graphs=symbolic_lengths_in_graph())[0]
+DEFAULTS = choose_levers(cuda=True, no_graphs=None if symbolic_lengths_in_graph() else GRAPHS_NEED_TORCH)[0]
 #: Per-layer compile without CUDA graphs (TORCH_COMPILE=layers): the default of sessions 11-13.
 LAYERS = choose_levers(cuda=True, compile="layers")[0]
 #: The eager levers (TORCH_COMPILE=off: liger-kernel, no torch.compile): the defaults of sessions 3-10, which the
@@ -714,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         from bench import symbolic_graph_lengths
 
         print(symbolic_graph_lengths.enable(), flush=True)
-        CONFIGS.update(defaults_configs(choose_levers(cuda=True, graphs=True)[0]))  # what torch 2.13 plans
+        CONFIGS.update(defaults_configs(choose_levers(cuda=True, no_graphs=None)[0]))  # what torch 2.13 plans
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     seq = 64 if args.tiny else SEQ

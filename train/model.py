@@ -53,12 +53,11 @@ def plan_for(settings: TrainSettings, *, cuda: bool, processes: int = 1) -> Plan
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
     can_compile = cuda and settings.torch_compile != "off" and speed.compile_supported()
     try:
-        why_no_graphs = speed.graphs_blocker(
+        no_graphs = speed.graphs_blocker(
             symbolic_lengths=can_compile and speed.symbolic_lengths_in_graph(), batch_size=settings.batch_size,
             grad_accum=settings.grad_accum, max_seq_length=settings.max_seq_length, processes=processes)
         levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile,
-                                                    graphs=why_no_graphs is None,
-                                                    why_no_graphs=why_no_graphs or speed.GRAPHS_NEED_TORCH)
+                                                    no_graphs=no_graphs)
     except ValueError as err:
         raise TrainError(str(err)) from err
     notices.extend(speed_notices)

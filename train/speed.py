@@ -146,14 +146,14 @@ def graphs_blocker(*, symbolic_lengths: bool, batch_size: int, grad_accum: int, 
 
 
 def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True,
-                  graphs: bool = False, why_no_graphs: str = GRAPHS_NEED_TORCH) -> tuple[SpeedLevers, tuple[str, ...]]:
+                  no_graphs: str | None = GRAPHS_NEED_TORCH) -> tuple[SpeedLevers, tuple[str, ...]]:
     """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`;
-    ``graphs``: whether this torch takes the packed length symbolic in them, :func:`symbolic_lengths_in_graph`;
-    ``why_no_graphs``: for the notice, when ``graphs`` is false), and the notices that say what was left off and why.
+    ``no_graphs``: why this run gets no CUDA graphs, :func:`graphs_blocker`, or None where it does), and the
+    notices that say what was left off and why.
 
-    TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where ``graphs``
-    (torch 2.13, the train image's, and a run :func:`graphs_blocker` clears), and without (``layers``) otherwise:
-    before torch 2.13 every new packed length would compile again.
+    TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where nothing
+    blocks them (torch 2.13, the train image's, and a run :func:`graphs_blocker` clears), and without
+    (``layers``) otherwise: before torch 2.13 every new packed length would compile again.
     """
     if not cuda:
         notices = ["speed: fused GPU kernels and padding-free packing are CUDA-only; off on CPU"]
@@ -163,7 +163,7 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
     notices = []
     mode = compile
     if compile == "auto":
-        mode = ("layers-cudagraphs" if graphs else "layers") if can_compile else "off"
+        mode = ("layers" if no_graphs else "layers-cudagraphs") if can_compile else "off"
         if not can_compile:
             notices.append("speed: torch.compile needs Triton and a GPU of compute capability 7.0+; "
                            "the decoder layers run eagerly")
@@ -172,20 +172,23 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
                          "compute capability 7.0+); set TORCH_COMPILE=off")
     if mode != "off":  # liger's kernels do not trace inside a graph; inductor fuses that work itself
         if mode == "stack":
-            notices.append("speed: TORCH_COMPILE=stack: the decoder stack compiles during the first steps "
-                           "(minutes for an 8B); liger-kernel off")
+            notice = ("speed: TORCH_COMPILE=stack: the decoder stack compiles during the first steps (minutes for an "
+                      "8B); liger-kernel off")
         elif mode == "layers-cudagraphs":
-            notices.append("speed: torch.compile with CUDA graphs on each decoder layer (the first steps compile "
-                           "them: about 15 s on an 8B; each new packed length records its graphs, about 3 s); "
-                           "TORCH_COMPILE=layers compiles without graphs (less memory), off runs eagerly"
-                           + ("" if graphs else "; with this torch every new packed length compiles again "
-                              "(about 10 s on an 8B): torch 2.13 takes the length symbolic"
-                              if why_no_graphs == GRAPHS_NEED_TORCH else
-                              f"; measured only on one GPU with each optimizer step in one micro-batch ({why_no_graphs})"))
+            notice = ("speed: torch.compile with CUDA graphs on each decoder layer (the first steps compile them: "
+                      "about 15 s on an 8B; each new packed length records its graphs, about 3 s); "
+                      "TORCH_COMPILE=layers compiles without graphs (less memory), off runs eagerly")
+            if no_graphs == GRAPHS_NEED_TORCH:
+                notice += ("; with this torch every new packed length compiles again (about 10 s on an 8B): "
+                           "torch 2.13 takes the length symbolic")
+            elif no_graphs:
+                notice += f"; measured only on one GPU with each optimizer step in one micro-batch ({no_graphs})"
         else:
-            notices.append("speed: torch.compile on each decoder layer (the first step compiles them: 11-13 s on an 8B); "
-                           "TORCH_COMPILE=off runs them eagerly"
-                           + ("" if graphs or compile != "auto" else f"; CUDA graphs on the layers, faster: {why_no_graphs}"))
+            notice = ("speed: torch.compile on each decoder layer (the first step compiles them: 11-13 s on an 8B); "
+                      "TORCH_COMPILE=off runs them eagerly")
+            if compile == "auto":
+                notice += f"; CUDA graphs on the layers, faster: {no_graphs}"
+        notices.append(notice)
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
     liger = liger_installed()
     if not liger:

@@ -231,7 +231,7 @@ def test_the_trainer_buckets_packed_rows_when_the_default_plan_replays_cuda_grap
         base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", batch_size=2, grad_accum=3, max_seq_length=64,
         max_steps=1, lora_r=4, lora_alpha=8,
     )
-    levers, _ = speed.choose_levers(cuda=True, graphs=True)
+    levers, _ = speed.choose_levers(cuda=True, no_graphs=None)
     plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=levers)
     rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18], [19, 20]]
     examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
@@ -261,11 +261,12 @@ def test_a_compile_failure_with_cuda_graphs_names_the_settings_that_avoid_them()
     assert "TORCH_COMPILE=layers to compile without CUDA graphs" in str(err) and "TORCH_COMPILE=off" in str(err)
 
 
-def test_the_warnings_that_bucketed_per_layer_graphs_give_by_design_are_quiet():
+def test_the_warnings_that_bucketed_per_layer_graphs_give_by_design_are_quiet(monkeypatch):
     import warnings
 
     import torch._inductor.config as inductor
 
+    monkeypatch.setattr(inductor.triton, "cudagraph_dynamic_shape_warn_limit", 8)  # restored after the test
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         speed.quiet_expected_graph_warnings()
