@@ -55,8 +55,9 @@ def build(folder: Path, layers: int, device: str) -> Path:
 @contextlib.contextmanager
 def partitions():
     """Each graph torch.compile splits while this is open (AOTAutograd's min-cut partitioner): the
-    recompute tags of its bitsandbytes 4-bit matmuls, and what its forward saves for the backward as
-    ``(op, bytes or None)``, weights and inputs left out. Also used by tests/train/test_compile.py."""
+    recompute tags of its bitsandbytes 4-bit matmuls, what its forward saves for the backward as
+    ``(op, bytes or None)``, weights and inputs left out, and the ops its backward runs (``backward``:
+    each call's target, in order). Also used by tests/train/test_compile.py."""
     import torch._functorch.partitioners as partitioners
     import torch._inductor.compile_fx as compile_fx
 
@@ -77,7 +78,8 @@ def partitions():
             except Exception:  # not a tensor, or symbolic sizes
                 size = None
             saved.append((str(node.target), size))
-        graphs.append({"tags": tags, "saved": saved})
+        graphs.append({"tags": tags, "saved": saved, "backward": [str(node.target) for node in backward.graph.nodes
+                                                                  if node.op == "call_function"]})
         return forward, backward
 
     partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = spy
@@ -111,7 +113,7 @@ def run_variant(variant: str, base: Path, device: str, seq: int, steps: int) -> 
     if variant == "stack-nographsafe":
         torch._functorch.config.graphsafe_rng_functionalization = False
     if variant in ("stack-unselective", "stack-nographsafe"):
-        speed.checkpoint_kwargs = lambda compile_mode="": {"use_reentrant": False}
+        speed.checkpoint_kwargs = lambda compile_mode="", save_attention=False: {"use_reentrant": False}
     dropout = 0.0 if variant.endswith("dropout0") else 0.05
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)

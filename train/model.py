@@ -177,6 +177,8 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
         )
     elif gradient_checkpointing:
         speed.enable_checkpointing(model, speed.checkpoint_kwargs(plan.levers.compile_mode))
+    if plan.load_in_4bit and plan.levers.dequantize_once and gradient_checkpointing:
+        speed.dequantize_once(model)
     return model
 
 
@@ -208,7 +210,7 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
 
         fuse_lora_layers(peft_model)
     if levers.compile_mode:
-        speed.compile_model(peft_model, levers.compile_mode)
+        speed.compile_model(peft_model, levers.compile_mode, save_attention=levers.save_attention)
     return peft_model
 
 

@@ -60,6 +60,17 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   ``stack-cudagraphs`` (bench only) ran 8,085-9,305 tok/s (sessions 7-8; 2.14-2.28x the plain stack on
   the same host), with the length symbolic from the first step (:func:`mark_packed_length_dynamic`), but one
   compile of the stack took 232-243 s on the 8B (session 9).
+- ``dequantize_once``, ``save_attention``, ``label_positions`` (with ``layers-cudagraphs``, where they were
+  measured; session 15, 8B r8 q,k,v,o at 2 x 1024, each configuration in its own process on one H200):
+  a checkpointed layer's 4-bit weights are dequantized once for its recompute and backward pass together
+  (:func:`dequantize_once`; 14 dequantizations per layer and step instead of 20), its attention kernel's
+  output is kept rather than recomputed (:func:`save_attention_outputs`; bf16, one hidden vector per token
+  and layer, half what its checkpoint keeps anyway), and the LM head gathers the labelled positions the
+  collator lists on the CPU instead of indexing with a boolean mask, which made the CPU wait for the GPU
+  twice in the forward pass and twice in the backward (train/trainer.py). Per-layer graphs alone ran
+  10,102-10,506 tok/s; with the first two 10,532-10,754 (+2.4-4.3%), with all three 10,696-10,702 (+5.9%
+  on the machine that measured both), at 7.60 GiB peak against 7.13. Same arithmetic: the CPU tests pin the
+  loss and gradients bit for bit (the first two) and to 1e-6 (the third, a sum in another order).
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -101,6 +112,15 @@ class SpeedLevers:
     liger_kernels: tuple[str, ...] = ()
     packing: bool = False
     fold_accumulation: bool = False
+    #: Checkpointed 4-bit layers dequantize their weight once for the recompute and the backward pass together
+    #: (:func:`dequantize_once`), not once each.
+    dequantize_once: bool = False
+    #: Checkpoints inside compiled graphs keep each layer's attention output rather than recompute it
+    #: (:func:`save_attention_outputs`).
+    save_attention: bool = False
+    #: The collator lists the positions the LM head scores, computed on the CPU, so the head gathers them
+    #: without a boolean mask (train/trainer.py); with packing only.
+    label_positions: bool = False
 
     def names(self) -> list[str]:
         names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()
@@ -189,7 +209,10 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
             if compile == "auto":
                 notice += f"; CUDA graphs on the layers, faster: {no_graphs}"
         notices.append(notice)
-        return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True), tuple(notices)
+        # The recompute levers and the LM head's label positions were measured with per-layer graphs (session 15).
+        graphs = mode == "layers-cudagraphs"
+        return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True,
+                           dequantize_once=graphs, save_attention=graphs, label_positions=graphs), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
@@ -240,7 +263,7 @@ def is_checkpointing(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def checkpoint_kwargs(compile_mode: str = "") -> dict:
+def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False) -> dict:
     """The keyword arguments for ``torch.utils.checkpoint`` on the decoder layers.
 
     Non-reentrant always. With the decoder stack compiled (``stack*`` modes), also torch's
@@ -252,7 +275,8 @@ def checkpoint_kwargs(compile_mode: str = "") -> dict:
     of the 8B at 2 x 1024 tokens, 4.7 GiB in all, the compiled stack's whole excess over eager
     (docs/benchmarks.md, "Session 5"). The policy tags the ops itself, at dispatch; every other op
     is left as plain checkpointing leaves it. (A function, not an object: dynamo traces only a
-    function or a ``functools.partial`` as ``context_fn``.)
+    function or a ``functools.partial`` as ``context_fn``.) ``save_attention``: the policy also keeps
+    the attention kernels' outputs (:func:`save_attention_outputs`).
     """
     kwargs: dict = {"use_reentrant": False}
     if checkpoints_in_graph(compile_mode):
@@ -260,7 +284,8 @@ def checkpoint_kwargs(compile_mode: str = "") -> dict:
 
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, recompute_quantized_matmuls)
+        policy = save_attention_outputs if save_attention else recompute_quantized_matmuls
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return kwargs
 
 
@@ -271,6 +296,70 @@ def recompute_quantized_matmuls(ctx, op, *args, **kwargs):
     if getattr(op, "namespace", None) == "bitsandbytes":
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+#: The attention kernels scaled_dot_product_attention dispatches to (aten op names), whose outputs
+#: :func:`save_attention_outputs` keeps.
+ATTENTION_OPS = frozenset({
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_flash_attention_forward", "_efficient_attention_forward",
+})
+
+
+def save_attention_outputs(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: :func:`recompute_quantized_matmuls`, but the attention kernel's outputs are saved.
+
+    A checkpointed layer's backward pass then runs the attention kernel once (its backward) rather than
+    twice: the recompute stops short of it. The cost is its output, half the size of the float32 layer
+    input a checkpoint keeps anyway (bf16, one hidden vector per token).
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if getattr(getattr(op, "overloadpacket", None), "__name__", None) in ATTENTION_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return recompute_quantized_matmuls(ctx, op, *args, **kwargs)
+
+
+def dequantize_once(model) -> int:
+    """Make each bitsandbytes 4-bit layer of ``model`` dequantize its weight once per checkpointed layer and step.
+
+    bitsandbytes' own layer dequantizes the weight inside its 4-bit matmul (a custom op) and again
+    in its backward pass; with checkpointing the recompute runs the matmul again, so a step
+    dequantizes most weights three times (session 8's profile: 25 ms of a 189 ms step). Here a
+    training call (grad enabled, training mode) runs the same arithmetic in plain ops, the
+    dequantized weight an ordinary input of ``F.linear``: the checkpoint drops it after the forward
+    pass, the recompute makes it again, and the backward pass uses that one. Only for checkpointed
+    layers: without a checkpoint, autograd would keep every layer's dequantized weight until the
+    backward pass (16 GB on an 8B). Evaluation and generation keep bitsandbytes' own path (its fast
+    kernel for short inputs). Returns how many layers it changed.
+    """
+    import types
+
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: nothing is 4-bit
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.forward = types.MethodType(_linear4bit_dequantize_once, module)
+            count += 1
+    return count
+
+
+def _linear4bit_dequantize_once(self, x):
+    """A bitsandbytes ``Linear4bit.forward`` whose training calls dequantize in autograd's view (:func:`dequantize_once`)."""
+    import torch
+
+    if not (self.training and torch.is_grad_enabled()) or getattr(self.weight, "quant_state", None) is None:
+        return type(self).forward(self, x)  # bitsandbytes' own (it also recovers a quant state kept on the module)
+    import bitsandbytes.functional as bnbf
+
+    compute = self.compute_dtype or x.dtype
+    weight = bnbf.dequantize_4bit(self.weight, self.weight.quant_state).to(compute)
+    bias = None if self.bias is None else self.bias.to(compute)
+    return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
 
 
 def checkpoints_in_graph(compile_mode: str) -> bool:
@@ -329,7 +418,7 @@ def decoder_stack(model):
     return stack, layers
 
 
-def compile_model(model, mode: str) -> int:
+def compile_model(model, mode: str, save_attention: bool = False) -> int:
     """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
 
     ``layers`` (the CUDA default before torch 2.13): each decoder layer compiled for training steps (they share one code
@@ -338,7 +427,8 @@ def compile_model(model, mode: str) -> int:
     same dropout mask). ``layers-cudagraphs``: the same with CUDA graphs, the checkpoint inside each
     layer's graph. ``stack``: the whole decoder stack as one graph, the checkpoints inside it, so a
     step pays Python's overhead once rather than per layer. Stack modes set the model's
-    checkpointing again with :func:`checkpoint_kwargs`.
+    checkpointing again with :func:`checkpoint_kwargs` (``save_attention``: its policy keeps the
+    attention outputs, where the checkpoints are inside the graphs).
     (Graphs of N layers each, ``stack-N``, were measured in session 5 while looking for the stack's
     memory, which they did not change, and were taken out: docs/benchmarks.md.)
     """
@@ -361,7 +451,7 @@ def compile_model(model, mode: str) -> int:
         for layer in layers:
             layer.gradient_checkpointing = False
             compile_for_training(layer, mode="reduce-overhead" if graphs else None,
-                                 checkpoint=checkpoint_kwargs(mode) if checkpointed else None, checkpoint_in_graph=graphs)
+                                 checkpoint=checkpoint_kwargs(mode, save_attention) if checkpointed else None, checkpoint_in_graph=graphs)
         return len(layers)
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")
@@ -375,7 +465,7 @@ def compile_model(model, mode: str) -> int:
 
     drop_input_grad_hook()
     if is_checkpointing(base):
-        enable_checkpointing(base, checkpoint_kwargs(mode))
+        enable_checkpointing(base, checkpoint_kwargs(mode, save_attention))
         drop_input_grad_hook()
     compile_for_training(stack, mode="reduce-overhead" if mode == "stack-cudagraphs" else None)
     return len(layers)

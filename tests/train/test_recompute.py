@@ -1,0 +1,157 @@
+"""What a checkpointed layer does again in its backward pass (train/speed.py ``dequantize_once``, ``save_attention``).
+
+Real components on the CPU: a tiny random-init Llama in 4-bit NF4 (bitsandbytes' CPU backend), peft's LoRA,
+bf16 autocast, non-reentrant checkpointing, and torch.compile with inductor for the per-layer graphs.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from bench.compile_partition import partitions
+from tests.train.test_fused_lora import ids, qlora, step  # noqa: F401 (ids: a fixture)
+from train import speed
+
+LEAN = speed.SpeedLevers(bf16_storage=True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def bitsandbytes_ops(run):
+    """``run()``'s result, and how many times it called each bitsandbytes op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("bitsandbytes."):
+                self.calls[str(func).removeprefix("bitsandbytes.").removesuffix(".default")] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        result = run()
+    return result, count.calls
+
+
+def test_dequantizing_once_gives_bitsandbytes_loss_and_gradients_exactly(tiny_llama_dir, ids):
+    reference = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
+    once = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
+    assert speed.dequantize_once(once) == 14  # q, k, v, o, gate, up, down in each of two layers
+    import torch
+
+    torch.manual_seed(3)
+    loss, grads = step(reference, ids)
+    torch.manual_seed(3)
+    loss_once, grads_once = step(once, ids)
+    assert float(loss_once) == float(loss)
+    assert grads_once.keys() == grads.keys()
+    assert all(torch.equal(grads_once[name], grads[name]) for name in grads)
+
+
+def test_a_checkpointed_step_dequantizes_each_weight_twice_rather_than_three_times(tiny_llama_dir, ids):
+    """bitsandbytes dequantizes inside each 4-bit matmul (forward and recompute) and again in its backward pass;
+    dequantized in autograd's view, the recompute's weight is the one the backward pass uses."""
+    reference = qlora(tiny_llama_dir, levers=LEAN)
+    once = qlora(tiny_llama_dir, levers=LEAN)
+    speed.dequantize_once(once)
+    _, before = bitsandbytes_ops(lambda: step(reference, ids))
+    _, after = bitsandbytes_ops(lambda: step(once, ids))
+    weights = 14
+    assert before["gemm_4bit"] + before["dequantize_4bit"] > 2 * weights  # forward, recompute, backward
+    assert after == {"dequantize_blockwise": 2 * weights, "dequantize_4bit": 2 * weights}  # forward, recompute
+
+
+def test_evaluation_keeps_bitsandbytes_own_4bit_matmul(tiny_llama_dir, ids):
+    """No gradient: nothing to reuse, and bitsandbytes' own kernels serve short inputs (generation) best."""
+    import torch
+
+    reference, once = qlora(tiny_llama_dir, levers=LEAN), qlora(tiny_llama_dir, levers=LEAN)
+    speed.dequantize_once(once)
+    logits = {}
+    for name, peft_model in (("reference", reference), ("once", once)):
+        peft_model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[name], calls = bitsandbytes_ops(lambda: peft_model(input_ids=ids).logits)
+        logits[name, "calls"] = calls
+    assert logits["once", "calls"] == logits["reference", "calls"] and not logits["once", "calls"]["dequantize_4bit"]
+    assert torch.equal(logits["once"], logits["reference"])
+
+
+def test_without_checkpointing_the_base_keeps_bitsandbytes_forward(tiny_llama_dir):
+    """Without a checkpoint autograd would keep every layer's dequantized weight until the backward pass."""
+    import dataclasses
+
+    from bitsandbytes.nn import Linear4bit
+
+    from train import model
+    from train.settings import TrainSettings
+
+    plan = model.plan_for(TrainSettings(base_model=str(tiny_llama_dir), load_in_4bit="true"), cuda=False)
+    plan = dataclasses.replace(plan, levers=speed.SpeedLevers(bf16_storage=True, dequantize_once=True))
+    for checkpointing in (True, False):
+        base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=checkpointing)
+        patched = {"forward" in vars(layer) for layer in base.modules() if isinstance(layer, Linear4bit)}
+        assert patched == {checkpointing}
+
+
+def compiled_step(folder, ids, *, once: bool, save_attention: bool):
+    peft_model = qlora(folder, levers=LEAN)
+    if once:
+        speed.dequantize_once(peft_model)
+    speed.compile_model(peft_model, "layers-cudagraphs", save_attention=save_attention)
+    with partitions() as graphs:
+        loss, grads = step(peft_model, ids)
+    (graph,) = graphs  # the layers share one graph
+    return loss, grads, graph
+
+
+def test_in_a_per_layer_graph_the_backward_pass_dequantizes_each_weight_once(tiny_llama_dir, ids):
+    _, _, before = compiled_step(tiny_llama_dir, ids, once=False, save_attention=False)
+    _, _, after = compiled_step(tiny_llama_dir, ids, once=True, save_attention=False)
+    ops_before, ops_after = collections.Counter(before["backward"]), collections.Counter(after["backward"])
+    # Before: each weight dequantized for the backward pass, and again inside each recomputed 4-bit matmul.
+    assert ops_before["bitsandbytes.dequantize_4bit.default"] == 7 and ops_before["bitsandbytes.gemm_4bit.default"] > 0
+    assert ops_after["bitsandbytes.dequantize_4bit.default"] == 7 and ops_after["bitsandbytes.gemm_4bit.default"] == 0
+    # The dequantized weights are recomputed, not saved: the forward keeps what it kept before.
+    assert [target for target, _ in after["saved"]] == [target for target, _ in before["saved"]]
+
+
+def test_saving_the_attention_output_takes_the_attention_kernel_out_of_the_recompute(tiny_llama_dir, ids):
+    import torch
+
+    loss, grads, plain = compiled_step(tiny_llama_dir, ids, once=True, save_attention=False)
+    torch._dynamo.reset()
+    loss_saved, grads_saved, saved = compiled_step(tiny_llama_dir, ids, once=True, save_attention=True)
+    # The tiny model: batch 2, 4 heads, 24 tokens, head size 16; its output and log-sum-exp are kept.
+    assert ("<built-in function getitem>", 2 * 4 * 24 * 16 * 2) in saved["saved"]
+    assert len(saved["saved"]) > len(plain["saved"])
+    recomputed = [op for op in plain["backward"] if op.startswith("run_with_rng_state")]
+    assert recomputed and not [op for op in saved["backward"] if op.startswith("run_with_rng_state")]
+    assert float(loss_saved) == float(loss)
+    assert all(torch.equal(grads_saved[name], grads[name]) for name in grads)
+
+
+def test_the_policy_saves_every_attention_kernel_and_defers_the_rest():
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        assert speed.save_attention_outputs(None, getattr(aten, name).default) == CheckpointPolicy.MUST_SAVE
+    assert speed.save_attention_outputs(None, aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert speed.checkpoint_kwargs("layers-cudagraphs", save_attention=True)["context_fn"].args == (
+        speed.save_attention_outputs,)
+    assert "context_fn" not in speed.checkpoint_kwargs("layers", save_attention=True)  # the checkpoint is outside
