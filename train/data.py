@@ -536,11 +536,23 @@ def to_hf_dataset(examples: Sequence[Example]):
 #: The batch entry (a Python int) that counts a bucketed packed micro-batch's real tokens: the filler
 #: that pads it to its bucket is not data. The trainer reads it and never passes it to the model.
 REAL_TOKENS = "real_tokens"
+#: A packed batch's key for the positions that carry a next-token label (:func:`label_positions`).
+LABEL_POSITIONS = "label_positions"
 
 
 def real_tokens(batch: dict) -> int:
     """How many of a collated batch's tokens are data: all of them, less a bucket's filler."""
     return int(batch[REAL_TOKENS]) if REAL_TOKENS in batch else int(batch["input_ids"].numel())
+
+
+def label_positions(labels: Sequence[Sequence[int]]) -> list[int]:
+    """Where ``labels`` (rows of one length) score a prediction: the flat indices, over rows x length, of the
+    positions whose next token has a label (the LM head scores the hidden state at ``t`` against label ``t + 1``).
+
+    Computed here, on the CPU, they let the GPU gather the scored positions without a boolean mask, whose
+    indexing makes the CPU wait for the GPU (train/trainer.py)."""
+    width = len(labels[0]) if labels else 0
+    return [row * width + t for row, ids in enumerate(labels) for t in range(width - 1) if ids[t + 1] != IGNORE_INDEX]
 
 
 def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> int:
@@ -556,7 +568,7 @@ def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> 
     return -(-tokens // step) * step
 
 
-def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = False):
+def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = False, positions: bool = False):
     """A padding-free micro-batch: ``rows`` concatenated into one row of ``input_ids``, ``labels``, ``position_ids``.
 
     Position ids restart at 0 for each row; from that (and no ``attention_mask``) transformers
@@ -571,6 +583,8 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = Fals
     ``bucket`` (for CUDA graphs, which replay fixed shapes): the packed row is padded to
     :func:`bucket_length` with a filler segment of its own (token 0, positions from 0, no labels),
     which attends only to itself and adds nothing to the loss; :data:`REAL_TOKENS` counts the rest.
+    ``positions``: :data:`LABEL_POSITIONS` lists the positions the LM head scores (:func:`label_positions`),
+    for the trainer (train/trainer.py), which takes the key out before the batch reaches the model.
     """
     import torch
 
@@ -591,5 +605,6 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = Fals
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
+        **({LABEL_POSITIONS: torch.tensor(label_positions(labels), dtype=torch.long)} if positions else {}),
         **batch,
     }

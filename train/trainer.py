@@ -10,16 +10,27 @@ Here the metrics stay on the GPU until a log line needs them (one read per LOGGI
 token counts come from the batch's shape on the CPU. The loss is trl's, computed the same way
 (tests/train/test_trainer.py pins it against trl's own). Whatever this does not cover
 (several processes, label smoothing, a custom loss, padded batches) runs trl's own code.
+
+trl's fused LM head picks the positions it scores with a boolean mask of the labels; indexing with it
+makes the CPU wait for the whole forward pass, and its backward (``masked_scatter``'s) waits again. With
+the collator's list of those positions (``data.LABEL_POSITIONS``, computed on the CPU), the head here
+gathers them by index instead (:func:`score_label_positions`): the same tokens through trl's own chunked
+log-probability kernel, and no wait. Session 15 counted 5.5 waits a step on the default plan, 4 of them these.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 
 import torch
 from trl import SFTTrainer
 
-from train.data import REAL_TOKENS, real_tokens
+from train.data import LABEL_POSITIONS, REAL_TOKENS, real_tokens
+
+#: Model families whose LM head is a plain projection (no logit scale or soft-capping), which
+#: :func:`score_label_positions` scores as trl does.
+PLAIN_HEAD_FAMILIES = ("llama", "mistral")
 
 
 class Trainer(SFTTrainer):
@@ -27,6 +38,9 @@ class Trainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         #: Per mode ("train"/"eval"): metric name -> one GPU scalar per micro-batch, not yet read back.
         self._unread: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        #: Whether the model's fused LM head takes the collator's label positions (:func:`score_label_positions`).
+        self.scores_label_positions = score_label_positions(base)
 
     def _runs_trls_own(self, inputs) -> bool:
         """Whether this batch needs what trl's compute_loss does beyond the single-process, plain-NLL, packed case."""
@@ -44,14 +58,19 @@ class Trainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokens = real_tokens(inputs) if "input_ids" in inputs else None
-        inputs = {key: value for key, value in inputs.items() if key != REAL_TOKENS}
+        positions = inputs.get(LABEL_POSITIONS)
+        inputs = {key: value for key, value in inputs.items() if key not in (REAL_TOKENS, LABEL_POSITIONS)}
         if return_outputs or self._runs_trls_own(inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        labelled = outputs.label_mask.sum()
+        if positions is not None and self.scores_label_positions:
+            outputs = model(**inputs, fused_lm_head=True, label_positions=positions)
+            labelled = torch.as_tensor(positions.numel())  # a CPU count: no wait
+        else:
+            outputs = model(**inputs, fused_lm_head=True)
+            labelled = outputs.label_mask.sum()
         # trl's loss: the summed negative log-likelihood over the step's label tokens (num_items_in_batch
         # when the Trainer counted them across the accumulation steps), never 0 / 0.
         count = labelled if num_items_in_batch is None else num_items_in_batch
@@ -88,3 +107,47 @@ class Trainer(SFTTrainer):
             self.state.num_input_tokens_seen += real_tokens(inputs)
             return None
         return super()._track_num_input_tokens(inputs)
+
+
+def score_label_positions(causal_lm) -> bool:
+    """Let ``causal_lm``'s fused LM head (trl's ``add_fused_lm_head``) take ``label_positions``; whether it now does.
+
+    Given them (flat indices over the batch's rows x length, ``data.label_positions``), the forward runs the
+    backbone as trl's does, gathers the scored hidden states and their next-token labels by index, and scores
+    them with trl's ``ChunkedLogProbFunction`` as trl does: the same per-token log-probabilities, entropies and
+    top-1 hits, compact (one per position), without the boolean mask. Without them, trl's forward runs. Only
+    for :data:`PLAIN_HEAD_FAMILIES` with trl's kernel importable; otherwise nothing changes.
+    """
+    config = causal_lm.config
+    if config.model_type not in PLAIN_HEAD_FAMILIES or getattr(config, "final_logit_softcapping", None):
+        return False
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:
+        return False
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as vocab_tile
+    except ImportError:
+        vocab_tile = 32768
+    fused = causal_lm.forward
+    if not getattr(fused, "__wrapped__", None):  # not trl's fused forward: leave it alone
+        return False
+
+    @functools.wraps(fused)
+    def forward(*args, label_positions=None, fused_lm_head=False, labels=None, **kwargs):
+        if label_positions is None or not fused_lm_head or args or labels is None or "shift_labels" in kwargs:
+            return fused(*args, fused_lm_head=fused_lm_head, labels=labels, **kwargs)
+        kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = causal_lm.base_model(**kwargs).last_hidden_state
+        head = causal_lm.get_output_embeddings()
+        positions = label_positions.to(head.weight.device)
+        scored = hidden.to(head.weight.device).reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        targets = labels.to(head.weight.device).reshape(-1).index_select(0, positions + 1)
+        log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+            scored, head.weight, head.bias, targets, 1.0, vocab_tile, None, 1.0, ("entropy", "is_top1"))
+        return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy, is_top1=is_top1)
+
+    causal_lm.forward = forward
+    return True

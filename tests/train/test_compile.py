@@ -366,7 +366,8 @@ def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer
         tmp_path, tiny_llama_dir, embedded_tokenizer):
     """``python -m train``'s CUDA plan on torch 2.13, through the Trainer: packed rows bucketed (a filler segment
     with no labels), each layer's graph with its checkpoint inside; the same loss and gradient norm at every
-    step as per-layer compile on the unbucketed rows. (On the CPU no CUDA graph is recorded; the compiled graphs are the same.)"""
+    step as per-layer compile on the unbucketed rows. So too the whole plan, with its recompute levers and the
+    LM head's label positions. (On the CPU no CUDA graph is recorded; the compiled graphs are the same.)"""
     import dataclasses
 
     from transformers import set_seed
@@ -379,19 +380,23 @@ def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer
             [29, 30, 31, 32, 33, 34], [35, 36]]
     examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
     logged = {}
-    for mode in ("layers", "layers-cudagraphs"):
+    planned = speed.choose_levers(cuda=True, no_graphs=None)[0]
+    assert planned.dequantize_once and planned.save_attention and planned.label_positions
+    for mode in ("layers", "layers-cudagraphs", "plan"):
         settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / mode, max_steps=4, lora_r=4,
                                  lora_alpha=8, lora_dropout=0.0, batch_size=2, grad_accum=1, max_seq_length=64,
                                  logging_steps=1, save_steps=10, load_in_4bit="true", seed=0)
         plan = model.plan_for(settings, cuda=False)
-        plan = dataclasses.replace(plan, levers=speed.SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True))
-        set_seed(settings.seed)  # as python -m train does: the same adapter init in both runs
+        levers = planned if mode == "plan" else speed.SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True)
+        plan = dataclasses.replace(plan, levers=levers)
+        set_seed(settings.seed)  # as python -m train does: the same adapter init in every run
         base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=True)
         peft_model = model.add_lora(base, settings, plan.levers)
         trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / f"ckpt-{mode}",
                                 print)
-        assert speed.replays_graphs(plan.levers) == (mode == "layers-cudagraphs")
+        assert speed.replays_graphs(plan.levers) == (mode != "layers")
         trainer.train()
         logged[mode] = [(entry["loss"], entry["grad_norm"]) for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged["layers"]) == 4
     assert logged["layers-cudagraphs"] == [pytest.approx(pair, rel=1e-4) for pair in logged["layers"]]
+    assert logged["plan"] == [pytest.approx(pair, rel=1e-4) for pair in logged["layers"]]

@@ -44,6 +44,29 @@ def test_packing_drops_only_each_rows_first_label():
     assert int((batch["labels"] != -100).sum()) == trained_before == 7
 
 
+def test_label_positions_list_where_the_head_scores_a_next_token_label():
+    """Flat indices over rows x length of each position t whose label t + 1 is trained; label t + 1 follows it."""
+    batch = data.collate_packed(ROWS, positions=True)
+    positions = batch[data.LABEL_POSITIONS].tolist()
+    assert positions == [1, 2, 3, 5, 6, 8, 10]
+    assert [batch["labels"].view(-1)[p + 1].item() for p in positions] == [7, 8, 9, 11, 12, 14, 16]
+
+
+def test_label_positions_of_separate_rows_count_across_rows():
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10], "labels": [8, -100, 10]}]
+    batch = data.collate_packed(rows, positions=True)
+    assert batch[data.LABEL_POSITIONS].tolist() == [0, 1, 4]  # row 2 starts at 3; its label 9 is masked
+
+
+def test_a_bucket_filler_adds_no_label_position():
+    assert data.collate_packed(ROWS, bucket=True, positions=True)[data.LABEL_POSITIONS].tolist() == [1, 2, 3, 5, 6, 8, 10]
+
+
+def test_label_positions_of_a_batch_without_labels_are_empty():
+    rows = [{"input_ids": [5, 6], "labels": [-100, -100]}, {"input_ids": [7], "labels": [-100]}]
+    assert data.collate_packed(rows, positions=True)[data.LABEL_POSITIONS].tolist() == []
+
+
 @pytest.fixture(scope="module")
 def tiny_rows(embedded_tokenizer):
     texts = ["The quokka smiles at the sun.", "Two plus two is four, said the owl to the cat.", "Hello!"]

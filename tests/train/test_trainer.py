@@ -51,6 +51,80 @@ def test_the_loss_and_metrics_are_trls_own(make_trainer):
         assert trainer._metrics["train"][name] == [pytest.approx(value, rel=1e-6)]
 
 
+@pytest.fixture
+def compact_head(monkeypatch):
+    """trl's fused head as it runs on CUDA: it scores only the labelled positions, picked with a boolean mask (on
+    a CPU it scores every position instead)."""
+    import trl.trainer.utils
+
+    monkeypatch.setattr(trl.trainer.utils, "_use_triton", lambda device: True)
+
+
+def test_with_label_positions_the_loss_gradients_and_metrics_are_still_trls_own(make_trainer, compact_head):
+    """The collator's label positions (computed on the CPU) replace trl's boolean mask; nothing else changes."""
+    import torch
+    from trl import SFTTrainer
+
+    trainer = make_trainer(levers=speed.SpeedLevers(packing=True, label_positions=True))
+    assert trainer.scores_label_positions
+    batch = packed_batch(trainer)
+    assert data.LABEL_POSITIONS in batch
+
+    def adapter_grads():
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.model.zero_grad()
+        return grads
+
+    theirs = SFTTrainer.compute_loss(trainer, trainer.model, {k: v for k, v in batch.items()
+                                                               if k != data.LABEL_POSITIONS})
+    theirs.backward()
+    their_grads = adapter_grads()
+    expected = {name: trainer._metrics["train"][name][-1] for name in ("entropy", "mean_token_accuracy")}
+    trainer._metrics["train"].clear()
+    ours = trainer.compute_loss(trainer.model, dict(batch))
+    ours.backward()
+    our_grads = adapter_grads()
+    trainer.read_metrics("train")
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    for name, value in expected.items():
+        assert trainer._metrics["train"][name] == [pytest.approx(value, rel=1e-6)]
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_with_label_positions_no_boolean_mask_indexes_a_tensor(make_trainer, compact_head, monkeypatch):
+    """A boolean mask's indexing makes the CPU wait for the GPU (it must count the mask first): trl's head
+    indexes the hidden states and the labels with one, and its backward pass does it again."""
+    import torch
+
+    masks = []
+    for method in ("__getitem__", "masked_scatter"):
+        original = getattr(torch.Tensor, method)
+
+        def spy(self, index, *args, _original=original, **kwargs):
+            if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+                masks.append(index)
+            return _original(self, index, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, spy)
+    for levers, expected in ((speed.SpeedLevers(packing=True), True),
+                             (speed.SpeedLevers(packing=True, label_positions=True), False)):
+        trainer = make_trainer(levers=levers)
+        masks.clear()
+        trainer.compute_loss(trainer.model, packed_batch(trainer)).backward()
+        assert bool(masks) == expected
+
+
+def test_a_head_with_scaled_or_capped_logits_keeps_trls_own_forward(make_trainer):
+    from train.trainer import score_label_positions
+
+    trainer = make_trainer(levers=speed.SpeedLevers(packing=True, label_positions=True))
+    base = trainer.model.get_base_model()
+    base.config.final_logit_softcapping = 30.0
+    before = base.forward
+    assert not score_label_positions(base) and base.forward is before
+
+
 def test_a_micro_batchs_metrics_are_not_read_back_from_the_device(make_trainer, monkeypatch):
     """Outside the decoder stack (which on CUDA runs as a compiled graph), nothing reads a tensor's value:
     not the loss, nor trl's entropy and token accuracy, nor the token count. A log line reads them."""
