@@ -122,8 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
+    parser.add_argument("--symbolic-graph-lengths", action="store_true",
+                        help="as bench/train_throughput.py: the defaults torch 2.13 plans, on an older torch")
     args = parser.parse_args(argv)
     import torch
+
+    if args.symbolic_graph_lengths:
+        from bench import symbolic_graph_lengths
+
+        print(symbolic_graph_lengths.enable(), flush=True)
+        tt.CONFIGS.update(tt.defaults_configs(tt.choose_levers(cuda=True, no_graphs=None)[0]))
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:

@@ -103,6 +103,24 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
                                   grad_accum=4),
         "defaults-real": Config(f"loraship defaults{graphs}, real lengths", "loraship", levers, rows="real",
                                 grad_accum=4),
+        # The defaults with one of the two recompute levers on or off (train/speed.py), then both.
+        **{f"defaults{sign}{name}": Config(f"loraship defaults{graphs}, {field}={value}", "loraship",
+                                             dataclasses.replace(levers, **{field: value}))
+           for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
+                               ("positions", "label_positions"))
+           for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value},
+        **{f"defaults{sign}both{suffix}": Config(
+            f"loraship defaults{graphs}, dequantize_once={value}, save_attention={value}{label}", "loraship",
+            dataclasses.replace(levers, dequantize_once=value, save_attention=value), **extra)
+           for sign, value in (("+", True), ("-", False)) if (levers.dequantize_once, levers.save_attention) != (value,) * 2
+           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
+        # All three levers of session 15.
+        **{f"defaults{sign}all{suffix}": Config(
+            f"loraship defaults{graphs}, dequantize_once, save_attention, label_positions={value}{label}", "loraship",
+            dataclasses.replace(levers, dequantize_once=value, save_attention=value, label_positions=value), **extra)
+           for sign, value in (("+", True), ("-", False))
+           if (levers.dequantize_once, levers.save_attention, levers.label_positions) != (value,) * 3
+           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
     }
 
 
@@ -225,6 +243,8 @@ GROUPS = {
                     "defaults+stack-real-noliger"],
 }
 SEQ = 1024
+#: LOGGING_STEPS of loraship's runs: a log line (the loss, read back from the GPU) every step.
+LOGGING_STEPS = 1
 REAL_MAX = 2048
 #: ``--memory-trace``: record CUDA allocations after warm-up and report what is alive at the peak (bench/cuda_memory.py).
 MEMORY_TRACE = False
@@ -449,7 +469,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
         lora_r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
         lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
         learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=steps, logging_steps=1, save_steps=10_000, eval_fraction=0.0, seed=0,
+        max_steps=steps, logging_steps=LOGGING_STEPS, save_steps=10_000, eval_fraction=0.0, seed=0,
         **({"optimizer": config.optimizer} if config.optimizer else {}),
     )
     plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
