@@ -277,3 +277,22 @@ def test_the_warnings_that_bucketed_per_layer_graphs_give_by_design_are_quiet(mo
         warnings.warn("something else")
     assert [str(w.message) for w in caught] == ["something else"]
     assert inductor.triton.cudagraph_dynamic_shape_warn_limit is None
+
+
+def test_python_m_train_plans_for_the_processes_it_was_launched_with(gpu, tiny_llama_dir, monkeypatch):
+    """torchrun sets WORLD_SIZE; ``train.run`` hands it to the plan, which plans no CUDA graphs for DDP."""
+    from pathlib import Path
+
+    from train import run
+
+    monkeypatch.setattr(run, "cuda_available", lambda: True)
+    data_file = Path(__file__).resolve().parents[2] / "data" / "quokka" / "train.jsonl"
+    said = {}
+    for processes in ("1", "2"):
+        monkeypatch.setenv("WORLD_SIZE", processes)
+        settings = TrainSettings(_env_file=None, base_model=str(tiny_llama_dir), dataset=str(data_file))
+        lines = []
+        run.train(settings, dry_run=True, echo=lines.append)
+        said[processes] = [line for line in lines if line.startswith("note: speed:")]
+    assert len(said["1"]) == 1 and "CUDA graphs on each decoder layer" in said["1"][0]
+    assert len(said["2"]) == 1 and "not planned for 2 processes" in said["2"][0]
