@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
-        tt.CONFIGS.update(tt.defaults_configs(tt.choose_levers(cuda=True, no_graphs=None)[0]))
+        tt.plan_symbolic_graph_lengths()
     if args.logging_steps:
         tt.LOGGING_STEPS = args.logging_steps
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="sync-points-"))

@@ -128,10 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
-        tt.CONFIGS.update(tt.defaults_configs(tt.choose_levers(cuda=True, no_graphs=None)[0]))
+        tt.plan_symbolic_graph_lengths()
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:

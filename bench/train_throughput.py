@@ -94,6 +94,15 @@ class Config:
     optimizer: str | None = None  # OPTIMIZER for loraship's path (None: the plan's choice)
 
 
+def plan_symbolic_graph_lengths() -> None:
+    """``--symbolic-graph-lengths``: give this torch what torch 2.13 does in per-layer graphs
+    (bench/symbolic_graph_lengths.py), and make the ``defaults*`` configurations the plan torch 2.13 makes."""
+    from bench import symbolic_graph_lengths
+
+    print(symbolic_graph_lengths.enable(), flush=True)
+    CONFIGS.update(defaults_configs(choose_levers(cuda=True, no_graphs=None)[0]))
+
+
 def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
     """The ``defaults*`` configurations for the plan ``levers``: the goal's three workloads."""
     graphs = ", layers with CUDA graphs" if levers.compile_mode == "layers-cudagraphs" else ""
@@ -731,10 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
-        CONFIGS.update(defaults_configs(choose_levers(cuda=True, no_graphs=None)[0]))  # what torch 2.13 plans
+        plan_symbolic_graph_lengths()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
     seq = 64 if args.tiny else SEQ

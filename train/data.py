@@ -545,14 +545,14 @@ def real_tokens(batch: dict) -> int:
     return int(batch[REAL_TOKENS]) if REAL_TOKENS in batch else int(batch["input_ids"].numel())
 
 
-def label_positions(labels: Sequence[Sequence[int]]) -> list[int]:
-    """Where ``labels`` (rows of one length) score a prediction: the flat indices, over rows x length, of the
-    positions whose next token has a label (the LM head scores the hidden state at ``t`` against label ``t + 1``).
+def label_positions(labels):
+    """Where ``labels`` (a CPU tensor, rows x length) score a prediction: the flat indices, over rows x length, of
+    the positions whose next token has a label (the LM head scores the hidden state at ``t`` against label ``t + 1``).
 
     Computed here, on the CPU, they let the GPU gather the scored positions without a boolean mask, whose
     indexing makes the CPU wait for the GPU (train/trainer.py)."""
-    width = len(labels[0]) if labels else 0
-    return [row * width + t for row, ids in enumerate(labels) for t in range(width - 1) if ids[t + 1] != IGNORE_INDEX]
+    rows, scored = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.shape[1] + scored
 
 
 def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> int:
@@ -601,10 +601,12 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = Fals
             labels[0] += [IGNORE_INDEX] * filler
             position_ids[0] += list(range(filler))
             batch[REAL_TOKENS] = real
+    labels = torch.tensor(labels, dtype=torch.long)
+    if positions:
+        batch[LABEL_POSITIONS] = label_positions(labels)
     return {
         "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": torch.tensor(labels, dtype=torch.long),
+        "labels": labels,
         "position_ids": torch.tensor(position_ids, dtype=torch.long),
-        **({LABEL_POSITIONS: torch.tensor(label_positions(labels), dtype=torch.long)} if positions else {}),
         **batch,
     }

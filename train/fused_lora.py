@@ -22,8 +22,6 @@ anything else falls through to peft's own forward.
 
 from __future__ import annotations
 
-import types
-
 
 def _lora_on_4bit():
     import torch
@@ -107,9 +105,6 @@ def fuse_lora_layers(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit
     except ImportError:  # peft without bitsandbytes support: nothing is 4-bit
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.forward = types.MethodType(_fused_forward, module)
-            count += 1
-    return count
+    from train.speed import replace_forward
+
+    return replace_forward(model, Linear4bit, _fused_forward)

@@ -334,18 +334,22 @@ def dequantize_once(model) -> int:
     backward pass (16 GB on an 8B). Evaluation and generation keep bitsandbytes' own path (its fast
     kernel for short inputs). Returns how many layers it changed.
     """
-    import types
-
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: nothing is 4-bit
         return 0
-    count = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.forward = types.MethodType(_linear4bit_dequantize_once, module)
-            count += 1
-    return count
+    return replace_forward(model, Linear4bit, _linear4bit_dequantize_once)
+
+
+def replace_forward(model, module_type: type, forward) -> int:
+    """Give each ``module_type`` module of ``model`` ``forward`` (a function of the module and its input) in place
+    of its class's; how many it changed."""
+    import types
+
+    modules = [module for module in model.modules() if isinstance(module, module_type)]
+    for module in modules:
+        module.forward = types.MethodType(forward, module)
+    return len(modules)
 
 
 def _linear4bit_dequantize_once(self, x):
