@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bench.train_throughput as tt  # noqa: E402
-from bench.train_profile import _Both  # noqa: E402
 
 #: Path fragments of the frames a stack keeps: the code that asked for the value, not torch's own.
 KEEP = ("/train/", "/bench/", "/trl/", "/transformers/", "/peft/", "/accelerate/")
@@ -59,17 +58,13 @@ def sync_points(shape: str, key: str, base: Path, warmup: int, steps: int) -> di
             torch.cuda.set_sync_debug_mode("default")
             self.step += 1
 
-    watch = Watch()
-    original = tt.StepClock.__new__
-    tt.StepClock.__new__ = lambda cls, device, warmup=0: _Both(original(cls, device, warmup), watch)
     shown = warnings.showwarning
     try:
         with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp, tt.LlamaModuleState():
             warnings.simplefilter("always")
             warnings.showwarning = record
-            tt.run_loraship(config, base, rows, warmup + steps, "cuda", Path(tmp))
+            tt.run_loraship(config, base, rows, warmup + steps, "cuda", Path(tmp), callbacks=(Watch(),))
     finally:
-        tt.StepClock.__new__ = original
         warnings.showwarning = shown
     return {"shape": shape, "config": key, "steps": steps,
             "per_step": sum(stacks.values()) / steps,

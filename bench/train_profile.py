@@ -57,15 +57,10 @@ def profile(shape: str, key: str, base: Path, warmup: int, active: int, top: int
             prof.step()
 
     step = Step()
-    original = tt.StepClock.__new__
-
-    # Ride on run_loraship: its StepClock callback is replaced by one that also steps the profiler.
-    tt.StepClock.__new__ = lambda cls, device, warmup=0: _Both(original(cls, device, warmup), step)
     try:
         with tempfile.TemporaryDirectory() as tmp, tt.LlamaModuleState():
-            raw = tt.run_loraship(config, base, rows, steps, device, Path(tmp))
+            raw = tt.run_loraship(config, base, rows, steps, device, Path(tmp), callbacks=(step,))
     finally:
-        tt.StepClock.__new__ = original
         prof.stop()
     events = prof.key_averages()
     # Device-side events, less annotations (the profiler's step range, record_function ranges): kernels and copies.
@@ -94,22 +89,6 @@ def covered_us(intervals: list[tuple[float, float]]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
-
-
-class _Both:
-    """Forwards every callback hook to the bench's step clock and to the profiler's stepper."""
-
-    def __init__(self, *callbacks):
-        self._callbacks = callbacks
-        self.times = callbacks[0].times
-
-    def __getattr__(self, name):
-        if name.startswith("on_"):
-            def hook(*args, **kwargs):
-                for cb in self._callbacks:
-                    getattr(cb, name)(*args, **kwargs)
-            return hook
-        return getattr(self._callbacks[0], name)
 
 
 def main(argv: list[str] | None = None) -> int:

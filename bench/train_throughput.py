@@ -463,8 +463,9 @@ def peaks(warmup_peak, steady_peak) -> dict:
 
 
 def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path,
-                 warmup: int = 0) -> dict:
-    """``python -m train``'s own functions, the plan's levers set by ``config``."""
+                 warmup: int = 0, callbacks: tuple = ()) -> dict:
+    """``python -m train``'s own functions, the plan's levers set by ``config``; ``callbacks`` join the Trainer's
+    after the step clock (the profiler's stepper, the sync watch: bench/train_profile.py, bench/sync_points.py)."""
     import torch
     from transformers import set_seed
 
@@ -489,7 +490,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     examples = [data.Example(r["input_ids"], r["labels"], f"row {i}") for i, r in enumerate(rows)]
     clock = StepClock(device, warmup)
     trainer = run.build_trainer(settings, plan, peft_model, stub_tokenizer(), examples, [], workdir / "checkpoints",
-                                print, callbacks=[clock])
+                                print, callbacks=[clock, *callbacks])
     # Rows in their given order, so each optimizer step holds the same rows as the plain stack's.
     trainer.args.train_sampling_strategy = "sequential"
     trainer.train()
