@@ -261,6 +261,13 @@ MEMORY_TRACE = False
 #: time went (``phase_s``: logging and data before the step, forward + backward + clipping, the optimizer
 #: step, the rest). The extra synchronizations cost a little speed, so tok/s with it is not comparable.
 PHASES = False
+#: ``--pipelined``: time the steps as a real run goes, the CPU free to queue the next step while the GPU works:
+#: synchronize only at the end of warm-up and at the end of the run (each step's time is then the timed
+#: steps' mean), loraship's path logs every :data:`PIPELINED_LOGGING_STEPS` steps (``python -m train``'s
+#: default) and the plain loop keeps its losses on the GPU until the end.
+PIPELINED = False
+#: LOGGING_STEPS with ``--pipelined``: the default of ``python -m train`` (train/settings.py).
+PIPELINED_LOGGING_STEPS = 10
 LEARNING_RATE = 2e-3
 
 
@@ -421,21 +428,30 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
     per_step = config.batch * config.grad_accum
-    batches = [[padded(rows[(s * per_step + m * config.batch) % len(rows):][: config.batch], 0, device)
-                for m in range(config.grad_accum)] for s in range(steps)]
+    step_rows = [[rows[(s * per_step + m * config.batch) % len(rows):][: config.batch] for m in range(config.grad_accum)]
+                 for s in range(steps)]
+    batches = [[padded(micro, 0, device) for micro in step] for step in step_rows]
+    # Counted on the CPU from the rows: reading them off the GPU tensors would make the CPU wait every step.
+    # The loss is a mean over the optimizer step's label tokens, as transformers' Trainer computes it.
+    step_items = [sum(sum(label != -100 for label in r["labels"][1:]) for micro in step for r in micro)
+                  for step in step_rows]
+    step_tokens = [sum(len(r["input_ids"]) for micro in step for r in micro) for step in step_rows]
     train_peak = reset_peak(device)
     steady_peak, first_peak = train_peak, None
-    times, tokens, losses = [], [], []
+    times, losses = [], []
+    clock = PipelinedClock(device, warmup, steps) if PIPELINED else None
     for step in range(steps):
         if step == warmup:
             first_peak, steady_peak = train_peak(), reset_peak(device)
             if MEMORY_TRACE and cuda:
                 cuda_memory.start()
-        sync(device)
-        start = time.perf_counter()
+        if clock is None:
+            sync(device)
+            start = time.perf_counter()
+        else:
+            clock.begin()
         micro = batches[step]
-        # The loss is a mean over the optimizer step's label tokens, as transformers' Trainer computes it.
-        items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        items = step_items[step]
         total = 0.0
         for batch in micro:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
@@ -445,14 +461,51 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(total))
-        sync(device)
-        times.append(time.perf_counter() - start)
-        tokens.append(sum(int(b["attention_mask"].sum()) for b in micro))
+        if clock is None:
+            losses.append(float(total))
+            sync(device)
+            times.append(time.perf_counter() - start)
+        else:
+            losses.append(total)  # a GPU tensor, read after the last step
+            clock.end()
     memory = cuda_memory.summary() if MEMORY_TRACE and cuda else None
     del model, optimizer, batches
-    return {"times": times, "tokens": tokens, "losses": losses, **peaks(first_peak, steady_peak()),
-            "memory_at_peak": memory}
+    result = {"times": times, "tokens": step_tokens, "losses": [float(loss) for loss in losses],
+              **peaks(first_peak, steady_peak()), "memory_at_peak": memory}
+    if clock is not None:
+        # The Trainer logs the mean loss of the steps since its last log line: the same windows here.
+        result.update(times=clock.times, step_losses=result["losses"],
+                      losses=window_means(result["losses"], PIPELINED_LOGGING_STEPS))
+    return result
+
+
+def window_means(values: list[float], size: int) -> list[float]:
+    """The mean of each ``size`` consecutive values (what the Trainer logs every ``size`` steps); a last,
+    shorter window is left out, as the Trainer logs only on multiples of LOGGING_STEPS."""
+    return [sum(values[i:i + size]) / size for i in range(0, len(values) - size + 1, size)]
+
+
+class PipelinedClock:
+    """``--pipelined``: the time of the warm-up steps and of the timed steps, synchronizing only at the end
+    of each; every step of a phase gets the phase's mean."""
+
+    def __init__(self, device: str, warmup: int, steps: int):
+        self.device, self.warmup, self.steps = device, warmup, steps
+        self.done, self.start, self.times = 0, None, []
+
+    def begin(self) -> None:
+        if self.start is None:
+            sync(self.device)
+            self.start = time.perf_counter()
+
+    def end(self) -> None:
+        self.done += 1
+        if self.done in (self.warmup, self.steps):
+            sync(self.device)
+            now = time.perf_counter()
+            n = self.done - len(self.times)
+            self.times += [(now - self.start) / n] * n
+            self.start = now
 
 
 def peaks(warmup_peak, steady_peak) -> dict:
@@ -479,7 +532,7 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
         lora_r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
         lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
         learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=steps, logging_steps=LOGGING_STEPS, save_steps=10_000, eval_fraction=0.0, seed=0,
+        max_steps=steps, logging_steps=PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS, save_steps=10_000, eval_fraction=0.0, seed=0,
         **({"optimizer": config.optimizer} if config.optimizer else {}),
     )
     plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
@@ -523,8 +576,12 @@ class StepClock:
 
             def on_train_begin(self, args, state, control, **kwargs):
                 self.train_peak = reset_peak(self.device)
+                self.pipelined = PipelinedClock(self.device, warmup, state.max_steps)
 
             def on_step_begin(self, args, state, control, **kwargs):
+                if PIPELINED:
+                    self.pipelined.begin()
+                    return
                 if self.last is None:
                     sync(self.device)
                     self.last = time.perf_counter()
@@ -537,6 +594,13 @@ class StepClock:
                 self.mark("optimizer")
 
             def on_step_end(self, args, state, control, **kwargs):
+                self.seen.append(int(state.num_input_tokens_seen))
+                if PIPELINED:
+                    self.pipelined.end()
+                    self.times = self.pipelined.times
+                    if len(self.seen) == warmup:
+                        self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
+                    return
                 sync(self.device)
                 now = time.perf_counter()
                 if PHASES and len(self.marks) == 3:
@@ -548,7 +612,6 @@ class StepClock:
                     self.marks = {}
                 self.times.append(now - self.last)
                 self.last = now
-                self.seen.append(int(state.num_input_tokens_seen))
                 if len(self.times) == warmup:  # the peak so far includes compiling; measure the steady state apart
                     self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
                     if MEMORY_TRACE and self.device == "cuda":
@@ -628,7 +691,8 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
 
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
         "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "memory_at_peak": raw.get("memory_at_peak"),
-        "pid": os.getpid(),
+        "pid": os.getpid(), "pipelined": PIPELINED,
+        **({"step_losses": raw["step_losses"]} if raw.get("step_losses") else {}),
         **({"phase_s": raw["phase_s"], "phase_median_s": phase_medians(raw["phase_s"][warmup:])} if raw.get("phase_s") else {}),
     }
 
@@ -727,6 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", action="store_true",
                         help="loraship's path: time each step's forward+backward, optimizer step and the rest apart "
                         "(extra synchronizations: tok/s not comparable)")
+    parser.add_argument("--pipelined", action="store_true",
+                        help="time the steps as a real run goes: synchronize only at the end of warm-up and of the run "
+                        f"(step times are means), loraship logs every {PIPELINED_LOGGING_STEPS} steps (train's default), "
+                        "the plain loop reads its losses at the end")
     parser.add_argument("--symbolic-graph-lengths", action="store_true",
                         help="per-layer CUDA graphs with a symbolic packed length even where this torch cannot "
                         "(before 2.13: bench/symbolic_graph_lengths.py works around its partitioner)")
@@ -734,9 +802,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure each configuration in a process of its own (nothing one leaves behind, "
                         "a patched module, a compiled graph, an allocator's cache, reaches the next)")
     args = parser.parse_args(argv)
-    global MEMORY_TRACE, PHASES
+    global MEMORY_TRACE, PHASES, PIPELINED
     MEMORY_TRACE = args.memory_trace
     PHASES = args.phases
+    PIPELINED = args.pipelined
+    if PIPELINED and (PHASES or MEMORY_TRACE):
+        parser.error("--pipelined times whole phases of the run: it cannot time inside a step (--phases) "
+                     "or record allocations from the warm-up's end (--memory-trace)")
 
     import torch
 
@@ -760,6 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                           "versions": versions()},
               "settings": {"warmup": args.warmup, "timed": args.timed, "seq": seq, "learning_rate": LEARNING_RATE,
+                           "pipelined": PIPELINED,
+                           "logging_steps": PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS,
                            "real_lengths_first_40": real_lengths(40)},
               "results": [], "base_build_s": {}}
     print(json.dumps(report["machine"]), flush=True)

@@ -45,6 +45,31 @@ def test_the_throughput_bench_can_measure_each_configuration_in_a_process_of_its
     assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # the same rows and base in both processes
 
 
+def test_the_pipelined_throughput_bench_times_whole_phases_and_compares_the_logged_loss_windows(tmp_path):
+    """``--pipelined``: no synchronization inside the run but at the warm-up's end and the last step, so each
+    step's time is its phase's mean; loraship's path logs every 10 steps as ``python -m train`` does, and the
+    plain loop's losses are averaged over the same windows."""
+    out = tmp_path / "t.json"
+    run_bench("train_throughput.py", "--tiny", "--configs", "plain,eager", "--warmup", "2", "--timed", "18",
+              "--pipelined", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert (report["settings"]["pipelined"], report["settings"]["logging_steps"]) == (True, 10)
+    plain, loraship = report["results"]
+    for result in (plain, loraship):
+        assert result["pipelined"] and len(result["step_s"]) == 20
+        assert len(set(result["step_s"][:2])) == 1 and len(set(result["step_s"][2:])) == 1  # one mean per phase
+        assert len(result["losses"]) == 2  # steps 1-10 and 11-20
+    steps = plain["step_losses"]
+    assert plain["losses"] == pytest.approx([sum(steps[:10]) / 10, sum(steps[10:]) / 10])
+    assert loraship["losses"] == pytest.approx(plain["losses"], rel=1e-3)  # same rows, same adapter init
+
+
+def test_the_pipelined_throughput_bench_refuses_to_time_inside_a_step():
+    done = subprocess.run([sys.executable, "bench/train_throughput.py", "--tiny", "--pipelined", "--phases"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--pipelined" in done.stderr and "--phases" in done.stderr
+
+
 def test_the_throughput_bench_runs_the_default_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process(
         tmp_path):
     """``--symbolic-graph-lengths`` (the device's torch 2.11 needs bench/symbolic_graph_lengths.py for it) reaches
