@@ -116,8 +116,7 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
         **{f"defaults{sign}{name}": Config(f"loraship defaults{graphs}, {field}={value}", "loraship",
                                              dataclasses.replace(levers, **{field: value}))
            for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
-                               ("positions", "label_positions"), ("torchdq", "torch_dequantize"),
-                               ("knownpack", "known_packing"))
+                               ("positions", "label_positions"))
            for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value},
         **{f"defaults{sign}both{suffix}": Config(
             f"loraship defaults{graphs}, dequantize_once={value}, save_attention={value}{label}", "loraship",
@@ -130,13 +129,6 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
             dataclasses.replace(levers, dequantize_once=value, save_attention=value, label_positions=value), **extra)
            for sign, value in (("+", True), ("-", False))
            if (levers.dequantize_once, levers.save_attention, levers.label_positions) != (value,) * 3
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
-        # Both levers of session 16.
-        **{f"defaults{sign}s16{suffix}": Config(
-            f"loraship defaults{graphs}, torch_dequantize, known_packing={value}{label}", "loraship",
-            dataclasses.replace(levers, torch_dequantize=value, known_packing=value), **extra)
-           for sign, value in (("+", True), ("-", False))
-           if (levers.torch_dequantize, levers.known_packing) != (value,) * 2
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
     }
 

@@ -538,9 +538,6 @@ def to_hf_dataset(examples: Sequence[Example]):
 REAL_TOKENS = "real_tokens"
 #: A packed batch's key for the positions that carry a next-token label (:func:`label_positions`).
 LABEL_POSITIONS = "label_positions"
-#: The batch entry (a Python bool) that says whether a row holds several sequences (``collate_packed``'s
-#: ``known_packing``): transformers' mask builder then need not read it off the GPU (train/speed.py).
-PACKED = "packed"
 
 
 def real_tokens(batch: dict) -> int:
@@ -571,8 +568,7 @@ def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> 
     return -(-tokens // step) * step
 
 
-def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = False, positions: bool = False,
-                   known_packing: bool = False):
+def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = False, positions: bool = False):
     """A padding-free micro-batch: ``rows`` concatenated into one row of ``input_ids``, ``labels``, ``position_ids``.
 
     Position ids restart at 0 for each row; from that (and no ``attention_mask``) transformers
@@ -589,7 +585,6 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = Fals
     which attends only to itself and adds nothing to the loss; :data:`REAL_TOKENS` counts the rest.
     ``positions``: :data:`LABEL_POSITIONS` lists the positions the LM head scores (:func:`label_positions`),
     for the trainer (train/trainer.py), which takes the key out before the batch reaches the model.
-    ``known_packing``: :data:`PACKED` says whether the rows were concatenated, for the trainer too.
     """
     import torch
 
@@ -597,10 +592,7 @@ def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = Fals
     labels = [[IGNORE_INDEX, *list(row["labels"])[1:]] for row in rows]
     position_ids = [list(range(len(ids))) for ids in input_ids]
     batch = {}
-    packed = len({len(ids) for ids in input_ids}) > 1
-    if known_packing:
-        batch[PACKED] = packed
-    if packed:
+    if len({len(ids) for ids in input_ids}) > 1:
         input_ids, labels, position_ids = ([sum(part, [])] for part in (input_ids, labels, position_ids))
         real = len(input_ids[0])
         filler = bucket_length(real) - real if bucket else 0

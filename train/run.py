@@ -262,8 +262,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         # Padding-free batches on CUDA (train/speed.py); otherwise trl pads each batch to its longest row.
         # With CUDA graphs the packed rows are padded to a few lengths (data.bucket_length).
         data_collator=functools.partial(data.collate_packed, bucket=speed.replays_graphs(plan.levers),
-                                        positions=plan.levers.label_positions,
-                                        known_packing=plan.levers.known_packing)
+                                        positions=plan.levers.label_positions)
         if plan.levers.packing else None,
         callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
     )

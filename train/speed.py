@@ -86,8 +86,6 @@ On a CPU all are off: bitsandbytes' float32 path, the existing padded batches, n
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib.util
 from dataclasses import dataclass
 
@@ -123,12 +121,6 @@ class SpeedLevers:
     #: The collator lists the positions the LM head scores, computed on the CPU, so the head gathers them
     #: without a boolean mask (train/trainer.py); with packing only.
     label_positions: bool = False
-    #: Checkpointed 4-bit layers dequantize in torch ops (train/dequantize.py), which the compiled layer fuses,
-    #: rather than with bitsandbytes' kernels; with ``dequantize_once`` only.
-    torch_dequantize: bool = False
-    #: The collator says whether a batch's rows hold several sequences, so transformers' mask builder does not
-    #: read it off the GPU (:func:`known_packing`); with packing only.
-    known_packing: bool = False
 
     def names(self) -> list[str]:
         names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()
@@ -329,7 +321,7 @@ def save_attention_outputs(ctx, op, *args, **kwargs):
     return recompute_quantized_matmuls(ctx, op, *args, **kwargs)
 
 
-def dequantize_once(model, in_torch: bool = False) -> int:
+def dequantize_once(model) -> int:
     """Make each bitsandbytes 4-bit layer of ``model`` dequantize its weight once per checkpointed layer and step.
 
     bitsandbytes' own layer dequantizes the weight inside its 4-bit matmul (a custom op) and again
@@ -340,14 +332,13 @@ def dequantize_once(model, in_torch: bool = False) -> int:
     pass, the recompute makes it again, and the backward pass uses that one. Only for checkpointed
     layers: without a checkpoint, autograd would keep every layer's dequantized weight until the
     backward pass (16 GB on an 8B). Evaluation and generation keep bitsandbytes' own path (its fast
-    kernel for short inputs). ``in_torch``: NF4 weights dequantize in torch ops (train/dequantize.py), one
-    fused kernel each inside a compiled layer, instead of bitsandbytes' two. Returns how many layers it changed.
+    kernel for short inputs). Returns how many layers it changed.
     """
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: nothing is 4-bit
         return 0
-    return replace_forward(model, Linear4bit, _linear4bit_dequantize_in_torch if in_torch else _linear4bit_dequantize_once)
+    return replace_forward(model, Linear4bit, _linear4bit_dequantize_once)
 
 
 def replace_forward(model, module_type: type, forward) -> int:
@@ -369,77 +360,10 @@ def _linear4bit_dequantize_once(self, x):
         return type(self).forward(self, x)  # bitsandbytes' own (it also recovers a quant state kept on the module)
     import bitsandbytes.functional as bnbf
 
-    return _linear(self, x, bnbf.dequantize_4bit(self.weight, self.weight.quant_state))
-
-
-def _linear4bit_dequantize_in_torch(self, x):
-    """:func:`_linear4bit_dequantize_once`, the NF4 weight dequantized in torch ops (train/dequantize.py)."""
-    import torch
-
-    from train import dequantize
-
-    if not (self.training and torch.is_grad_enabled()) or not dequantize.supports(self.weight):
-        return _linear4bit_dequantize_once(self, x)
-    return _linear(self, x, dequantize.dequantize_nf4(self.weight))
-
-
-def _linear(self, x, weight):
-    """``self``'s linear map of ``x`` with its dequantized ``weight``, in its compute dtype."""
-    import torch
-
     compute = self.compute_dtype or x.dtype
+    weight = bnbf.dequantize_4bit(self.weight, self.weight.quant_state).to(compute)
     bias = None if self.bias is None else self.bias.to(compute)
-    return torch.nn.functional.linear(x.to(compute), weight.to(compute), bias).to(x.dtype)
-
-
-#: Whether the batch a model is running holds packed rows, as its collator said (:func:`known_packing`);
-#: None: not known, transformers finds out itself.
-_PACKED = contextvars.ContextVar("loraship_packed", default=None)
-
-
-@contextlib.contextmanager
-def known_packing(packed: bool | None):
-    """While a model runs a batch: tell transformers' mask builder whether its rows hold several sequences.
-
-    transformers finds packed rows from their position ids (``find_packed_sequence_indices``), and to skip the
-    packed mask when there are none it reads a GPU value: the CPU waits for all the work queued before it (the
-    previous step's optimizer) and then the GPU idles while the CPU queues the next (session 16's sync watch: the
-    one wait left in a default step). The collator knows (``data.PACKED``); with it, the same mask or the same
-    None, without the read. ``packed`` None changes nothing.
-    """
-    if packed is None:
-        yield
-        return
-    _install_known_packing()
-    token = _PACKED.set(bool(packed))
-    try:
-        yield
-    finally:
-        _PACKED.reset(token)
-
-
-def _install_known_packing() -> None:
-    """Route transformers' ``find_packed_sequence_indices`` through :data:`_PACKED` (once; idempotent)."""
-    from transformers import masking_utils
-
-    found = masking_utils.find_packed_sequence_indices
-    if getattr(found, "loraship_known_packing", False):
-        return
-
-    def find_packed_sequence_indices(position_ids):
-        packed = _PACKED.get()
-        if packed is None:
-            return found(position_ids)
-        if not packed:
-            return None  # what transformers returns for rows of one sequence each
-        import torch
-
-        # transformers' own sequence index: a new sequence wherever the position does not go up by one.
-        previous = position_ids[:, :1] - 1
-        return (torch.diff(position_ids, prepend=previous, dim=-1) != 1).cumsum(-1)
-
-    find_packed_sequence_indices.loraship_known_packing = True
-    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+    return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
 
 
 def checkpoints_in_graph(compile_mode: str) -> bool:

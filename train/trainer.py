@@ -26,8 +26,7 @@ from collections import defaultdict
 import torch
 from trl import SFTTrainer
 
-from train.data import LABEL_POSITIONS, PACKED, REAL_TOKENS, real_tokens
-from train.speed import known_packing
+from train.data import LABEL_POSITIONS, REAL_TOKENS, real_tokens
 
 #: Model families whose LM head is a plain projection (no logit scale or soft-capping), which
 #: :func:`score_label_positions` scores as trl does.
@@ -60,12 +59,7 @@ class Trainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tokens = real_tokens(inputs) if "input_ids" in inputs else None
         positions = inputs.get(LABEL_POSITIONS)
-        packed = inputs.get(PACKED)
-        inputs = {key: value for key, value in inputs.items() if key not in (REAL_TOKENS, LABEL_POSITIONS, PACKED)}
-        with known_packing(packed):
-            return self._loss_of_batch(model, inputs, return_outputs, num_items_in_batch, tokens, positions)
-
-    def _loss_of_batch(self, model, inputs, return_outputs, num_items_in_batch, tokens, positions):
+        inputs = {key: value for key, value in inputs.items() if key not in (REAL_TOKENS, LABEL_POSITIONS)}
         if return_outputs or self._runs_trls_own(inputs):
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
