@@ -16,8 +16,9 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
   ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
 
-Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized;
-for the real-length rows, non-padding tokens over the timed steps' total time), peak GPU memory
+Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized, or
+with ``--pipelined`` their mean over one synchronization at each end; for the real-length rows, non-padding
+tokens over the timed steps' total time), peak GPU memory
 (``max_memory_allocated``, reset per configuration) and the loss at the first and the last step.
 
     python bench/train_throughput.py --shapes llama-3.2-1b,llama-3-8b --configs fixed --out bench/results/x.json
@@ -28,6 +29,8 @@ for the real-length rows, non-padding tokens over the timed steps' total time), 
                                                        # each configuration in a process of its own
     python bench/train_throughput.py --shapes llama-3-8b --configs layers-graphs-real --symbolic-graph-lengths
                                                        # per-layer graphs, packed length symbolic (torch 2.11 too)
+    python bench/train_throughput.py --shapes llama-3-8b --configs plain,defaults --isolate --pipelined
+                                                       # timed as a real run goes: no sync between steps
 
 Prints a table and writes JSON (``--out``).
 """
