@@ -431,8 +431,8 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
     per_step = config.batch * config.grad_accum
-    step_rows = [[rows[(s * per_step + m * config.batch) % len(rows):][: config.batch] for m in range(config.grad_accum)]
-                 for s in range(steps)]
+    step_rows = [[rows[(s * per_step + m * config.batch) % len(rows):][: config.batch]
+                  for m in range(config.grad_accum)] for s in range(steps)]
     batches = [[padded(micro, 0, device) for micro in step] for step in step_rows]
     # Counted on the CPU from the rows: reading them off the GPU tensors would make the CPU wait every step.
     # The loss is a mean over the optimizer step's label tokens, as transformers' Trainer computes it.
@@ -535,7 +535,8 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
         lora_r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
         lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
         learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=steps, logging_steps=PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS, save_steps=10_000, eval_fraction=0.0, seed=0,
+        max_steps=steps, logging_steps=PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS,
+        save_steps=10_000, eval_fraction=0.0, seed=0,
         **({"optimizer": config.optimizer} if config.optimizer else {}),
     )
     plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
