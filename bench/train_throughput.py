@@ -581,6 +581,8 @@ class StepClock:
             def on_train_begin(self, args, state, control, **kwargs):
                 self.train_peak = reset_peak(self.device)
                 self.pipelined = PipelinedClock(self.device, warmup, state.max_steps)
+                if PIPELINED:
+                    self.times = self.pipelined.times  # the same list, filled at each phase's end
 
             def on_step_begin(self, args, state, control, **kwargs):
                 if PIPELINED:
@@ -601,7 +603,6 @@ class StepClock:
                 self.seen.append(int(state.num_input_tokens_seen))
                 if PIPELINED:
                     self.pipelined.end()
-                    self.times = self.pipelined.times
                     if len(self.seen) == warmup:
                         self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
                     return
