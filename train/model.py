@@ -210,7 +210,8 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
 
         fuse_lora_layers(peft_model)
     if levers.compile_mode:
-        speed.compile_model(peft_model, levers.compile_mode, save_attention=levers.save_attention)
+        speed.compile_model(peft_model, levers.compile_mode, save_attention=levers.save_attention,
+                            saved_mlp_mib=levers.saved_mlp_mib)
     return peft_model
 
 

@@ -121,6 +121,9 @@ class SpeedLevers:
     #: The collator lists the positions the LM head scores, computed on the CPU, so the head gathers them
     #: without a boolean mask (train/trainer.py); with packing only.
     label_positions: bool = False
+    #: MiB of the MLP's gate and up projections that a micro-batch's checkpointed layers keep for their backward
+    #: pass rather than compute again (:func:`mlp_layers_to_save`; per-layer CUDA graphs only; 0: none).
+    saved_mlp_mib: int = 0
 
     def names(self) -> list[str]:
         names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()
@@ -263,7 +266,8 @@ def is_checkpointing(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
-def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False) -> dict:
+def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False,
+                      save_mlp: tuple[int, int] | None = None) -> dict:
     """The keyword arguments for ``torch.utils.checkpoint`` on the decoder layers.
 
     Non-reentrant always. With the decoder stack compiled (``stack*`` modes), also torch's
@@ -276,7 +280,8 @@ def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False) -> d
     (docs/benchmarks.md, "Session 5"). The policy tags the ops itself, at dispatch; every other op
     is left as plain checkpointing leaves it. (A function, not an object: dynamo traces only a
     function or a ``functools.partial`` as ``context_fn``.) ``save_attention``: the policy also keeps
-    the attention kernels' outputs (:func:`save_attention_outputs`).
+    the attention kernels' outputs (:func:`save_attention_outputs`); ``save_mlp`` (the hidden and
+    intermediate sizes): and the MLP's gate and up outputs (:func:`save_mlp_outputs`).
     """
     kwargs: dict = {"use_reentrant": False}
     if checkpoints_in_graph(compile_mode):
@@ -285,6 +290,8 @@ def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False) -> d
         from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
         policy = save_attention_outputs if save_attention else recompute_quantized_matmuls
+        if save_mlp is not None:
+            policy = functools.partial(save_mlp_outputs, tuple(save_mlp))
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return kwargs
 
@@ -319,6 +326,38 @@ def save_attention_outputs(ctx, op, *args, **kwargs):
     if getattr(getattr(op, "overloadpacket", None), "__name__", None) in ATTENTION_OPS:
         return CheckpointPolicy.MUST_SAVE
     return recompute_quantized_matmuls(ctx, op, *args, **kwargs)
+
+
+def save_mlp_outputs(mlp: tuple[int, int], ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: :func:`save_attention_outputs`, and the outputs of the MLP's gate and up
+    projections are saved too (``mlp``: the model's hidden and intermediate sizes).
+
+    Those are the matmuls from the hidden size to the intermediate one (the frozen 4-bit weights dequantized
+    in autograd's view, :func:`dequantize_once`; a LoRA adapter's own matmuls start from its rank). The
+    backward pass of the SwiGLU needs both outputs; kept, the recompute stops short of the two largest
+    matmuls of the layer, for two bf16 vectors of the intermediate size per token.
+    """
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    hidden, intermediate = mlp
+    if getattr(getattr(op, "overloadpacket", None), "__name__", None) == "mm" and len(args) >= 2:
+        weight = args[1]
+        if tuple(getattr(weight, "shape", ())) == (hidden, intermediate):
+            return CheckpointPolicy.MUST_SAVE
+    return save_attention_outputs(ctx, op, *args, **kwargs)
+
+
+def mlp_layers_to_save(tokens: int, intermediate_size: int, saved_mlp_mib: int, layers: int) -> int:
+    """How many checkpointed layers keep their MLP's gate and up outputs for a micro-batch of ``tokens``.
+
+    As many as ``saved_mlp_mib`` holds at two bf16 vectors of ``intermediate_size`` per token and layer, and
+    no more than ``layers``: 2 x 1024 tokens of an 8B (intermediate 14,336) take 112 MiB a layer, so
+    896 MiB keeps 8 layers, and a folded micro-batch of 16,384 tokens (896 MiB a layer) keeps one.
+    """
+    per_layer = tokens * intermediate_size * 2 * 2
+    if per_layer <= 0:
+        return 0
+    return min(layers, (saved_mlp_mib * 2**20) // per_layer)
 
 
 def dequantize_once(model) -> int:
@@ -422,7 +461,7 @@ def decoder_stack(model):
     return stack, layers
 
 
-def compile_model(model, mode: str, save_attention: bool = False) -> int:
+def compile_model(model, mode: str, save_attention: bool = False, saved_mlp_mib: int = 0) -> int:
     """``torch.compile`` ``model``'s decoder (one of :data:`COMPILE_MODES`) in place; how many layers it covers.
 
     ``layers`` (the CUDA default before torch 2.13): each decoder layer compiled for training steps (they share one code
@@ -432,7 +471,10 @@ def compile_model(model, mode: str, save_attention: bool = False) -> int:
     layer's graph. ``stack``: the whole decoder stack as one graph, the checkpoints inside it, so a
     step pays Python's overhead once rather than per layer. Stack modes set the model's
     checkpointing again with :func:`checkpoint_kwargs` (``save_attention``: its policy keeps the
-    attention outputs, where the checkpoints are inside the graphs).
+    attention outputs, where the checkpoints are inside the graphs). ``saved_mlp_mib`` (``layers-cudagraphs``):
+    each training call's last :func:`mlp_layers_to_save` layers run a second graph of the layer, whose policy
+    keeps the MLP's gate and up outputs too (:func:`save_mlp_outputs`): the last layers, because the backward
+    pass reaches them first, so what they keep is freed before any layer computes its MLP again.
     (Graphs of N layers each, ``stack-N``, were measured in session 5 while looking for the stack's
     memory, which they did not change, and were taken out: docs/benchmarks.md.)
     """
@@ -452,10 +494,21 @@ def compile_model(model, mode: str, save_attention: bool = False) -> int:
         # put the checkpoint inside the graph without the policy of checkpoint_kwargs.
         checkpointed = is_checkpointing(base)
         graphs = mode == "layers-cudagraphs"
-        for layer in layers:
+        config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+        mlp = (config.hidden_size, getattr(config, "intermediate_size", 0))
+        keep_mlp = checkpointed and graphs and saved_mlp_mib > 0 and mlp[1] and mlp[1] != mlp[0]
+        for index, layer in enumerate(layers):
             layer.gradient_checkpointing = False
+            keeps = None
+            if keep_mlp:
+                from_end = len(layers) - index
+
+                def keeps(tokens, from_end=from_end):
+                    return from_end <= mlp_layers_to_save(tokens, mlp[1], saved_mlp_mib, len(layers))
             compile_for_training(layer, mode="reduce-overhead" if graphs else None,
-                                 checkpoint=checkpoint_kwargs(mode, save_attention) if checkpointed else None, checkpoint_in_graph=graphs)
+                                 checkpoint=checkpoint_kwargs(mode, save_attention) if checkpointed else None,
+                                 checkpoint_in_graph=graphs,
+                                 keeping=(checkpoint_kwargs(mode, save_attention, save_mlp=mlp), keeps) if keeps else None)
         return len(layers)
     if stack is None:
         raise ValueError("compile_mode: no decoder stack found in this model")
@@ -493,7 +546,7 @@ def quiet_expected_graph_warnings() -> None:
 
 
 def compile_for_training(module, mode: str | None = None, checkpoint: dict | None = None,
-                         checkpoint_in_graph: bool = False) -> None:
+                         checkpoint_in_graph: bool = False, keeping: tuple | None = None) -> None:
     """``module.compile()`` for training steps only: evaluation runs the module eagerly.
 
     A run's evaluation (eval mode, no gradients, padded batches) made torch.compile compile the whole
@@ -510,7 +563,9 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
     ``checkpoint_in_graph`` (per-layer CUDA graphs), inside its graph (with CUDA graphs a recompute outside
     would replay a graph during the backward pass and overwrite outputs still in use: session 11). Those
     graphs of one layer take the length symbolic from the second length where :func:`symbolic_lengths_in_graph`,
-    and static shapes (a compile per bucketed length) before that.
+    and static shapes (a compile per bucketed length) before that. ``keeping``: ``(checkpoint, keeps)``, a
+    second graph whose checkpoint (inside it) takes those keyword arguments, for the training calls whose
+    token count ``keeps(tokens)`` accepts.
     """
     import functools
 
@@ -522,12 +577,22 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
         target = functools.partial(checkpointed, module._call_impl, **checkpoint)
     static = checkpoint_in_graph and not symbolic_lengths_in_graph()
     compiled = torch.compile(target, mode=mode, dynamic=False if static else None)
+    keeping_compiled, keeps = None, None
+    if keeping is not None and checkpoint_in_graph:
+        keeping_checkpoint, keeps = keeping
+        keeping_compiled = torch.compile(functools.partial(checkpointed, module._call_impl, **keeping_checkpoint),
+                                         mode=mode, dynamic=False if static else None)
     mark_dynamic = mode == "reduce-overhead" and not checkpoint_in_graph
     outside = checkpoint if checkpoint is not None and not checkpoint_in_graph else None
 
     def run_compiled(*args, **kwargs):
+        chosen = compiled
+        if keeps is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if keeps(hidden.numel() // hidden.shape[-1]):
+                chosen = keeping_compiled
         try:
-            return compiled(*args, **kwargs)
+            return chosen(*args, **kwargs)
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.InternalTorchDynamoError) as err:
             raise compile_failed(err, graphs=mode == "reduce-overhead") from err
 

@@ -155,3 +155,75 @@ def test_the_policy_saves_every_attention_kernel_and_defers_the_rest():
     assert speed.checkpoint_kwargs("layers-cudagraphs", save_attention=True)["context_fn"].args == (
         speed.save_attention_outputs,)
     assert "context_fn" not in speed.checkpoint_kwargs("layers", save_attention=True)  # the checkpoint is outside
+
+
+def test_the_mlp_policy_saves_the_gate_and_up_matmuls_only():
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten, mlp = torch.ops.aten, (64, 128)
+    x = torch.empty(48, 64)
+    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, x, torch.empty(64, 128)) == CheckpointPolicy.MUST_SAVE
+    # The down projection, the attention's projections and a LoRA adapter's matmuls are left to the rest.
+    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, torch.empty(48, 128), torch.empty(128, 64)) == (
+        CheckpointPolicy.PREFER_RECOMPUTE)
+    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, x, torch.empty(64, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, torch.empty(48, 8), torch.empty(8, 128)) == (
+        CheckpointPolicy.PREFER_RECOMPUTE)
+    assert speed.save_mlp_outputs(mlp, None, aten._scaled_dot_product_flash_attention_for_cpu.default) == (
+        CheckpointPolicy.MUST_SAVE)
+
+
+@pytest.mark.parametrize(("tokens", "mib", "layers"), [
+    (2048, 896, 8),  # 8B at 2 x 1024: 112 MiB a layer
+    (2048, 895, 7),
+    (16384, 896, 1),  # a folded micro-batch of 16 rows of 1024
+    (16384, 895, 0),
+    (64, 896, 32),  # never more than the model's layers
+    (2048, 0, 0),
+])
+def test_the_mlp_budget_keeps_as_many_layers_as_it_holds(tokens, mib, layers):
+    assert speed.mlp_layers_to_save(tokens, 14336, mib, 32) == layers
+
+
+def keeping_step(folder, ids, saved_mlp_mib: int):
+    peft_model = qlora(folder, levers=LEAN)
+    speed.dequantize_once(peft_model)
+    speed.compile_model(peft_model, "layers-cudagraphs", save_attention=True, saved_mlp_mib=saved_mlp_mib)
+    with partitions() as graphs:
+        loss, grads = step(peft_model, ids)
+    return loss, grads, graphs
+
+
+def test_keeping_the_mlp_outputs_takes_the_gate_and_up_matmuls_out_of_the_recompute(tiny_llama_dir, ids):
+    import torch
+
+    loss, grads, (recomputing,) = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=0)
+    torch._dynamo.reset()
+    loss_kept, grads_kept, (keeping,) = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=1)  # both layers
+    # Batch 2 x 24 tokens, intermediate size 128, bf16: the gate's and the up projection's outputs.
+    gate_up = 2 * 24 * 128 * 2
+    assert [size for _, size in keeping["saved"]].count(gate_up) == [size for _, size in recomputing["saved"]].count(
+        gate_up) + 2
+    matmuls = collections.Counter(op for op in recomputing["backward"] if op.startswith("aten.mm"))
+    matmuls_kept = collections.Counter(op for op in keeping["backward"] if op.startswith("aten.mm"))
+    assert sum(matmuls.values()) - sum(matmuls_kept.values()) == 2
+    assert float(loss_kept) == float(loss)
+    assert all(torch.equal(grads_kept[name], grads[name]) for name in grads)
+
+
+def test_only_the_last_layers_the_budget_holds_keep_their_mlp_outputs(tiny_llama_dir):
+    """1 MiB holds one layer of the tiny model's 2 x 1024 tokens (1 MiB a layer), so the last layer keeps and
+    the first recomputes, each through a graph of its own; the step's arithmetic is the same either way."""
+    import torch
+
+    ids = torch.randint(3, 200, (2, 1024), generator=torch.Generator().manual_seed(0))
+    assert speed.mlp_layers_to_save(2 * 1024, 128, 1, 2) == 1
+    loss, grads, recomputing = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=0)
+    torch._dynamo.reset()
+    loss_kept, grads_kept, graphs = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=1)
+    assert len(recomputing) == 1 and len(graphs) == 2  # compiled in the order the layers first run
+    kept = [[size for target, size in graph["saved"] if target == "aten.mm.default"] for graph in graphs]
+    assert kept == [[], [2 * 1024 * 128 * 2] * 2]
+    assert float(loss_kept) == float(loss)
+    assert all(torch.equal(grads_kept[name], grads[name]) for name in grads)
