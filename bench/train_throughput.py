@@ -138,7 +138,7 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
         **{f"defaults{sign}mlp{mib or ''}{suffix}": Config(
             f"loraship defaults{graphs}, saved_mlp_mib={mib}{label}", "loraship",
             dataclasses.replace(levers, saved_mlp_mib=mib), **extra)
-           for sign, mib in (("+", 448), ("+", 896), ("+", 1344), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
+           for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
     }
 

@@ -93,6 +93,10 @@ from dataclasses import dataclass
 #: 1024 tokens; an 8B base with checkpointed layers holds this in well under 24 GB.
 FOLD_TOKEN_BUDGET = 16384
 
+#: MiB of the MLP's gate and up outputs a micro-batch keeps rather than compute again (``SpeedLevers.saved_mlp_mib``),
+#: with per-layer CUDA graphs: 9 of an 8B's 32 layers at 2 x 1024 tokens (session 17).
+SAVED_MLP_MIB = 1024
+
 #: Model families liger-kernel patches here (``config.model_type`` -> its function's suffix).
 LIGER_FAMILIES = ("llama", "mistral")
 
@@ -215,7 +219,8 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
         # The recompute levers and the LM head's label positions were measured with per-layer graphs (session 15).
         graphs = mode == "layers-cudagraphs"
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True,
-                           dequantize_once=graphs, save_attention=graphs, label_positions=graphs), tuple(notices)
+                           dequantize_once=graphs, save_attention=graphs, label_positions=graphs,
+                           saved_mlp_mib=SAVED_MLP_MIB if graphs else 0), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
