@@ -71,6 +71,12 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   10,102-10,506 tok/s; with the first two 10,532-10,754 (+2.4-4.3%), with all three 10,696-10,702 (+5.9%
   on the machine that measured both), at 7.60 GiB peak against 7.13. Same arithmetic: the CPU tests pin the
   loss and gradients bit for bit (the first two) and to 1e-6 (the third, a sum in another order).
+- ``saved_mlp_mib`` (with ``layers-cudagraphs``, 1 GiB, :data:`SAVED_MLP_MIB`): the last checkpointed layers
+  that the budget holds at a micro-batch's token count (:func:`mlp_layers_to_save`) keep their MLP's gate and up
+  outputs (:func:`save_mlp_outputs`), so their recompute skips the layer's two largest matmuls. Session 17, 8B r8
+  q,k,v,o at 2 x 1024, one H200: 9 layers, +2.8% pipelined and +4.6% timed per step (11,195-11,365 tok/s), peak
+  7.60 -> 8.28 GiB (0.67x the plain stack); +6.3% at real lengths. Every layer would be +14% at 10.8 GiB, past
+  the memory goal. Same arithmetic: the CPU tests pin the loss and gradients bit for bit.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
