@@ -302,7 +302,7 @@ def checkpoint_kwargs(compile_mode: str = "", save_attention: bool = False,
 
         policy = save_attention_outputs if save_attention else recompute_quantized_matmuls
         if save_mlp is not None:
-            policy = functools.partial(save_mlp_outputs, tuple(save_mlp))
+            policy = functools.partial(save_mlp_outputs, tuple(save_mlp), policy)
         kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
     return kwargs
 
@@ -339,9 +339,9 @@ def save_attention_outputs(ctx, op, *args, **kwargs):
     return recompute_quantized_matmuls(ctx, op, *args, **kwargs)
 
 
-def save_mlp_outputs(mlp: tuple[int, int], ctx, op, *args, **kwargs):
-    """Selective-checkpoint policy: :func:`save_attention_outputs`, and the outputs of the MLP's gate and up
-    projections are saved too (``mlp``: the model's hidden and intermediate sizes).
+def save_mlp_outputs(mlp: tuple[int, int], rest, ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: the outputs of the MLP's gate and up projections are saved (``mlp``: the
+    model's hidden and intermediate sizes), every other op goes to the policy ``rest``.
 
     Those are the matmuls from the hidden size to the intermediate one (the frozen 4-bit weights dequantized
     in autograd's view, :func:`dequantize_once`; a LoRA adapter's own matmuls start from its rank). The
@@ -355,7 +355,7 @@ def save_mlp_outputs(mlp: tuple[int, int], ctx, op, *args, **kwargs):
         weight = args[1]
         if tuple(getattr(weight, "shape", ())) == (hidden, intermediate):
             return CheckpointPolicy.MUST_SAVE
-    return save_attention_outputs(ctx, op, *args, **kwargs)
+    return rest(ctx, op, *args, **kwargs)
 
 
 def mlp_layers_to_save(tokens: int, intermediate_size: int, saved_mlp_mib: int, layers: int) -> int:

@@ -7,6 +7,7 @@ bf16 autocast, non-reentrant checkpointing, and torch.compile with inductor for 
 from __future__ import annotations
 
 import collections
+import functools
 
 import pytest
 
@@ -161,17 +162,16 @@ def test_the_mlp_policy_saves_the_gate_and_up_matmuls_only():
     import torch
     from torch.utils.checkpoint import CheckpointPolicy
 
-    aten, mlp = torch.ops.aten, (64, 128)
-    x = torch.empty(48, 64)
-    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, x, torch.empty(64, 128)) == CheckpointPolicy.MUST_SAVE
+    aten, x = torch.ops.aten, torch.empty(48, 64)
+    policy = functools.partial(speed.save_mlp_outputs, (64, 128), speed.save_attention_outputs)
+    assert policy(None, aten.mm.default, x, torch.empty(64, 128)) == CheckpointPolicy.MUST_SAVE
     # The down projection, the attention's projections and a LoRA adapter's matmuls are left to the rest.
-    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, torch.empty(48, 128), torch.empty(128, 64)) == (
-        CheckpointPolicy.PREFER_RECOMPUTE)
-    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, x, torch.empty(64, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert speed.save_mlp_outputs(mlp, None, aten.mm.default, torch.empty(48, 8), torch.empty(8, 128)) == (
-        CheckpointPolicy.PREFER_RECOMPUTE)
-    assert speed.save_mlp_outputs(mlp, None, aten._scaled_dot_product_flash_attention_for_cpu.default) == (
-        CheckpointPolicy.MUST_SAVE)
+    assert policy(None, aten.mm.default, torch.empty(48, 128), torch.empty(128, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, aten.mm.default, x, torch.empty(64, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, aten.mm.default, torch.empty(48, 8), torch.empty(8, 128)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == CheckpointPolicy.MUST_SAVE
+    (chosen,) = speed.checkpoint_kwargs("layers-cudagraphs", save_attention=True, save_mlp=(64, 128))["context_fn"].args
+    assert (chosen.func, chosen.args) == (policy.func, policy.args)
 
 
 @pytest.mark.parametrize(("tokens", "mib", "layers"), [
