@@ -12,6 +12,8 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   layer compiled with CUDA graphs where :func:`train.speed.symbolic_lengths_in_graph`, torch 2.13 or
   ``--symbolic-graph-lengths``; without graphs before, as since session 11); ``layers*``: per-layer compile
   without graphs (``TORCH_COMPILE=layers``); ``eager*``: liger, no compile (``TORCH_COMPILE=off``);
+  ``defaults±dqonce`` / ``±saveattn`` / ``±positions`` / ``±both`` / ``±all``: the defaults with session 15's
+  levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
   ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
