@@ -57,10 +57,13 @@ def plan_for(settings: TrainSettings, *, cuda: bool, processes: int = 1) -> Plan
             symbolic_lengths=can_compile and speed.symbolic_lengths_in_graph(), batch_size=settings.batch_size,
             grad_accum=settings.grad_accum, max_seq_length=settings.max_seq_length, processes=processes)
         levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile,
-                                                    no_graphs=no_graphs)
+                                                    no_graphs=no_graphs, saved_mlp_mib=settings.saved_mlp_mib)
     except ValueError as err:
         raise TrainError(str(err)) from err
     notices.extend(speed_notices)
+    if "saved_mlp_mib" in settings.model_fields_set and levers.compile_mode != "layers-cudagraphs":
+        notices.append(f"SAVED_MLP_MIB={settings.saved_mlp_mib}: unused; it applies with per-layer CUDA graphs "
+                       f"(TORCH_COMPILE=layers-cudagraphs, or auto where they run), and this run has none")
     return Plan(
         cuda=cuda,
         base_model=settings.base_model,

@@ -179,10 +179,12 @@ def graphs_blocker(*, symbolic_lengths: bool, batch_size: int, grad_accum: int, 
 
 
 def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True,
-                  no_graphs: str | None = GRAPHS_NEED_TORCH) -> tuple[SpeedLevers, tuple[str, ...]]:
+                  no_graphs: str | None = GRAPHS_NEED_TORCH,
+                  saved_mlp_mib: int = SAVED_MLP_MIB) -> tuple[SpeedLevers, tuple[str, ...]]:
     """The levers for this machine (``compile``: the TORCH_COMPILE setting; ``can_compile``: :func:`compile_supported`;
-    ``no_graphs``: why this run gets no CUDA graphs, :func:`graphs_blocker`, or None where it does), and the
-    notices that say what was left off and why.
+    ``no_graphs``: why this run gets no CUDA graphs, :func:`graphs_blocker`, or None where it does;
+    ``saved_mlp_mib``: the SAVED_MLP_MIB setting, used with per-layer graphs only), and the notices that say what
+    was left off and why.
 
     TORCH_COMPILE=auto compiles each decoder layer, with CUDA graphs (``layers-cudagraphs``) where nothing
     blocks them (torch 2.13, the train image's, and a run :func:`graphs_blocker` clears), and without
@@ -226,7 +228,7 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
         graphs = mode == "layers-cudagraphs"
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True,
                            dequantize_once=graphs, save_attention=graphs, label_positions=graphs,
-                           saved_mlp_mib=SAVED_MLP_MIB if graphs else 0), tuple(notices)
+                           saved_mlp_mib=saved_mlp_mib if graphs else 0), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "

@@ -75,6 +75,35 @@ def test_asking_for_layer_graphs_where_they_are_unmeasured_gets_them_and_says_so
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
     assert len(said) == 1 and "measured only on one GPU with each optimizer step in one micro-batch" in said[0]
 
+def test_saved_mlp_mib_sets_what_the_layer_graphs_keep(gpu):
+    # 3584 MiB keeps every layer of an 8B at 2x1024 (+14%, 10.8 GiB: docs/benchmarks.md, "Session 17"); 0 none.
+    gpu.setenv("SAVED_MLP_MIB", "3584")
+    assert model.plan_for(TrainSettings(), cuda=True).levers.saved_mlp_mib == 3584
+    gpu.setenv("SAVED_MLP_MIB", "0")
+    plan = model.plan_for(TrainSettings(), cuda=True)
+    assert plan.levers.saved_mlp_mib == 0 and plan.levers.compile_mode == "layers-cudagraphs"
+    assert not any("SAVED_MLP_MIB" in notice for notice in plan.notices)
+
+
+def test_saved_mlp_mib_without_layer_graphs_is_unused_and_says_so(gpu):
+    gpu.setenv("SAVED_MLP_MIB", "2048")
+    plan = model.plan_for(TrainSettings(torch_compile="layers"), cuda=True)
+    assert plan.levers.saved_mlp_mib == 0
+    assert [notice for notice in plan.notices if "SAVED_MLP_MIB=2048: unused" in notice]
+    gpu.delenv("SAVED_MLP_MIB")
+    assert not any("SAVED_MLP_MIB" in notice for notice in model.plan_for(TrainSettings(torch_compile="layers"),
+                                                                          cuda=True).notices)
+
+
+def test_saved_mlp_mib_must_not_be_negative(gpu):
+    from loraship.envsettings import SettingsError, load_settings
+
+    gpu.setenv("SAVED_MLP_MIB", "-1")
+    with pytest.raises(SettingsError) as err:
+        load_settings(TrainSettings)
+    assert any(line.startswith("SAVED_MLP_MIB='-1'") for line in err.value.problems)
+
+
 def test_torch_compile_layers_compiles_each_layer_without_graphs(gpu):
     plan = model.plan_for(TrainSettings(torch_compile="layers"), cuda=True)
     assert plan.levers.compile_mode == "layers" and plan.levers.liger_kernels == ()
