@@ -121,7 +121,7 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
         **{f"defaults{sign}{name}": Config(f"loraship defaults{graphs}, {field}={value}", "loraship",
                                              dataclasses.replace(levers, **{field: value}))
            for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
-                               ("positions", "label_positions"))
+                               ("positions", "label_positions"), ("nf4", "nf4_kernel"))
            for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value},
         **{f"defaults{sign}both{suffix}": Config(
             f"loraship defaults{graphs}, dequantize_once={value}, save_attention={value}{label}", "loraship",

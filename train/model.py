@@ -181,7 +181,7 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
     elif gradient_checkpointing:
         speed.enable_checkpointing(model, speed.checkpoint_kwargs(plan.levers.compile_mode))
     if plan.load_in_4bit and plan.levers.dequantize_once and gradient_checkpointing:
-        speed.dequantize_once(model)
+        speed.dequantize_once(model, kernel=plan.levers.nf4_kernel)
     return model
 
 

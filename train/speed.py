@@ -134,6 +134,8 @@ class SpeedLevers:
     #: MiB of the MLP's gate and up projections that a micro-batch's checkpointed layers keep for their backward
     #: pass rather than compute again (:func:`mlp_layers_to_save`; per-layer CUDA graphs only; 0: none).
     saved_mlp_mib: int = 0
+    #: With ``dequantize_once``: NF4 weights are dequantized by one Triton kernel (train/nf4.py), not bitsandbytes' two.
+    nf4_kernel: bool = False
 
     def names(self) -> list[str]:
         names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()
@@ -228,7 +230,7 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
         graphs = mode == "layers-cudagraphs"
         return SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True, fold_accumulation=True,
                            dequantize_once=graphs, save_attention=graphs, label_positions=graphs,
-                           saved_mlp_mib=saved_mlp_mib if graphs else 0), tuple(notices)
+                           saved_mlp_mib=saved_mlp_mib if graphs else 0, nf4_kernel=graphs), tuple(notices)
     liger = liger_installed()
     if not liger:
         notices.append("speed: liger-kernel not installed (pip install 'loraship[gpu]'); "
@@ -373,7 +375,7 @@ def mlp_layers_to_save(tokens: int, intermediate_size: int, saved_mlp_mib: int, 
     return min(layers, (saved_mlp_mib * 2**20) // per_layer)
 
 
-def dequantize_once(model) -> int:
+def dequantize_once(model, kernel: bool = False) -> int:
     """Make each bitsandbytes 4-bit layer of ``model`` dequantize its weight once per checkpointed layer and step.
 
     bitsandbytes' own layer dequantizes the weight inside its 4-bit matmul (a custom op) and again
@@ -384,13 +386,20 @@ def dequantize_once(model) -> int:
     pass, the recompute makes it again, and the backward pass uses that one. Only for checkpointed
     layers: without a checkpoint, autograd would keep every layer's dequantized weight until the
     backward pass (16 GB on an 8B). Evaluation and generation keep bitsandbytes' own path (its fast
-    kernel for short inputs). Returns how many layers it changed.
+    kernel for short inputs). ``kernel`` (CUDA, Triton): the NF4 weights train/nf4.py handles are dequantized by
+    its one kernel, the same values as bitsandbytes' two. Returns how many layers it changed.
     """
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: nothing is 4-bit
         return 0
-    return replace_forward(model, Linear4bit, _linear4bit_dequantize_once)
+    if kernel:
+        from train import nf4
+
+        kernel = nf4.available()
+        if kernel:
+            nf4.register()  # before any compile: Dynamo cannot define an op
+    return replace_forward(model, Linear4bit, _linear4bit_dequantize_once_nf4 if kernel else _linear4bit_dequantize_once)
 
 
 def replace_forward(model, module_type: type, forward) -> int:
@@ -404,7 +413,7 @@ def replace_forward(model, module_type: type, forward) -> int:
     return len(modules)
 
 
-def _linear4bit_dequantize_once(self, x):
+def _linear4bit_dequantize_once(self, x, kernel: bool = False):
     """A bitsandbytes ``Linear4bit.forward`` whose training calls dequantize in autograd's view (:func:`dequantize_once`)."""
     import torch
 
@@ -412,10 +421,21 @@ def _linear4bit_dequantize_once(self, x):
         return type(self).forward(self, x)  # bitsandbytes' own (it also recovers a quant state kept on the module)
     import bitsandbytes.functional as bnbf
 
+    from train import nf4
+
     compute = self.compute_dtype or x.dtype
-    weight = bnbf.dequantize_4bit(self.weight, self.weight.quant_state).to(compute)
+    state = self.weight.quant_state
+    if kernel and nf4.supports(self.weight, state):
+        weight = nf4.dequantize(self.weight, state).to(compute)
+    else:
+        weight = bnbf.dequantize_4bit(self.weight, state).to(compute)
     bias = None if self.bias is None else self.bias.to(compute)
     return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
+
+
+def _linear4bit_dequantize_once_nf4(self, x):
+    """:func:`_linear4bit_dequantize_once` with train/nf4.py's kernel."""
+    return _linear4bit_dequantize_once(self, x, kernel=True)
 
 
 def checkpoints_in_graph(compile_mode: str) -> bool:

@@ -74,6 +74,15 @@ def test_a_checkpointed_step_dequantizes_each_weight_twice_rather_than_three_tim
     assert after == {"dequantize_blockwise": 2 * weights, "dequantize_4bit": 2 * weights}  # forward, recompute
 
 
+def test_the_nf4_kernel_lever_falls_back_to_bitsandbytes_without_a_gpu(tiny_llama_dir, ids):
+    """train/nf4.py's kernel needs CUDA and Triton (tests/train/test_nf4.py checks it on a GPU); here the lever
+    changes nothing."""
+    once = qlora(tiny_llama_dir, levers=LEAN)
+    assert speed.dequantize_once(once, kernel=True) == 14
+    _, calls = bitsandbytes_ops(lambda: step(once, ids))
+    assert calls == {"dequantize_blockwise": 28, "dequantize_4bit": 28}
+
+
 def test_evaluation_keeps_bitsandbytes_own_4bit_matmul(tiny_llama_dir, ids):
     """No gradient: nothing to reuse, and bitsandbytes' own kernels serve short inputs (generation) best."""
     import torch

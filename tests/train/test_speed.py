@@ -27,12 +27,12 @@ def gpu(monkeypatch):
 def test_cuda_defaults_compile_each_decoder_layer_with_cuda_graphs_instead_of_liger(gpu):
     # Per-layer graphs ran the 8B 2x1024 step 2.2-2.8x the plain stack and learned as well as the per-layer
     # compile over five seeds (docs/benchmarks.md, "Session 14"); liger's kernels do not trace inside a graph.
-    # With them, the recompute levers and the LM head's label positions (session 15), and 1 GiB of kept MLP
-    # outputs (session 17).
+    # With them, the recompute levers and the LM head's label positions (session 15), 1 GiB of kept MLP
+    # outputs (session 17) and the one-kernel NF4 dequantization (session 18).
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="layers-cudagraphs", packing=True,
                                             fold_accumulation=True, dequantize_once=True, save_attention=True,
-                                            label_positions=True, saved_mlp_mib=1024)
+                                            label_positions=True, saved_mlp_mib=1024, nf4_kernel=True)
     assert speed.replays_graphs(plan.levers)  # so packed rows are bucketed to a few lengths
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
     assert len(said) == 1 and "CUDA graphs on each decoder layer" in said[0]
