@@ -34,6 +34,9 @@ def main(argv=None) -> int:
 
     import torch
 
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        parser.error("needs a CUDA GPU of compute capability 8.9+ (float8 tensor cores): run it on the device")
+
     fp8 = torch.float8_e4m3fn
     top = torch.finfo(fp8).max
 

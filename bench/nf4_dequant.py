@@ -56,8 +56,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
 
-    import bitsandbytes.functional as bnbf
     import torch
+
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (bitsandbytes and Triton): run it on the device")
+
+    import bitsandbytes.functional as bnbf
 
     from train import nf4
 

@@ -8,6 +8,9 @@ bf16 values, with the same float32 products and sums (no fused multiply-add), so
 bitsandbytes' own bit for bit. ``torch.ops.loraship.dequantize_nf4`` is a custom op, so torch.compile
 and CUDA graphs take it as one kernel.
 
+Session 18 (docs/benchmarks.md), one H200: an 8B's 2x1024 training step dequantizes in 9.3 ms instead of
+bitsandbytes' 17.9 (3.8 TB/s against 2.1 on the MLP's weights), +4.5-5.2% tokens/s.
+
 CUDA and Triton only; :func:`supports` says whether a weight's quantization is one this handles (NF4,
 64-value blocks, a nested absmax of 256-value blocks, packed as bitsandbytes' ``Linear4bit`` packs it).
 """

@@ -77,6 +77,10 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   q,k,v,o at 2 x 1024, one H200: 9 layers, +2.8% pipelined and +4.6% timed per step (11,195-11,365 tok/s), peak
   7.60 -> 8.28 GiB (0.67x the plain stack); +6.3% at real lengths. Every layer would be +14% at 10.8 GiB, past
   the memory goal. Same arithmetic: the CPU tests pin the loss and gradients bit for bit.
+- ``nf4_kernel`` (with ``dequantize_once``, so with ``layers-cudagraphs``): the NF4 weights are dequantized by one
+  Triton kernel (train/nf4.py) that also decodes their double-quantized absmax, bitsandbytes' values bit for bit.
+  Session 18, 8B r8 q,k,v,o at 2 x 1024, one H200: a step's dequantizing 17.9 -> 9.3 ms; +4.5% and +5.2% pipelined
+  (11,828-11,890 tok/s), +3.2% per step; same memory.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.

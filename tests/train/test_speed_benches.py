@@ -136,3 +136,13 @@ def test_the_levers_ab_tabulates_each_runs_last_eval_loss_per_seed_and_their_mea
     lines = seed_table(results, ["defaults", "compile_mode='layers'"], ["0", "1"]).splitlines()
     assert lines[2] == "| defaults | 3.265 | 3.626 | 3.446 |"
     assert lines[3] == "| compile_mode='layers' | 4.699 | - | 4.699 |"
+
+
+@pytest.mark.parametrize("script", ["nf4_dequant.py", "fp8_matmul.py"])
+def test_the_gpu_only_microbenches_say_they_need_a_gpu(script):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the bench runs")
+    done = subprocess.run([sys.executable, f"bench/{script}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "run it on the device" in done.stderr
