@@ -33,9 +33,13 @@ def available() -> bool:
 
 def supports(weight, quant_state) -> bool:
     """Whether :func:`dequantize` handles this bitsandbytes weight and quant state."""
+    import torch
+
     state2 = getattr(quant_state, "state2", None)
     return (getattr(quant_state, "quant_type", None) == "nf4" and quant_state.blocksize == 64
             and state2 is not None and state2.blocksize == 256 and weight.dim() == 2 and weight.shape[1] == 1
+            and weight.dtype == torch.uint8 and quant_state.absmax.dtype == torch.uint8  # packed bytes, 8-bit absmax
+            and state2.absmax.dtype == torch.float32 and quant_state.code.dtype == torch.float32
             and quant_state.shape.numel() % (2 * BYTES_PER_PROGRAM) == 0 and weight.is_cuda)
 
 
