@@ -31,16 +31,22 @@ def available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
-def supports(weight, quant_state) -> bool:
-    """Whether :func:`dequantize` handles this bitsandbytes weight and quant state."""
+def handles(weight, quant_state) -> bool:
+    """Whether the kernel reads this bitsandbytes weight's format: NF4 in bytes (two values each), 64-value blocks
+    whose absmax is itself quantized to 8 bits in blocks of 256, and a multiple of one program's values."""
     import torch
 
     state2 = getattr(quant_state, "state2", None)
     return (getattr(quant_state, "quant_type", None) == "nf4" and quant_state.blocksize == 64
             and state2 is not None and state2.blocksize == 256 and weight.dim() == 2 and weight.shape[1] == 1
-            and weight.dtype == torch.uint8 and quant_state.absmax.dtype == torch.uint8  # packed bytes, 8-bit absmax
+            and weight.dtype == torch.uint8 and quant_state.absmax.dtype == torch.uint8
             and state2.absmax.dtype == torch.float32 and quant_state.code.dtype == torch.float32
-            and quant_state.shape.numel() % (2 * BYTES_PER_PROGRAM) == 0 and weight.is_cuda)
+            and quant_state.shape.numel() % (2 * BYTES_PER_PROGRAM) == 0)
+
+
+def supports(weight, quant_state) -> bool:
+    """Whether :func:`dequantize` takes this bitsandbytes weight and quant state: a format it :func:`handles`, on a GPU."""
+    return weight.is_cuda and handles(weight, quant_state)
 
 
 def dequantize(weight, quant_state):

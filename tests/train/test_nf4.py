@@ -66,16 +66,3 @@ def test_a_4bit_layer_trains_identically_with_the_kernel():
     (out, grad), (out_kernel, grad_kernel) = step(False), step(True)
     assert torch.equal(out, out_kernel) and torch.equal(grad, grad_kernel)
 
-
-def test_weights_packed_in_another_storage_type_keep_bitsandbytes_path():
-    """bitsandbytes can pack 4-bit values in bf16 storage (for FSDP); the kernel reads bytes only."""
-    import bitsandbytes.functional as bnbf
-
-    from train import nf4
-
-    torch.manual_seed(0)
-    weight = torch.randn(1024, 4096, dtype=torch.bfloat16, device="cuda") * 0.02
-    packed, state = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4",
-                                       quant_storage=torch.bfloat16)
-    assert not nf4.supports(packed, state)
-    assert nf4.supports(*quantized((1024, 4096)))

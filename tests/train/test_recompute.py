@@ -83,6 +83,28 @@ def test_the_nf4_kernel_lever_falls_back_to_bitsandbytes_without_a_gpu(tiny_llam
     assert calls == {"dequantize_blockwise": 28, "dequantize_4bit": 28}
 
 
+@pytest.mark.parametrize(("shape", "options", "handled"), [
+    ((1024, 4096), {}, True),  # as load_in_4bit quantizes: NF4, 64-value blocks, double quantization, bytes
+    ((1024, 4096), {"quant_storage": "bfloat16"}, False),  # packed for FSDP: not bytes
+    ((1024, 4096), {"quant_type": "fp4"}, False),
+    ((1024, 4096), {"compress_statistics": False}, False),  # float32 absmax: no nested state
+    ((1024, 4096), {"blocksize": 128}, False),
+    ((96, 96), {}, False),  # fewer values than one program reads
+])
+def test_the_nf4_kernel_takes_only_the_format_it_reads(shape, options, handled):
+    """train/nf4.py's kernel reads bitsandbytes' default 4-bit format; anything else keeps bitsandbytes' own path."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from train import nf4
+
+    options = {"blocksize": 64, "compress_statistics": True, "quant_type": "nf4", "quant_storage": "uint8", **options}
+    options["quant_storage"] = getattr(torch, options["quant_storage"])
+    packed, state = bnbf.quantize_4bit(torch.randn(shape, dtype=torch.bfloat16) * 0.02, **options)
+    assert nf4.handles(packed, state) is handled
+    assert not nf4.supports(packed, state)  # on the CPU: never
+
+
 def test_evaluation_keeps_bitsandbytes_own_4bit_matmul(tiny_llama_dir, ids):
     """No gradient: nothing to reuse, and bitsandbytes' own kernels serve short inputs (generation) best."""
     import torch
