@@ -14,6 +14,8 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   without graphs (``TORCH_COMPILE=layers``); ``eager*``: liger, no compile (``TORCH_COMPILE=off``);
   ``defaults±dqonce`` / ``±saveattn`` / ``±positions`` / ``±both`` / ``±all``: the defaults with session 15's
   levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
+  ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18); each also with
+  ``-real`` (real lengths);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
   ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
@@ -117,12 +119,14 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
                                   grad_accum=4),
         "defaults-real": Config(f"loraship defaults{graphs}, real lengths", "loraship", levers, rows="real",
                                 grad_accum=4),
-        # The defaults with one of the two recompute levers on or off (train/speed.py), then both.
-        **{f"defaults{sign}{name}": Config(f"loraship defaults{graphs}, {field}={value}", "loraship",
-                                             dataclasses.replace(levers, **{field: value}))
+        # The defaults with one lever on or off (train/speed.py), at 2 x 1024 and at real lengths; then the two
+        # recompute levers together.
+        **{f"defaults{sign}{name}{suffix}": Config(f"loraship defaults{graphs}, {field}={value}{label}", "loraship",
+                                                     dataclasses.replace(levers, **{field: value}), **extra)
            for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
                                ("positions", "label_positions"), ("nf4", "nf4_kernel"))
-           for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value},
+           for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value
+           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
         **{f"defaults{sign}both{suffix}": Config(
             f"loraship defaults{graphs}, dequantize_once={value}, save_attention={value}{label}", "loraship",
             dataclasses.replace(levers, dequantize_once=value, save_attention=value), **extra)
