@@ -12,7 +12,6 @@ Prints a table and writes JSON (``--out``). Needs a GPU of compute capability 8.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -20,16 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.nf4_dequant import LAYERS, SHAPES, time_graph  # noqa: E402
+from bench.nf4_dequant import LAYERS, SHAPES, microbench_parser, time_graph  # noqa: E402
 
 TOKENS = 2048
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--out", type=Path)
+    parser = microbench_parser(__doc__)
     args = parser.parse_args(argv)
 
     import torch

@@ -49,11 +49,17 @@ def time_graph(fn, calls: int, replays: int) -> float:
     return start.elapsed_time(end) / (replays * calls)
 
 
+def microbench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the GPU microbenches: CUDA-graph calls and replays, and the JSON to write."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20, help="calls captured in each CUDA graph")
+    parser.add_argument("--replays", type=int, default=20, help="replays of each graph timed")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    return parser
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--replays", type=int, default=20)
-    parser.add_argument("--out", type=Path)
+    parser = microbench_parser(__doc__)
     args = parser.parse_args(argv)
 
     import torch

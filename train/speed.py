@@ -429,10 +429,8 @@ def _linear4bit_dequantize_once(self, x, kernel: bool = False):
 
     compute = self.compute_dtype or x.dtype
     state = self.weight.quant_state
-    if kernel and nf4.supports(self.weight, state):
-        weight = nf4.dequantize(self.weight, state).to(compute)
-    else:
-        weight = bnbf.dequantize_4bit(self.weight, state).to(compute)
+    dequantize = nf4.dequantize if kernel and nf4.supports(self.weight, state) else bnbf.dequantize_4bit
+    weight = dequantize(self.weight, state).to(compute)
     bias = None if self.bias is None else self.bias.to(compute)
     return torch.nn.functional.linear(x.to(compute), weight, bias).to(x.dtype)
 
