@@ -92,4 +92,3 @@ def register():
         wrap_triton(kernel)[grid](packed, absmax_q, code2, absmax2, offset, code, out, BYTES=BYTES_PER_PROGRAM,
                                   enable_fp_fusion=False)
         return out
-

@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from loraship.envsettings import CommaList, EmptyIsNone, SettingsError, load_settings
 from loraship.errors import UserError
 from loraship.hub import looks_like_repo_id
+from train.speed import SAVED_MLP_MIB
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -145,15 +146,16 @@ class TrainSettings(BaseSettings):
         "of compute capability 7.0+ with Triton), liger-kernel then off: with CUDA graphs ('layers-cudagraphs') "
         "on torch 2.13+ (the train image's) for one process whose optimizer step fits one micro-batch "
         "(BATCH_SIZE x GRAD_ACCUM x MAX_SEQ_LENGTH <= 16384, the case measured), else without ('layers'). 8B r8 q,k,v,o on one H200, against the "
-        "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.0-2.8x its tokens/s with graphs (the plain "
-        "stack's speed depends on the host's CPU), 1.5-1.8x without, at 0.67x and 0.57x its memory; real lengths 3.5-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
+        "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.1-3.9x its tokens/s with graphs (the plain "
+        "stack's speed depends on the host's CPU), 1.5-1.8x without, at 0.67x and 0.57x its memory; real lengths "
+        "3.2-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
         "on an 8B); with graphs each new packed length records its graphs (about 3 s) and they hold about "
         "2 GiB more. Both learned as well as eager. 'layers': no CUDA graphs. 'stack': the whole decoder stack "
         "as one graph (minutes of compiling; for long runs). 'off': eager, with liger-kernel. true/false mean "
         "auto/off. Ignored on CPU (docs/benchmarks.md).",
     )
     saved_mlp_mib: int = Field(
-        1024, ge=0, le=1_048_576,
+        SAVED_MLP_MIB, ge=0, le=1_048_576,
         description="With per-layer CUDA graphs only (see TORCH_COMPILE): MiB of GPU memory a micro-batch spends "
         "keeping the MLP's gate and up outputs, so the last decoder layers it holds skip recomputing them in the "
         "backward pass. 8B at 2x1024 tokens: 112 MiB a layer; 1024 keeps 9 of 32 layers (+3-5% tokens/s, peak "

@@ -65,4 +65,3 @@ def test_a_4bit_layer_trains_identically_with_the_kernel():
 
     (out, grad), (out_kernel, grad_kernel) = step(False), step(True)
     assert torch.equal(out, out_kernel) and torch.equal(grad, grad_kernel)
-
