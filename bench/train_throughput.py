@@ -14,8 +14,10 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   without graphs (``TORCH_COMPILE=layers``); ``eager*``: liger, no compile (``TORCH_COMPILE=off``);
   ``defaults±dqonce`` / ``±saveattn`` / ``±positions`` / ``±both`` / ``±all``: the defaults with session 15's
   levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
-  ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18); each also with
-  ``-real`` (real lengths);
+  ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18);
+  ``defaults+host``: the token embedding in host memory, its GPU memory added to the MLP budget (session 19;
+  measured as ``defaults`` and ``defaults-host`` while the plan briefly turned it on);
+  each also with ``-real`` (real lengths);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
   ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
@@ -124,7 +126,8 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
         **{f"defaults{sign}{name}{suffix}": Config(f"loraship defaults{graphs}, {field}={value}{label}", "loraship",
                                                      dataclasses.replace(levers, **{field: value}), **extra)
            for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
-                               ("positions", "label_positions"), ("nf4", "nf4_kernel"))
+                               ("positions", "label_positions"), ("nf4", "nf4_kernel"),
+                               ("host", "host_embedding"))
            for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
         **{f"defaults{sign}both{suffix}": Config(

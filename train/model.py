@@ -162,6 +162,8 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
             f"BASE_MODEL={model_path!r}: could not load the model ({str(err).splitlines()[0]})"
         ) from err
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
+    if plan.levers.host_embedding:  # before the hooks below, which go on the embedding module
+        keep_embedding_in_host_memory(model, echo)
     if plan.levers.liger_kernels:
         notice = speed.apply_liger_kernels(model, plan.levers.liger_kernels)
         if notice and echo:
@@ -183,6 +185,33 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
     if plan.load_in_4bit and plan.levers.dequantize_once and gradient_checkpointing:
         speed.dequantize_once(model, kernel=plan.levers.nf4_kernel)
     return model
+
+
+def keep_embedding_in_host_memory(model, echo: Callable[[str], None] | None = None) -> int:
+    """Move ``model``'s token embedding to pinned host memory where it can go (train/host_embedding.py); the bytes of
+    GPU memory freed, which :func:`add_lora` adds to the MLP outputs kept."""
+    from train import host_embedding
+
+    why_not = host_embedding.movable(model) if host_embedding.available() else "it needs Triton and a CUDA GPU"
+    if why_not:
+        if echo:
+            echo(f"note: speed: the token embedding stays in GPU memory: {why_not}")
+        return 0
+    freed = host_embedding.move_to_host(model)
+    if echo:
+        echo(f"note: speed: the token embedding is read from pinned host memory ({freed / 2**20:,.0f} MiB of GPU "
+             "memory freed, given to the MLP outputs kept: SAVED_MLP_MIB)")
+    return freed
+
+
+def mlp_budget_mib(model, levers: speed.SpeedLevers) -> int:
+    """MiB of MLP outputs the compiled layers keep: ``levers.saved_mlp_mib`` (SAVED_MLP_MIB), plus the GPU memory
+    the token embedding left for host memory, so the peak stays where SAVED_MLP_MIB alone puts it (0 stays 0)."""
+    if not levers.saved_mlp_mib:
+        return 0
+    from train import host_embedding
+
+    return levers.saved_mlp_mib + host_embedding.held_bytes(model) // 2**20
 
 
 def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.SpeedLevers()):
@@ -214,7 +243,7 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
         fuse_lora_layers(peft_model)
     if levers.compile_mode:
         speed.compile_model(peft_model, levers.compile_mode, save_attention=levers.save_attention,
-                            saved_mlp_mib=levers.saved_mlp_mib)
+                            saved_mlp_mib=mlp_budget_mib(model, levers))
     return peft_model
 
 

@@ -81,6 +81,12 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   Triton kernel (train/nf4.py) that also decodes their double-quantized absmax, bitsandbytes' values bit for bit.
   Session 18, 8B r8 q,k,v,o at 2 x 1024, one H200: a step's dequantizing 17.9 -> 9.3 ms; +4.5% and +5.2% pipelined
   (11,828-11,890 tok/s), +3.2% per step; same memory.
+- ``host_embedding`` (measured, NOT a default): an untied token embedding (the 8B's 1 GiB) stays in pinned host
+  memory and a Triton kernel reads a batch's rows from it (train/host_embedding.py); the GPU memory it frees goes
+  to ``saved_mlp_mib``, so the peak stays put. Session 19, 8B r8 q,k,v,o, one H200: at 2 x 1024 +5.2% and +2.3%
+  pipelined (12,431-12,591 tok/s, 2.56-2.59x the plain stack of the same call; per step 12,489, 2.55x), peak 8.29
+  GiB; but at real lengths -4.3% and -4.8% in two calls of the two orders (4,613-4,808 against 4,820-5,053), with
+  3 GiB more reserved by the graphs' pools. Real lengths are what users train on, so it stays off.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
@@ -140,6 +146,10 @@ class SpeedLevers:
     saved_mlp_mib: int = 0
     #: With ``dequantize_once``: NF4 weights are dequantized by one Triton kernel (train/nf4.py), not bitsandbytes' two.
     nf4_kernel: bool = False
+    #: (Measured, NOT a default.) An untied token embedding stays in pinned host memory and the GPU reads a batch's
+    #: rows from it (train/host_embedding.py); the GPU memory it frees is added to ``saved_mlp_mib`` (where that is
+    #: not 0).
+    host_embedding: bool = False
 
     def names(self) -> list[str]:
         names = [name if on is True else f"{name}={on}" for name, on in vars(self).items()

@@ -28,7 +28,8 @@ def test_cuda_defaults_compile_each_decoder_layer_with_cuda_graphs_instead_of_li
     # Per-layer graphs ran the 8B 2x1024 step 2.2-2.8x the plain stack and learned as well as the per-layer
     # compile over five seeds (docs/benchmarks.md, "Session 14"); liger's kernels do not trace inside a graph.
     # With them, the recompute levers and the LM head's label positions (session 15), 1 GiB of kept MLP
-    # outputs (session 17) and the one-kernel NF4 dequantization (session 18).
+    # outputs (session 17) and the one-kernel NF4 dequantization (session 18); not the token embedding in host memory
+    # (session 19: faster at 2x1024, slower at real lengths).
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="layers-cudagraphs", packing=True,
                                             fold_accumulation=True, dequantize_once=True, save_attention=True,
