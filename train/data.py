@@ -271,6 +271,26 @@ def check_end_of_turn(examples: Sequence["Example"], tokenizer: Any) -> tuple[st
     return token, checked
 
 
+def check_token_ids(examples: Sequence["Example"], rows: int, base_model: str) -> None:
+    """Every token id must name a row of the base model's token embedding (``rows`` of them): a tokenizer with more
+    tokens than the model has rows would otherwise stop the run deep inside the GPU's lookup, or read nothing."""
+    problems = []
+    for example in examples:
+        outside = sorted({token for token in example.input_ids if not 0 <= token < rows})
+        if outside:
+            problems.append(f"{example.where}: token id{'s' if len(outside) > 1 else ''} "
+                            f"{', '.join(map(str, outside[:5]))}{' ...' if len(outside) > 5 else ''} "
+                            f"outside the model's {rows:,} embedding rows")
+    if problems:
+        shown = problems[:MAX_ROW_ERRORS_SHOWN]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more rows")
+        shown.append(f"BASE_MODEL={base_model!r}: its tokenizer does not match its weights (tokens added without "
+                     "resizing the embedding?); use the tokenizer saved with the model, or a model whose embedding "
+                     "has a row for every token")
+        raise TrainError("\n".join(shown))
+
+
 def length_histogram(lengths: Sequence[int], max_length: int, bins: int = 10) -> dict[str, list[int]]:
     """Counts of ``lengths`` in ``bins`` bins of (nearly) equal width: ``edges[i] < length <= edges[i + 1]``."""
     import bisect

@@ -106,6 +106,8 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
          f"compute {plan.compute_dtype}, {'CUDA' if plan.cuda else 'CPU'})")
     base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token,
                                  echo=echo)
+    data.check_token_ids(train_examples + eval_examples, base.get_input_embeddings().num_embeddings,
+                         plan.base_model_resolved)
     if plan.levers.names():
         echo(f"speed: {', '.join(plan.levers.names())} (train/speed.py)")
     peft_model = model.add_lora(base, settings, plan.levers)

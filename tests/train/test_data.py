@@ -10,8 +10,10 @@ import pytest
 from train.data import (
     IGNORE_INDEX,
     DataReport,
+    Example,
     SourceRow,
     build_examples,
+    check_token_ids,
     detect_format,
     label_mask,
     parse_llama2_text,
@@ -246,3 +248,17 @@ def test_hub_dataset_rows_are_read_and_located(hub_server, own_datasets_cache):
 def test_a_missing_hub_dataset_is_one_clear_error(hub_server, own_datasets_cache):
     with pytest.raises(TrainError, match=r"DATASET='me/absent': could not load split 'train' from the Hub .*check DATASET"):
         read_rows("me/absent")
+
+
+def test_token_ids_inside_the_embedding_pass():
+    check_token_ids([Example([0, 5, 9], [-100, 5, 9], "row 1")], rows=10, base_model="tiny")
+
+
+def test_a_token_id_past_the_embedding_names_the_row_the_id_and_the_fix():
+    examples = [Example([1, 2], [1, 2], "data.jsonl line 1"), Example([3, 12, 10, 12], [3, 12, 10, 12], "data.jsonl line 2")]
+    with pytest.raises(TrainError) as err:
+        check_token_ids(examples, rows=10, base_model="org/model")
+    message = str(err.value)
+    assert message.splitlines()[0] == "data.jsonl line 2: token ids 10, 12 outside the model's 10 embedding rows"
+    assert "line 1" not in message
+    assert "BASE_MODEL='org/model': its tokenizer does not match its weights" in message

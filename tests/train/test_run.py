@@ -163,3 +163,18 @@ def test_hub_repo_set_pushes_the_adapter_folder_privately(tmp_path, tiny_llama_d
     assert hub_server.token_seen(SECRET)
     assert summary["hub_commit"]
     assert SECRET not in (out / "train_summary.json").read_text()
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_is_refused_before_training(tmp_path, embedded_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.fixtures.models import TINY_CONFIG
+    from train.settings import TrainError
+
+    small = tmp_path / "small-vocab"  # the real tokenizer (49,152 tokens) on weights with 1,000 rows
+    LlamaForCausalLM(LlamaConfig(vocab_size=1000, **TINY_CONFIG)).save_pretrained(small)
+    embedded_tokenizer.save_pretrained(small)
+    with pytest.raises(TrainError, match=r"outside the model's 1,000 embedding rows") as err:
+        train(tiny_settings(small, tmp_path / "out"), echo=lambda _: None)
+    assert "its tokenizer does not match its weights" in str(err.value)
+    assert not (tmp_path / "out" / "adapter").exists()
