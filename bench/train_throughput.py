@@ -143,11 +143,11 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
            if (levers.dequantize_once, levers.save_attention, levers.label_positions) != (value,) * 3
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
         # The MLP's gate and up outputs kept within a budget of MiB (session 17; 3584 holds all 32 layers of the
-        # 8B at 2 x 1024), or not kept.
+        # 8B at 2 x 1024; 2048, about what the host embedding's budget comes to, session 19), or not kept.
         **{f"defaults{sign}mlp{mib or ''}{suffix}": Config(
             f"loraship defaults{graphs}, saved_mlp_mib={mib}{label}", "loraship",
             dataclasses.replace(levers, saved_mlp_mib=mib), **extra)
-           for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
+           for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 2048), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
     }
 
