@@ -114,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         args.shape = "tiny"
         for key, config in list(tt.CONFIGS.items()):
             tt.CONFIGS[key] = tt.dataclasses.replace(config, levers=tt.dataclasses.replace(config.levers, liger_kernels=()))
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-profile-"))
+    if args.workdir:
+        return profile_configs(args, device, Path(args.workdir))
+    with tempfile.TemporaryDirectory(prefix="train-profile-") as tmp:  # no --workdir: nothing left behind
+        return profile_configs(args, device, Path(tmp))
+
+
+def profile_configs(args, device: str, workdir: Path) -> int:
+    """Build the shape's base in ``workdir``, profile each configuration of ``args.configs``, print and write them."""
     base = tt.build_base(args.shape, workdir / args.shape, device)
     results = []
     for key in args.configs.split(","):

@@ -849,7 +849,16 @@ def main(argv: list[str] | None = None) -> int:
         # No Triton on a CPU: the fused kernels are a GPU-only lever.
         for key, config in list(CONFIGS.items()):
             CONFIGS[key] = dataclasses.replace(config, levers=dataclasses.replace(config.levers, liger_kernels=()))
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="train-throughput-"))
+    if args.workdir:
+        return run_configs(args, argv, wanted, shapes, device, seq, Path(args.workdir))
+    with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:  # no --workdir: nothing left behind
+        return run_configs(args, argv, wanted, shapes, device, seq, Path(tmp))
+
+
+def run_configs(args, argv, wanted, shapes, device, seq, workdir: Path) -> int:
+    """Build each shape's base in ``workdir``, measure the configurations ``wanted`` and print and write the report."""
+    import torch
+
     report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                           "versions": versions()},
               "settings": {"warmup": args.warmup, "timed": args.timed, "seq": seq, "learning_rate": LEARNING_RATE,

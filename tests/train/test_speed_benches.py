@@ -6,10 +6,12 @@ spend that time failing. Each runs as its own process, as on the device.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bench(script: str, *args: str) -> str:
+def run_bench(script: str, *args: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env or {})})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -43,6 +45,18 @@ def test_the_throughput_bench_can_measure_each_configuration_in_a_process_of_its
     assert (plain["config"], loraship["config"]) == ("plain", "defaults")
     assert len({plain["pid"], loraship["pid"], os.getpid()}) == 3
     assert abs(plain["loss_first"] - loraship["loss_first"]) < 1e-3  # the same rows and base in both processes
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "train_profile.py"])
+def test_a_bench_without_a_workdir_leaves_no_temporary_folder_behind(tmp_path, script):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    steps = ["--timed", "1"] if script == "train_throughput.py" else ["--active", "1"]
+    inductor_cache = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"  # torch's own, kept warm
+    run_bench(script, "--tiny", "--configs", "defaults", "--warmup", "1", *steps, "--out", str(tmp_path / "t.json"),
+              env={"TMPDIR": str(temp), "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)})
+    assert (tmp_path / "t.json").is_file()
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []  # torch's own stays
 
 
 def test_the_pipelined_throughput_bench_times_whole_phases_and_compares_the_logged_loss_windows(tmp_path):
