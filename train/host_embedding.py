@@ -56,7 +56,6 @@ def move_to_host(model) -> int:
     table = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=torch.cuda.is_available()).copy_(weight.detach())
     freed = weight.numel() * weight.element_size() if weight.is_cuda else 0
     model.set_input_embeddings(_host_embedding_class()(table, embedding.padding_idx))
-    del weight, embedding
     return freed
 
 
