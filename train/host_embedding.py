@@ -18,17 +18,10 @@ from __future__ import annotations
 
 import functools
 
+from train.nf4 import available  # noqa: F401 (whether the kernel can run here: Triton and a CUDA GPU, as for nf4's)
+
 #: Embedding values each Triton program copies (a 4,096-wide bf16 row is four programs of 2 KiB).
 VALUES_PER_PROGRAM = 1024
-
-
-def available() -> bool:
-    """Whether the kernel can run here: Triton installed and a CUDA GPU."""
-    import importlib.util
-
-    import torch
-
-    return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
 def movable(model) -> str | None:
