@@ -189,7 +189,7 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
 
 def keep_embedding_in_host_memory(model, echo: Callable[[str], None] | None = None) -> int:
     """Move ``model``'s token embedding to pinned host memory where it can go (train/host_embedding.py); the bytes of
-    GPU memory freed, which :func:`add_lora` adds to the MLP outputs kept."""
+    GPU memory freed (what :func:`mlp_budget_mib` later reads back from the model, for :func:`add_lora`)."""
     from train import host_embedding
 
     why_not = host_embedding.movable(model) if host_embedding.available() else "it needs Triton and a CUDA GPU"
