@@ -16,7 +16,8 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
   ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18);
   ``defaults+host``: the token embedding in host memory, its GPU memory added to the MLP budget (session 19;
-  measured as ``defaults`` and ``defaults-host`` while the plan briefly turned it on);
+  measured as ``defaults`` and ``defaults-host`` while the plan briefly turned it on); ``defaults+hostread``: the
+  same at the defaults' budget, so only the reads differ (session 20; the 8B shape);
   each also with ``-real`` (real lengths);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
@@ -103,6 +104,10 @@ class Config:
     optimizer: str | None = None  # OPTIMIZER for loraship's path (None: the plan's choice)
 
 
+#: MiB of Llama-3-8B's token embedding (128,256 x 4,096 bf16): what the host embedding frees on the GPU.
+EMBEDDING_8B_MIB = 128_256 * 4_096 * 2 // 2**20
+
+
 def plan_symbolic_graph_lengths() -> None:
     """``--symbolic-graph-lengths``: give this torch what torch 2.13 does in per-layer graphs
     (bench/symbolic_graph_lengths.py), and make the ``defaults*`` configurations the plan torch 2.13 makes."""
@@ -149,6 +154,15 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
             dataclasses.replace(levers, saved_mlp_mib=mib), **extra)
            for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 2048), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
+        # The token embedding in host memory at the defaults' MLP budget: the host reads alone, without the MLP
+        # outputs its freed memory buys (the budget less the 8B's table, which model.mlp_budget_mib adds back; for
+        # the 8B shape only; session 20).
+        **{f"defaults+hostread{suffix}": Config(
+            f"loraship defaults{graphs}, host_embedding=True at saved_mlp_mib={levers.saved_mlp_mib} in all{label}",
+            "loraship", dataclasses.replace(levers, host_embedding=True,
+                                            saved_mlp_mib=levers.saved_mlp_mib - EMBEDDING_8B_MIB), **extra)
+           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))
+           if not levers.host_embedding and levers.saved_mlp_mib > EMBEDDING_8B_MIB},
     }
 
 

@@ -7,8 +7,10 @@ rows over the bus (2 x 1024 tokens of the 8B: 16 MiB). The values are the table'
 exact. The memory it frees goes to the MLP outputs that per-layer CUDA graphs keep rather than compute
 again (``SAVED_MLP_MIB``, train/speed.py), so the peak stays where it was.
 
-Session 19 (docs/benchmarks.md), 8B r8 q,k,v,o on one H200: +2.3-5.2% tokens/s at 2 x 1024, at the same
-8.29 GiB peak, but -4.3-4.8% at real lengths; so the ``host_embedding`` lever is measured and NOT a default.
+Sessions 19-20 (docs/benchmarks.md), 8B r8 q,k,v,o on one H200: +2.3-5.2% tokens/s at 2 x 1024, at the same
+8.29 GiB peak, but -2.1% on average at real lengths (five A/Bs, -5.7% to +2.5%), where the same budget with the
+table on the GPU ran 4.2% faster; so the ``host_embedding`` lever is measured and NOT a default.
+bench/host_embedding_read.py times the lookup alone.
 
 A tied embedding (Llama-3.2-1B/3B: the LM head's weight too) stays on the GPU: the head's matmul reads
 all of it. Input ids on the CPU (tests, CPU runs) take an ordinary lookup of the same table.
@@ -86,9 +88,11 @@ def held_bytes(model) -> int:
     return embedding.weight.numel() * embedding.weight.element_size()
 
 
-def gather_rows(table, input_ids):
+def gather_rows(table, input_ids, values: int = VALUES_PER_PROGRAM):
     """``table[input_ids]`` on ``input_ids``' GPU, ``table`` a pinned host tensor of rows. An id outside the table
-    reads nothing and gives a row of zeros (an ordinary GPU lookup would stop the process with a device assert)."""
+    reads nothing and gives a row of zeros (an ordinary GPU lookup would stop the process with a device assert).
+    ``values``: how many of a row's values each Triton program copies (a power of two; bench/host_embedding_read.py
+    times the choices)."""
     import torch
 
     kernel = _kernel()
@@ -96,9 +100,9 @@ def gather_rows(table, input_ids):
     ids = input_ids.reshape(-1)
     out = torch.empty((ids.numel(), width), dtype=table.dtype, device=ids.device)
     if ids.numel():
-        grid = (ids.numel(), -(-width // VALUES_PER_PROGRAM))
+        grid = (ids.numel(), -(-width // values))
         with torch.cuda.device(ids.device):
-            kernel[grid](table, ids, out, rows, width, VALUES=VALUES_PER_PROGRAM)
+            kernel[grid](table, ids, out, rows, width, VALUES=values)
     return out.view(*input_ids.shape, width)
 
 

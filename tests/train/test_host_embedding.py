@@ -112,9 +112,11 @@ def test_the_kernel_reads_the_rows_of_an_ordinary_gpu_lookup_bit_for_bit():
     ids = torch.randint(0, 128256, (2, 1024), device="cuda")
     on_gpu = table.cuda()
     assert torch.equal(host_embedding.gather_rows(table, ids), on_gpu[ids])
+    assert torch.equal(host_embedding.gather_rows(table, ids, values=4096), on_gpu[ids])  # a whole row a program
     odd = torch.randn(300, 100, dtype=torch.float32).pin_memory()  # a width that is not a whole program
     few = torch.tensor([[0, 299, 7]], device="cuda")
     assert torch.equal(host_embedding.gather_rows(odd, few), odd.cuda()[few])
+    assert torch.equal(host_embedding.gather_rows(odd, few, values=64), odd.cuda()[few])  # two programs a row
 
 
 @pytest.mark.gpu

@@ -152,7 +152,7 @@ def test_the_levers_ab_tabulates_each_runs_last_eval_loss_per_seed_and_their_mea
     assert lines[3] == "| compile_mode='layers' | 4.699 | - | 4.699 |"
 
 
-@pytest.mark.parametrize("script", ["nf4_dequant.py", "fp8_matmul.py"])
+@pytest.mark.parametrize("script", ["nf4_dequant.py", "fp8_matmul.py", "host_embedding_read.py"])
 def test_the_gpu_only_microbenches_say_they_need_a_gpu(script):
     import torch
 
