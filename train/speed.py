@@ -86,7 +86,10 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   to ``saved_mlp_mib``, so the peak stays put. Session 19, 8B r8 q,k,v,o, one H200: at 2 x 1024 +5.2% and +2.3%
   pipelined (12,431-12,591 tok/s, 2.56-2.59x the plain stack of the same call; per step 12,489, 2.55x), peak 8.29
   GiB; but at real lengths -4.3% and -4.8% in two calls of the two orders (4,613-4,808 against 4,820-5,053), with
-  3 GiB more reserved by the graphs' pools. Real lengths are what users train on, so it stays off.
+  3 GiB more reserved by the graphs' pools. Session 20: +3.2% at 2 x 1024; at real lengths +1.9%, +2.5% and -5.7%
+  (-2.1% on average over the five A/Bs), and 4.2% behind a 2 GiB budget with the table left on the GPU (one run),
+  so what costs is the reads or something else that comes with the host table, not the budget. Real lengths are
+  what users train on, so it stays off.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
