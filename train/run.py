@@ -29,6 +29,7 @@ from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, launch, model, speed
 from train.report import write_data_report
+from train.throughput import StepClock, steady_throughput, warmup_steps
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
     point_best_checkpoint_here, preempted_message, pull_checkpoints, step_of,
@@ -113,7 +114,8 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     peft_model = model.add_lora(base, settings, plan.levers)
 
     # 4. Supervised fine-tuning, continuing the newest checkpoint.
-    callbacks = [stopper]
+    clock = StepClock()
+    callbacks = [stopper, clock]
     if settings.hub_repo:
         callbacks.append(MirrorToHub(output_dir, settings.hub_repo, token=token, private=settings.hub_private, echo=echo))
     trainer = build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
@@ -144,7 +146,8 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
 
     # 5. The adapter folder, the summary and the plot (each written whole or not at all).
     summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
-    summary.update(processes=processes, global_batch_size=global_batch)
+    summary.update(processes=processes, global_batch_size=global_batch,
+                   throughput=steady_throughput(clock.steps, warmup_steps(trainer.state.max_steps), global_batch))
     adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
     echo(f"adapter: {adapter_dir}")
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
@@ -158,7 +161,9 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         echo(f"hub: pushed {adapter_dir} to {settings.hub_repo} ({'private' if settings.hub_private else 'public'})")
     # Written last: its presence says the run is finished.
     write_json(output_dir / "train_summary.json", summary)
-    echo(f"done: {summary['global_step']} steps in {runtime:.0f} s; best eval loss {summary['best_eval_loss']} "
+    pace = summary["throughput"]
+    pace = f" ({pace['tokens_per_s']:,.0f} tokens/s from step {pace['from_step']})" if pace else ""
+    echo(f"done: {summary['global_step']} steps in {runtime:.0f} s{pace}; best eval loss {summary['best_eval_loss']} "
          f"at step {summary['best_step']}; see {output_dir / 'loss.png'}")
     return summary
 

@@ -114,6 +114,15 @@ def test_summary_plot_and_tensorboard_logs(trained):
             assert SECRET not in path.read_text(errors="ignore"), path
 
 
+def test_the_summary_and_the_done_line_give_the_pace_after_the_first_step(trained):
+    out, summary, lines = trained
+    pace = json.loads((out / "train_summary.json").read_text())["throughput"]
+    # 4 steps, evaluated and saved at 2 and 4: step 1 is the warm-up, step 3's interval held step 2's evaluation
+    assert (pace["from_step"], pace["to_step"], pace["steps"]) == (2, 4, 2)
+    assert pace["tokens_per_s"] > 0 and pace["rows_per_s"] == pytest.approx(2 * 4 / pace["seconds"], rel=0.01)
+    assert f"({pace['tokens_per_s']:,.0f} tokens/s from step 2)" in [line for line in lines if line.startswith("done:")][0]
+
+
 def test_the_trainer_sees_exactly_our_labels(tmp_path, tiny_llama_dir):
     """trl 1.16 must neither re-tokenize nor re-mask: the batch holds our input_ids and labels."""
     from train import data, model

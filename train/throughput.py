@@ -1,0 +1,59 @@
+"""How fast the run trained: tokens and rows per second once the first steps (compiling, warming up) are past.
+
+:class:`StepClock` notes, in the main process, the wall time and the tokens seen (transformers' count, over
+all processes) at the end of every optimizer step. A step whose interval held an evaluation or a checkpoint
+save is left out, as are the warm-up steps (:func:`warmup_steps`), so the figure is the training's own pace:
+what ``train_summary.json`` reports as ``throughput`` and the ``done:`` line says, and what
+bench/multi_gpu_scaling.py compares between one GPU and several.
+"""
+
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+
+def warmup_steps(max_steps: int) -> int:
+    """Steps left out at the start: the first tenth of the run, at least one and at most 10."""
+    return max(1, min(10, max_steps // 10))
+
+
+def steady_throughput(steps: list[tuple[int, float, int]], warmup: int, rows_per_step: int) -> dict | None:
+    """The pace over ``steps`` (``(step, seconds, tokens)`` of each timed step) after step ``warmup``; None if no
+    step is left to time."""
+    kept = [(step, seconds, tokens) for step, seconds, tokens in steps if step > warmup]
+    seconds = sum(seconds for _, seconds, _ in kept)
+    if not kept or seconds <= 0:
+        return None
+    tokens = sum(tokens for _, _, tokens in kept)
+    return {"from_step": kept[0][0], "to_step": kept[-1][0], "steps": len(kept), "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1), "rows_per_s": round(rows_per_step * len(kept) / seconds, 2),
+            "step_s": round(seconds / len(kept), 4)}
+
+
+class StepClock(TrainerCallback):
+    """The wall time and tokens of each optimizer step, from one step's end to the next (main process only)."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+        self.steps: list[tuple[int, float, int]] = []
+        self._last: tuple[float, int] | None = None
+        self._interrupted = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last, self._interrupted = None, False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        now, tokens = self.clock(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        if self._last is not None and not self._interrupted:
+            self.steps.append((state.global_step, now - self._last[0], tokens - self._last[1]))
+        self._last, self._interrupted = (now, tokens), False
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._interrupted = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._interrupted = True
