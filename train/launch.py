@@ -20,10 +20,12 @@ import subprocess
 import sys
 from typing import Callable, Sequence
 
-#: Set for torchrun and every process it starts. NVLink multicast stays off (the rented machines'
-#: rules); on SIGTERM torchrun gives the processes this long to save their checkpoint before it
-#: SIGKILLs them (its default, 30 s, is short for a large model's step plus save).
-LAUNCH_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "55"}
+#: Set for torchrun and every process it starts. NVLink multicast stays off in NCCL, PyTorch's symmetric
+#: memory and NVSHMEM (the rented machines' rules: it can take a shared host's GPUs out of service); on
+#: SIGTERM torchrun gives the processes this long to save their checkpoint before it SIGKILLs them (its
+#: default, 30 s, is short for a large model's step plus save).
+LAUNCH_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+              "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "55"}
 
 
 def world_size() -> int:

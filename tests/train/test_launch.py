@@ -30,6 +30,7 @@ def test_the_relaunch_is_torchrun_of_this_command_with_nvlink_multicast_off():
     assert command == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                        "-m", "train", "--env-file", "x.env"]
     assert LAUNCH_ENV["NCCL_NVLS_ENABLE"] == "0"
+    assert LAUNCH_ENV["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and LAUNCH_ENV["NVSHMEM_DISABLE_NVLS"] == "1"
     assert int(LAUNCH_ENV["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) < 60  # SIGTERM to exit within a minute
 
 
