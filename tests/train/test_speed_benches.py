@@ -160,3 +160,23 @@ def test_the_gpu_only_microbenches_say_they_need_a_gpu(script):
         pytest.skip("a GPU is here: the bench runs")
     done = subprocess.run([sys.executable, f"bench/{script}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "run it on the device" in done.stderr
+
+
+def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_compares_them(tmp_path):
+    out = tmp_path / "scaling.json"
+    printed = run_bench("multi_gpu_scaling.py", "--tiny", "--steps", "8", "--rows", "64", "--batch", "2", "--seq",
+                        "128", "--eval-size", "8", "--logging-steps", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    one, two, share = record["results"]
+    assert (one["processes"], two["processes"], share["processes"]) == (1, 2, 1)
+    assert one["global_batch_size"] == two["global_batch_size"] == 4  # 2 rows x 2 accumulation, 2 rows x 2 processes
+    assert share["global_batch_size"] == 2  # one process's share: the weak-scaling baseline
+    assert one["throughput"]["tokens_per_s"] > 0 and two["throughput"]["from_step"] == 2
+    assert record["comparison"]["speedup"] == pytest.approx(
+        two["throughput"]["tokens_per_s"] / one["throughput"]["tokens_per_s"], rel=1e-3)
+    assert record["comparison"]["efficiency"] == pytest.approx(record["comparison"]["speedup"] / 2, abs=1e-3)
+    assert record["comparison"]["speedup_over_one_share"] == pytest.approx(
+        two["throughput"]["tokens_per_s"] / share["throughput"]["tokens_per_s"], rel=1e-3)
+    first, second = record["comparison"]["last_eval_loss"]
+    assert abs(second - first) / first < 0.01  # the same global batch learns alike
+    assert "| 2 processes | 2 | 4 |" in printed
