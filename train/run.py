@@ -29,7 +29,7 @@ from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, launch, model, speed
 from train.report import write_data_report
-from train.throughput import StepClock, steady_throughput, warmup_steps
+from train.throughput import StepClock, steady_throughput
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
     point_best_checkpoint_here, preempted_message, pull_checkpoints, step_of,
@@ -147,7 +147,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     # 5. The adapter folder, the summary and the plot (each written whole or not at all).
     summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
     summary.update(processes=processes, global_batch_size=global_batch,
-                   throughput=steady_throughput(clock.steps, warmup_steps(trainer.state.max_steps), global_batch))
+                   throughput=steady_throughput(clock.steps, clock.warmup_until(trainer.state.max_steps), global_batch))
     adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
     echo(f"adapter: {adapter_dir}")
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)

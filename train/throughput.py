@@ -2,7 +2,7 @@
 
 :class:`StepClock` notes, in the main process, the wall time and the tokens seen (transformers' count, over
 all processes) at the end of every optimizer step. A step whose interval held an evaluation or a checkpoint
-save is left out, as are the warm-up steps (:func:`warmup_steps`), so the figure is the training's own pace:
+save is left out, as are the warm-up steps (:func:`warmup_steps`, also after a resume), so the figure is the training's own pace:
 what ``train_summary.json`` reports as ``throughput`` and the ``done:`` line says, and what
 bench/multi_gpu_scaling.py compares between one GPU and several.
 """
@@ -20,8 +20,8 @@ def warmup_steps(max_steps: int) -> int:
 
 
 def steady_throughput(steps: list[tuple[int, float, int]], warmup: int, rows_per_step: int) -> dict | None:
-    """The pace over ``steps`` (``(step, seconds, tokens)`` of each timed step) after step ``warmup``; None if no
-    step is left to time."""
+    """The pace over ``steps`` (``(step, seconds, tokens)`` of each timed step) after step ``warmup`` (the last
+    warm-up step, :meth:`StepClock.warmup_until`); None if no step is left to time."""
     kept = [(step, seconds, tokens) for step, seconds, tokens in steps if step > warmup]
     seconds = sum(seconds for _, seconds, _ in kept)
     if not kept or seconds <= 0:
@@ -38,8 +38,15 @@ class StepClock(TrainerCallback):
     def __init__(self, clock=time.perf_counter):
         self.clock = clock
         self.steps: list[tuple[int, float, int]] = []
+        #: The step this run began from (0, or the checkpoint's step on a resume); None before its first step.
+        self.start_step: int | None = None
         self._last: tuple[float, int] | None = None
         self._interrupted = False
+
+    def warmup_until(self, max_steps: int) -> int:
+        """The last step left out as warm-up: :func:`warmup_steps` of the steps this run trains, past its start."""
+        start = self.start_step or 0
+        return start + warmup_steps(max_steps - start)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last, self._interrupted = None, False
@@ -48,6 +55,8 @@ class StepClock(TrainerCallback):
         if not state.is_world_process_zero:
             return
         now, tokens = self.clock(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+        if self.start_step is None:
+            self.start_step = state.global_step - 1
         if self._last is not None and not self._interrupted:
             self.steps.append((state.global_step, now - self._last[0], tokens - self._last[1]))
         self._last, self._interrupted = (now, tokens), False

@@ -46,6 +46,14 @@ def test_the_clock_times_each_step_from_the_last_ones_end_and_skips_an_evaluatio
     assert clock.steps == [(2, 1.0, 200), (4, 1.5, 300), (6, 1.0, 100)]
 
 
+def test_after_a_resume_the_warm_up_counts_from_the_step_the_run_began_at():
+    fresh, resumed = StepClock(clock=lambda: 0.0), StepClock(clock=lambda: 0.0)
+    step_end(fresh, 1, 0)
+    step_end(resumed, 51, 0)  # continued from checkpoint-50: its first steps compile again
+    assert (fresh.start_step, fresh.warmup_until(100)) == (0, 10)
+    assert (resumed.start_step, resumed.warmup_until(100)) == (50, 55)  # a tenth of the 50 steps it trains
+
+
 def test_only_the_main_process_keeps_time():
     clock = StepClock(clock=lambda: 1.0)
     for step in (1, 2, 3):
