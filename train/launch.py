@@ -60,6 +60,15 @@ def processes_wanted(num_gpus: int | None, visible: int) -> int:
     return num_gpus if num_gpus is not None else visible
 
 
+def one_gpu_per_process(args) -> None:
+    """Make transformers' training arguments ``args`` count one GPU in a run of one process on a host with several
+    visible (NUM_GPUS=1, or fewer than visible without torchrun): transformers would otherwise take every visible
+    GPU for nn.DataParallel and multiply BATCH_SIZE by their count, and a 4-bit model is never wrapped, so one GPU
+    would run micro-batches that many times larger than asked. Under torchrun transformers counts one already."""
+    if world_size() == 1 and args.n_gpu > 1:
+        args._n_gpu = 1  # what transformers' Trainer itself sets for a model spread over GPUs
+
+
 def torchrun_command(processes: int, argv: Sequence[str]) -> list[str]:
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",

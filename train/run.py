@@ -260,6 +260,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         ddp_find_unused_parameters=False if launch.world_size() > 1 else None,
         disable_tqdm=False,
     )
+    launch.one_gpu_per_process(args)
     trainer = Trainer(
         model=peft_model,
         args=args,

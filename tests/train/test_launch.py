@@ -64,3 +64,33 @@ def test_two_cpu_processes_train_one_adapter_with_a_doubled_batch_and_one_proces
     # The same checkpoints continue in one process.
     summary = train(settings_from(env, max_steps=3), echo=lambda _: None)
     assert summary["resumed_from_step"] == 2 and summary["global_step"] == 3 and summary["processes"] == 1
+
+
+
+def args_on_a_host_with_two_gpus(folder):
+    """transformers' training arguments as it sets them in one process that sees two GPUs."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=8, report_to=[])
+    assert args.n_gpu in (0, 1)  # this machine's own count, set once
+    args._n_gpu = 2
+    assert args.train_batch_size == 16  # BATCH_SIZE x the GPUs nn.DataParallel would take
+    return args
+
+
+def test_one_process_on_a_host_with_two_gpus_trains_on_one_with_the_batch_it_was_given(monkeypatch, tmp_path):
+    from train.launch import one_gpu_per_process
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = args_on_a_host_with_two_gpus(tmp_path)
+    one_gpu_per_process(args)
+    assert (args.n_gpu, args.train_batch_size) == (1, 8)
+
+
+def test_under_torchrun_the_gpu_count_is_left_to_transformers(monkeypatch, tmp_path):
+    from train.launch import one_gpu_per_process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = args_on_a_host_with_two_gpus(tmp_path)
+    one_gpu_per_process(args)
+    assert args.n_gpu == 2
