@@ -87,6 +87,8 @@ def run_train(name: str, processes: int, env: dict[str, str], work: Path, tiny: 
     return {"run": name, "processes": processes, "rc": 0, "wall_s": round(time.time() - began, 1),
             "speed": [line for line in log.splitlines() if "speed:" in line or line.startswith("launch:")][:3],
             "global_batch_size": summary["global_batch_size"], "throughput": summary["throughput"],
+            # what each optimizer step really took in (the same rows at one global batch, however many GPUs)
+            "tokens_per_step": round(summary["tokens"]["input_tokens_seen"] / summary["global_step"], 1),
             "peak_gib": summary["gpu_peak_memory_gib"], "runtime_s": summary["runtime_s"],
             "train_losses": summary["train_losses"], "eval_losses": summary["eval_losses"]}
 
@@ -103,6 +105,7 @@ def compare(one: dict, many: dict, share: dict) -> dict:
     steps = [step for step, _ in many["train_losses"] if step in theirs]
     mine = dict(map(tuple, many["train_losses"]))
     return {"speedup": round(ratio, 3), "efficiency": round(ratio / many["processes"], 3),
+            "tokens_per_step_ratio": round(many["tokens_per_step"] / one["tokens_per_step"], 3),
             "speedup_over_one_share": round(weak, 3), "efficiency_over_one_share": round(weak / many["processes"], 3),
             "median_train_loss_gap": round(median_loss_gap([mine[s] for s in steps], [theirs[s] for s in steps]), 4),
             "last_eval_loss": [one["eval_losses"][-1][1], many["eval_losses"][-1][1]]}

@@ -171,6 +171,7 @@ def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_
     assert (one["processes"], two["processes"], share["processes"]) == (1, 2, 1)
     assert one["global_batch_size"] == two["global_batch_size"] == 4  # 2 rows x 2 accumulation, 2 rows x 2 processes
     assert share["global_batch_size"] == 2  # one process's share: the weak-scaling baseline
+    assert record["comparison"]["tokens_per_step_ratio"] == pytest.approx(1.0, abs=0.2)  # the same rows a step
     assert one["throughput"]["tokens_per_s"] > 0 and two["throughput"]["from_step"] == 2
     assert record["comparison"]["speedup"] == pytest.approx(
         two["throughput"]["tokens_per_s"] / one["throughput"]["tokens_per_s"], rel=1e-3)
