@@ -2,9 +2,9 @@
 
 :class:`StepClock` notes, in the main process, the wall time and the tokens seen (transformers' count, over
 all processes) at the end of every optimizer step. A step whose interval held an evaluation or a checkpoint
-save is left out, as are the warm-up steps (:func:`warmup_steps`, also after a resume), so the figure is the training's own pace:
-what ``train_summary.json`` reports as ``throughput`` and the ``done:`` line says, and what
-bench/multi_gpu_scaling.py compares between one GPU and several.
+save is left out, as are the warm-up steps (:func:`warmup_steps`, also after a resume), so the figure is the
+training's own pace: what ``train_summary.json`` reports as ``throughput`` and the ``done:`` line says, and
+what bench/multi_gpu_scaling.py compares between one GPU and several.
 """
 
 from __future__ import annotations

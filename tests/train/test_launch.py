@@ -72,7 +72,7 @@ def args_on_a_host_with_two_gpus(folder):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=8, report_to=[])
-    assert args.n_gpu in (0, 1)  # this machine's own count, set once
+    _ = args.n_gpu  # transformers counts this machine's GPUs once (so the test runs on a GPU host too)
     args._n_gpu = 2
     assert args.train_batch_size == 16  # BATCH_SIZE x the GPUs nn.DataParallel would take
     return args
