@@ -273,8 +273,6 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
                                         positions=plan.levers.label_positions)
         if plan.levers.packing else None,
         callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
-        # Packed micro-batches: several GPUs get rows of about the same tokens (train/balance.py).
-        row_lengths=[len(example.input_ids) for example in train_examples] if plan.levers.packing else None,
     )
     if plan.load_in_4bit and plan.compute_dtype == "float32":
         model.keep_adapter_float32(trainer.model)

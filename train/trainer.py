@@ -8,14 +8,8 @@ until the CPU has queued the next work. Profiled on the 8B shape at 2 x 1024 wit
 
 Here the metrics stay on the GPU until a log line needs them (one read per LOGGING_STEPS), and the
 token counts come from the batch's shape on the CPU. The loss is trl's, computed the same way
-(tests/train/test_trainer.py pins it against trl's own). With several processes (DDP) the same holds: trl
-gathers each micro-batch's metrics and token count from every process as it computes the loss (four
-collectives and three waits per micro-batch); here the log line's one read sums them over the processes
-(tests/train/test_ddp.py pins loss, gradients and metrics against trl's own in two processes). Whatever this
-does not cover (tensor parallelism, label smoothing, a custom loss, padded batches) runs trl's own code.
-
-With packed batches the rows are drawn by :class:`train.balance.BalancedSampler`, so that several GPUs get
-micro-batches of about the same tokens (one process: the same seeded shuffle, nothing to balance).
+(tests/train/test_trainer.py pins it against trl's own). Whatever this does not cover
+(several processes, label smoothing, a custom loss, padded batches) runs trl's own code.
 
 trl's fused LM head picks the positions it scores with a boolean mask of the labels; indexing with it
 makes the CPU wait for the whole forward pass, and its backward (``masked_scatter``'s) waits again. With
@@ -32,7 +26,6 @@ from collections import defaultdict
 import torch
 from trl import SFTTrainer
 
-from train.balance import BalancedSampler
 from train.data import LABEL_POSITIONS, REAL_TOKENS, real_tokens
 
 #: Model families whose LM head is a plain projection (no logit scale or soft-capping), which
@@ -41,15 +34,10 @@ PLAIN_HEAD_FAMILIES = ("llama", "mistral")
 
 
 class Trainer(SFTTrainer):
-    def __init__(self, *args, row_lengths=None, **kwargs):
-        #: Each training row's tokens, for :class:`BalancedSampler` (packed batches), or None: transformers' sampler.
-        self.row_lengths = list(row_lengths) if row_lengths is not None else None
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        #: Per mode ("train"/"eval"): one device vector per micro-batch, not yet read back: the sums of the entropy
-        #: and of the top-1 hits over its labelled tokens (NaN where the head gave none), and their count.
-        self._unread: dict[str, list] = {"train": [], "eval": []}
-        #: Training tokens of this process's micro-batches not yet summed over the processes (DDP only).
-        self._unsummed_tokens = 0
+        #: Per mode ("train"/"eval"): metric name -> one GPU scalar per micro-batch, not yet read back.
+        self._unread: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         #: Whether the model's fused LM head takes the collator's label positions (:func:`score_label_positions`).
         self.scores_label_positions = score_label_positions(base)
@@ -61,7 +49,7 @@ class Trainer(SFTTrainer):
             or getattr(self, "label_smoother", None) is not None
             or getattr(self, "aux_loss_enabled", False)
             or getattr(self.args, "loss_type", "nll") != "nll"
-            or getattr(self, "_tp_size", 1) != 1
+            or self.accelerator.num_processes > 1
             or "attention_mask" in inputs
             or "position_ids" not in inputs
             or not hasattr(self, "_metrics")
@@ -79,7 +67,7 @@ class Trainer(SFTTrainer):
         inputs["use_cache"] = False
         if positions is not None and self.scores_label_positions:
             outputs = model(**inputs, fused_lm_head=True, label_positions=positions)
-            labelled = positions.numel()  # a CPU count: no wait
+            labelled = torch.as_tensor(positions.numel())  # a CPU count: no wait
         else:
             outputs = model(**inputs, fused_lm_head=True)
             labelled = outputs.label_mask.sum()
@@ -87,63 +75,29 @@ class Trainer(SFTTrainer):
         # when the Trainer counted them across the accumulation steps), never 0 / 0.
         count = labelled if num_items_in_batch is None else num_items_in_batch
         loss = -outputs.log_probs.sum() / torch.as_tensor(count).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # As trl and transformers: the count is over every process, and DDP averages their gradients.
-            loss = loss * self.accelerator.num_processes
         with torch.no_grad():
-            def on_device(value):  # a CPU number filled in on the device: no copy, which would wait for the GPU
-                if isinstance(value, torch.Tensor) and value.device == loss.device:
-                    return value.float()
-                return torch.full((), float(value), device=loss.device)
-
-            self._unread[mode].append(torch.stack([
-                on_device(outputs.entropy.detach().sum() if outputs.entropy is not None else float("nan")),
-                on_device(outputs.is_top1.sum() if outputs.is_top1 is not None else float("nan")),
-                on_device(labelled),
-            ]))
+            per_token = labelled.clamp(min=1)  # no label tokens: both metrics are 0, as trl logs them
+            if outputs.entropy is not None:
+                self._unread[mode]["entropy"].append(outputs.entropy.detach().sum() / per_token)
+            if outputs.is_top1 is not None:
+                self._unread[mode]["mean_token_accuracy"].append(outputs.is_top1.sum() / per_token)
         if mode == "train":
-            if self.accelerator.num_processes > 1:
-                self._unsummed_tokens += tokens  # summed over the processes at the next log line
-            else:
-                self._total_train_tokens += tokens
-                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self._total_train_tokens += tokens
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return loss
-
-    def _get_train_sampler(self, *args, **kwargs):
-        if self.row_lengths is None:
-            return super()._get_train_sampler(*args, **kwargs)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return BalancedSampler(self.row_lengths, self.args.per_device_train_batch_size, self.accelerator.num_processes,
-                               seed)
 
     def log(self, logs, *args, **kwargs):
         self.read_metrics("train" if self.model.training else "eval")
         return super().log(logs, *args, **kwargs)
 
     def read_metrics(self, mode: str) -> None:
-        """Move ``mode``'s metrics from the device into trl's lists with one read for all of them; with several
-        processes, summed over them first (every process logs at the same step, so each one calls this)."""
-        unread, several = self._unread[mode], self.accelerator.num_processes > 1
-        if not unread and not several:
+        """Move ``mode``'s metrics from the GPU into trl's lists, with one read for all of them."""
+        unread = self._unread[mode]
+        if not any(unread.values()):
             return
-        sums = torch.stack(unread).double() if unread else torch.zeros((0, 3), dtype=torch.float64,
-                                                                          device=self.args.device)
-        tokens = None
-        if several:
-            mine = self._unsummed_tokens if mode == "train" else 0
-            flat = torch.cat([sums.reshape(-1), torch.tensor([mine], dtype=torch.float64, device=sums.device)])
-            flat = self.accelerator.reduce(flat, reduction="sum")
-            sums, tokens = flat[:-1].reshape(-1, 3), flat[-1:]
-        # A micro-batch without label tokens: both metrics are 0, as trl logs them.
-        metrics = (sums[:, :2] / sums[:, 2:].clamp(min=1)).tolist()
-        for name, column in (("entropy", 0), ("mean_token_accuracy", 1)):
-            values = [row[column] for row in metrics if row[column] == row[column]]  # not NaN: the head gave it
-            if values:  # trl averages each list it holds: no empty one
-                self._metrics[mode][name].extend(values)
-        if tokens is not None and mode == "train":
-            self._total_train_tokens += int(tokens.item())
-            self._unsummed_tokens = 0
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        values = iter(torch.stack([value.float() for values in unread.values() for value in values]).tolist())
+        for name, scalars in unread.items():
+            self._metrics[mode][name].extend(next(values) for _ in scalars)
         unread.clear()
 
     def _track_num_input_tokens(self, inputs):
