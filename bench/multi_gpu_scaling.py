@@ -7,7 +7,8 @@ Every run is ``python -m train`` in a process of its own, on the same random-ini
 - ``N GPUs``: NUM_GPUS=N, BATCH_SIZE=B, GRAD_ACCUM=1: ``python -m train`` relaunches itself through
   torchrun, one process per GPU (DDP over NCCL, NVLink multicast off);
 - ``1 GPU, one GPU's share``: NUM_GPUS=1, BATCH_SIZE=B, GRAD_ACCUM=1 (a global batch N times smaller: the
-  usual weak-scaling baseline, each GPU doing what it does in the N-GPU run; its loss curve differs).
+  usual weak-scaling baseline, each GPU doing what it does in the N-GPU run; its loss curve differs; left out
+  with ``--no-share``).
 
 Data: "Repeat after me: w1 ... wK" -> "w1 ... wK", K drawn so that rows run about as long as FineTome's
 (lognormal, median about 330 tokens, at most about 1,000), words from sixteen: learnable, so the loss curves
@@ -93,22 +94,26 @@ def run_train(name: str, processes: int, env: dict[str, str], work: Path, tiny: 
             "train_losses": summary["train_losses"], "eval_losses": summary["eval_losses"]}
 
 
-def compare(one: dict, many: dict, share: dict) -> dict:
+def compare(one: dict, many: dict, share: dict | None = None) -> dict:
     """``many`` against ``one`` (the same global batch on one GPU): tokens/s ratio, scaling efficiency (the ratio
     over the GPU count), the loss curves' median gap and last eval losses; and against ``share`` (one GPU with
     one process's share of the batch: the usual weak-scaling ratio, whose loss curve differs)."""
     from bench.train_throughput import median_loss_gap
 
     ratio = many["throughput"]["tokens_per_s"] / one["throughput"]["tokens_per_s"]
-    weak = many["throughput"]["tokens_per_s"] / share["throughput"]["tokens_per_s"]
     theirs = dict(map(tuple, one["train_losses"]))
     steps = [step for step, _ in many["train_losses"] if step in theirs]
     mine = dict(map(tuple, many["train_losses"]))
-    return {"speedup": round(ratio, 3), "efficiency": round(ratio / many["processes"], 3),
-            "tokens_per_step_ratio": round(many["tokens_per_step"] / one["tokens_per_step"], 3),
-            "speedup_over_one_share": round(weak, 3), "efficiency_over_one_share": round(weak / many["processes"], 3),
-            "median_train_loss_gap": round(median_loss_gap([mine[s] for s in steps], [theirs[s] for s in steps]), 4),
-            "last_eval_loss": [one["eval_losses"][-1][1], many["eval_losses"][-1][1]]}
+    compared = {"speedup": round(ratio, 3), "efficiency": round(ratio / many["processes"], 3),
+                "tokens_per_step_ratio": round(many["tokens_per_step"] / one["tokens_per_step"], 3),
+                "median_train_loss_gap": round(median_loss_gap([mine[s] for s in steps], [theirs[s] for s in steps]),
+                                               4),
+                "last_eval_loss": [one["eval_losses"][-1][1], many["eval_losses"][-1][1]]}
+    if share is not None:
+        weak = many["throughput"]["tokens_per_s"] / share["throughput"]["tokens_per_s"]
+        compared.update(speedup_over_one_share=round(weak, 3),
+                        efficiency_over_one_share=round(weak / many["processes"], 3))
+    return compared
 
 
 def table(results: list[dict]) -> str:
@@ -142,6 +147,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-size", type=int, default=64)
     parser.add_argument("--logging-steps", type=int, default=5)
     parser.add_argument("--workdir", type=Path, help="keep the base, data and runs here (default: a temporary folder)")
+    parser.add_argument("--no-share", action="store_true", help="leave out the run of one GPU with one GPU's share")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not args.tiny and args.tokenizer is None:
@@ -169,8 +175,10 @@ def main(argv=None) -> int:
         unit, units = ("process", "processes") if args.tiny else ("GPU", "GPUs")
         batch = {"BATCH_SIZE": str(args.batch)}
         results = [run_train(f"1 {unit}", 1, {**env, **batch, "GRAD_ACCUM": str(args.gpus)}, work, args.tiny),
-                   run_train(f"{args.gpus} {units}", args.gpus, {**env, **batch, "GRAD_ACCUM": "1"}, work, args.tiny),
-                   run_train(f"1 {unit}, one {unit}'s share", 1, {**env, **batch, "GRAD_ACCUM": "1"}, work, args.tiny)]
+                   run_train(f"{args.gpus} {units}", args.gpus, {**env, **batch, "GRAD_ACCUM": "1"}, work, args.tiny)]
+        if not args.no_share:
+            results.append(run_train(f"1 {unit}, one {unit}'s share", 1, {**env, **batch, "GRAD_ACCUM": "1"}, work,
+                                     args.tiny))
     print(table(results))
     record = {"gpus": args.gpus, "steps": args.steps, "batch": args.batch, "seq": args.seq, "tiny": args.tiny,
               "results": results}
