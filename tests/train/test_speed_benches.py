@@ -181,3 +181,20 @@ def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_
     first, second = record["comparison"]["last_eval_loss"]
     assert abs(second - first) / first < 0.01  # the same global batch learns alike
     assert "| 2 processes | 2 | 4 |" in printed
+
+
+def test_the_scaling_bench_runs_the_runs_asked_with_the_settings_given_and_reuses_its_base(tmp_path):
+    common = ("--tiny", "--rows", "48", "--batch", "2", "--seq", "128", "--eval-size", "8", "--workdir",
+              str(tmp_path / "work"))
+    run_bench("multi_gpu_scaling.py", *common, "--steps", "6", "--runs", "one", "--out", str(tmp_path / "a.json"))
+    config = tmp_path / "work" / "base" / "config.json"
+    built = config.stat().st_mtime_ns
+    printed = run_bench("multi_gpu_scaling.py", *common, "--steps", "6", "--runs", "one", "--set", "MAX_STEPS=8",
+                        "--out", str(tmp_path / "b.json"))
+    record = json.loads((tmp_path / "b.json").read_text())
+    (run,) = record["results"]
+    assert record["settings"] == {"MAX_STEPS": "8"} and "comparison" not in record
+    # The setting reached the run, which started afresh in the folder the first invocation left (no resume).
+    assert (run["processes"], run["global_step"], run["resumed_from_step"]) == (1, 8, None)
+    assert config.stat().st_mtime_ns == built  # the base was kept, not built again
+    assert "| 1 process | 1 | 4 |" in printed
