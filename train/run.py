@@ -29,11 +29,11 @@ from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, launch, model, speed
 from train.report import write_data_report
-from train.throughput import StepClock, steady_throughput
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
     point_best_checkpoint_here, preempted_message, pull_checkpoints, step_of,
 )
+from train.throughput import StepClock, steady_throughput
 from train.settings import TrainError, TrainSettings, cuda_available
 
 #: Settings a resumed run must share with the checkpoints it continues (the rest may change, e.g. MAX_STEPS).

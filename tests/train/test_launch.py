@@ -66,7 +66,6 @@ def test_two_cpu_processes_train_one_adapter_with_a_doubled_batch_and_one_proces
     assert summary["resumed_from_step"] == 2 and summary["global_step"] == 3 and summary["processes"] == 1
 
 
-
 def args_on_a_host_with_two_gpus(folder):
     """transformers' training arguments as it sets them in one process that sees two GPUs."""
     from transformers import TrainingArguments
