@@ -15,9 +15,10 @@ then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the
   ``defaults±dqonce`` / ``±saveattn`` / ``±positions`` / ``±both`` / ``±all``: the defaults with session 15's
   levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
   ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18);
-  ``defaults+host``: the token embedding in host memory, its GPU memory added to the MLP budget (session 19;
-  measured as ``defaults`` and ``defaults-host`` while the plan briefly turned it on); ``defaults+hostread``: the
-  same at the defaults' budget, so only the reads differ (session 20; the 8B shape);
+  ``defaults+host`` / ``defaults-host``: the token embedding in host memory, its GPU memory added to the MLP
+  budget, or on the GPU (session 19; a default since session 22); ``defaults+hostread``: the table in host memory
+  at a plan's budget without it, so only the reads differ (session 20; the 8B shape; only where the plan leaves the
+  table on the GPU); ``defaults-s21``: session 21's defaults (table on the GPU, 1 GiB of MLP outputs);
   each also with ``-real`` (real lengths);
 - ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
   on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
@@ -154,6 +155,12 @@ def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
             dataclasses.replace(levers, saved_mlp_mib=mib), **extra)
            for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 2048), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
            for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
+        # Session 21's defaults (the table on the GPU, 1 GiB of MLP outputs), against which session 22's were measured.
+        **{f"defaults-s21{suffix}": Config(
+            f"loraship defaults{graphs}, host_embedding=False, saved_mlp_mib=1024 (session 21's){label}", "loraship",
+            dataclasses.replace(levers, host_embedding=False, saved_mlp_mib=1024), **extra)
+           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))
+           if levers.saved_mlp_mib},
         # The token embedding in host memory at the defaults' MLP budget: the host reads alone, without the MLP
         # outputs its freed memory buys (the budget less the 8B's table, which model.mlp_budget_mib adds back; for
         # the 8B shape only; session 20).
