@@ -7,10 +7,11 @@ rows over the bus (2 x 1024 tokens of the 8B: 16 MiB). The values are the table'
 exact. The memory it frees goes to the MLP outputs that per-layer CUDA graphs keep rather than compute
 again (``SAVED_MLP_MIB``, train/speed.py), so the peak stays where it was.
 
-Sessions 19-20 (docs/benchmarks.md), 8B r8 q,k,v,o on one H200: +2.3-5.2% tokens/s at 2 x 1024, at the same
-8.29 GiB peak, but -2.1% on average at real lengths (five A/Bs, -5.7% to +2.5%), where the same budget with the
-table on the GPU ran 4.2% faster; so the ``host_embedding`` lever is measured and NOT a default.
-bench/host_embedding_read.py times the lookup alone.
+A default with per-layer CUDA graphs (where ``SAVED_MLP_MIB`` is not 0) since session 22 (docs/benchmarks.md):
+8B r8 q,k,v,o at 2 x 1024 on one H200, +4.5-5.5% tokens/s over the table on the GPU with 1 GiB of MLP outputs,
+at 8.51 GiB peak. The reads alone cost 0.38 ms for 2,048 tokens (bench/host_embedding_read.py). At real lengths
+the 40-step A/Bs of sessions 19-22 spread from -6.6% to +7.5% with graph recordings in them, mean -1.4%: not
+settled.
 
 A tied embedding (Llama-3.2-1B/3B: the LM head's weight too) stays on the GPU: the head's matmul reads
 all of it. Input ids on the CPU (tests, CPU runs) take an ordinary lookup of the same table.

@@ -28,12 +28,13 @@ def test_cuda_defaults_compile_each_decoder_layer_with_cuda_graphs_instead_of_li
     # Per-layer graphs ran the 8B 2x1024 step 2.2-2.8x the plain stack and learned as well as the per-layer
     # compile over five seeds (docs/benchmarks.md, "Session 14"); liger's kernels do not trace inside a graph.
     # With them, the recompute levers and the LM head's label positions (session 15), 1 GiB of kept MLP
-    # outputs (session 17) and the one-kernel NF4 dequantization (session 18); not the token embedding in host memory
-    # (session 19: faster at 2x1024, slower at real lengths).
+    # outputs (session 17), the one-kernel NF4 dequantization (session 18), and 1344 MiB of MLP outputs with the
+    # token embedding in host memory, its GiB added to them (session 22: +4.5-5.5% at 2x1024, 0.69x the plain memory).
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="layers-cudagraphs", packing=True,
                                             fold_accumulation=True, dequantize_once=True, save_attention=True,
-                                            label_positions=True, saved_mlp_mib=1024, nf4_kernel=True)
+                                            label_positions=True, saved_mlp_mib=1344, nf4_kernel=True,
+                                            host_embedding=True)
     assert speed.replays_graphs(plan.levers)  # so packed rows are bucketed to a few lengths
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
     assert len(said) == 1 and "CUDA graphs on each decoder layer" in said[0]
@@ -84,6 +85,20 @@ def test_saved_mlp_mib_sets_what_the_layer_graphs_keep(gpu):
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers.saved_mlp_mib == 0 and plan.levers.compile_mode == "layers-cudagraphs"
     assert not any("SAVED_MLP_MIB" in notice for notice in plan.notices)
+
+
+def test_saved_mlp_mib_zero_leaves_the_token_embedding_on_the_gpu(gpu):
+    # The table moves to host memory only to give its GPU memory to the kept MLP outputs (train/host_embedding.py).
+    gpu.setenv("SAVED_MLP_MIB", "0")
+    assert not model.plan_for(TrainSettings(), cuda=True).levers.host_embedding
+    gpu.setenv("SAVED_MLP_MIB", "1")
+    assert model.plan_for(TrainSettings(), cuda=True).levers.host_embedding
+
+
+def test_the_token_embedding_stays_on_the_gpu_without_layer_graphs(gpu):
+    # Measured only with per-layer CUDA graphs, where the MLP outputs it pays for are kept.
+    assert not model.plan_for(TrainSettings(torch_compile="layers"), cuda=True).levers.host_embedding
+    assert not model.plan_for(TrainSettings(torch_compile="off"), cuda=True).levers.host_embedding
 
 
 def test_saved_mlp_mib_without_layer_graphs_is_unused_and_says_so(gpu):
