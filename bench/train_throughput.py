@@ -306,6 +306,10 @@ PHASES = False
 #: steps' mean), loraship's path logs every :data:`PIPELINED_LOGGING_STEPS` steps (``python -m train``'s
 #: default) and the plain loop keeps its losses on the GPU until the end.
 PIPELINED = False
+#: ``--recorded-real``: the timed steps of a real-length configuration take the rows of the first warm-up steps
+#: again, so every packed length they run has had its CUDA graphs recorded (a long run's steady state; without it
+#: about half of 40 timed steps is recording, session 22).
+RECORDED_REAL = False
 #: LOGGING_STEPS with ``--pipelined``: the default of ``python -m train`` (train/settings.py).
 PIPELINED_LOGGING_STEPS = 10
 LEARNING_RATE = 2e-3
@@ -345,9 +349,15 @@ def real_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def rows_for(config: Config, steps: int, vocab: int, seq: int) -> list[dict]:
+def rows_for(config: Config, steps: int, vocab: int, seq: int, timed: int = 0) -> list[dict]:
+    """The rows of ``steps`` optimizer steps; with :data:`RECORDED_REAL`, the last ``timed`` steps of real lengths
+    repeat the first ``timed`` steps' rows (the warm-up's)."""
     if config.rows == "real":
-        return real_rows(steps * config.batch * config.grad_accum, vocab)
+        per_step = config.batch * config.grad_accum
+        if RECORDED_REAL:
+            warmup = real_rows((steps - timed) * per_step, vocab)
+            return warmup + warmup[:timed * per_step]
+        return real_rows(steps * per_step, vocab)
     # Fixed rows: the same batch every step (identical batches for every stack, and learnable).
     return fixed_rows(config.batch * config.grad_accum, seq, vocab)
 
@@ -697,7 +707,7 @@ def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: s
 
     config = CONFIGS[key]
     steps = warmup + timed
-    rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], seq)
+    rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], seq, timed)
     free_memory()
     leftover = 0.0
     if device == "cuda":
@@ -843,11 +853,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolate", action="store_true",
                         help="measure each configuration in a process of its own (nothing one leaves behind, "
                         "a patched module, a compiled graph, an allocator's cache, reaches the next)")
+    parser.add_argument("--recorded-real", action="store_true",
+                        help="real lengths: the timed steps repeat the first warm-up steps' rows, so their packed "
+                        "lengths' CUDA graphs are recorded (a long run's steady state); needs --timed <= --warmup")
     args = parser.parse_args(argv)
-    global MEMORY_TRACE, PHASES, PIPELINED
+    global MEMORY_TRACE, PHASES, PIPELINED, RECORDED_REAL
     MEMORY_TRACE = args.memory_trace
     PHASES = args.phases
     PIPELINED = args.pipelined
+    RECORDED_REAL = args.recorded_real
+    if RECORDED_REAL and args.timed > args.warmup:
+        parser.error(f"--recorded-real repeats warm-up rows: --timed ({args.timed}) must not exceed --warmup "
+                     f"({args.warmup})")
     if PIPELINED and (PHASES or MEMORY_TRACE):
         parser.error("--pipelined times whole phases of the run: it cannot time inside a step (--phases) "
                      "or record allocations from the warm-up's end (--memory-trace)")
@@ -883,7 +900,7 @@ def run_configs(args, argv, wanted, shapes, device, seq, workdir: Path) -> int:
     report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                           "versions": versions()},
               "settings": {"warmup": args.warmup, "timed": args.timed, "seq": seq, "learning_rate": LEARNING_RATE,
-                           "pipelined": PIPELINED,
+                           "pipelined": PIPELINED, "recorded_real": RECORDED_REAL,
                            "logging_steps": PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS,
                            "real_lengths_first_40": real_lengths(40)},
               "results": [], "base_build_s": {}}

@@ -84,6 +84,24 @@ def test_the_pipelined_throughput_bench_refuses_to_time_inside_a_step():
     assert done.returncode == 2 and "--pipelined" in done.stderr and "--phases" in done.stderr
 
 
+def test_recorded_real_lengths_time_steps_that_repeat_the_warm_ups_rows(tmp_path):
+    # So every packed length the timed steps run has had its CUDA graphs recorded in the warm-up (a long run's
+    # steady state).
+    out = tmp_path / "t.json"
+    run_bench("train_throughput.py", "--tiny", "--configs", "plain-real", "--warmup", "3", "--timed", "2",
+              "--recorded-real", "--out", str(out))
+    (result,) = json.loads(out.read_text())["results"]
+    assert json.loads(out.read_text())["settings"]["recorded_real"] is True
+    tokens = result["tokens_per_step"]
+    assert len(tokens) == 5 and tokens[3:] == tokens[:2] and len(set(tokens[:3])) == 3
+
+
+def test_recorded_real_lengths_need_no_more_timed_steps_than_warm_up_steps():
+    done = subprocess.run([sys.executable, "bench/train_throughput.py", "--tiny", "--recorded-real", "--warmup", "2",
+                           "--timed", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--recorded-real" in done.stderr and "--timed (3)" in done.stderr
+
+
 def test_the_throughput_bench_runs_the_default_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process(
         tmp_path):
     """``--symbolic-graph-lengths`` (the device's torch 2.11 needs bench/symbolic_graph_lengths.py for it) reaches
