@@ -197,7 +197,13 @@ def keep_embedding_in_host_memory(model, echo: Callable[[str], None] | None = No
         if echo:
             echo(f"note: speed: the token embedding stays in GPU memory: {why_not}")
         return 0
-    freed = host_embedding.move_to_host(model)
+    try:
+        freed = host_embedding.move_to_host(model)
+    except RuntimeError as err:  # page-locking the table failed (a host short of memory): run with it on the GPU
+        if echo:
+            echo(f"note: speed: the token embedding stays in GPU memory: pinning it in host memory failed "
+                 f"({str(err).splitlines()[0]})")
+        return 0
     if echo:
         echo(f"note: speed: the token embedding is read from pinned host memory ({freed / 2**20:,.0f} MiB of GPU "
              "memory freed, given to the MLP outputs kept: SAVED_MLP_MIB)")

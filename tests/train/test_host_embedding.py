@@ -91,6 +91,22 @@ def test_without_a_gpu_the_embedding_stays_and_the_run_says_why():
     assert said == ["note: speed: the token embedding stays in GPU memory: it needs Triton and a CUDA GPU"]
 
 
+def test_where_host_memory_cannot_be_pinned_the_embedding_stays_and_the_run_says_why(monkeypatch):
+    # A default since session 22: a host short of page-locked memory trains with the table on the GPU instead.
+    def refuse(model):
+        raise RuntimeError("CUDA error: out of memory\nmore")
+
+    monkeypatch.setattr(host_embedding, "available", lambda: True)
+    monkeypatch.setattr(host_embedding, "move_to_host", refuse)
+    said = []
+    base = tiny_untied_llama()
+    before = base.get_input_embeddings()
+    assert model.keep_embedding_in_host_memory(base, said.append) == 0
+    assert base.get_input_embeddings() is before
+    assert said == ["note: speed: the token embedding stays in GPU memory: pinning it in host memory failed "
+                    "(CUDA error: out of memory)"]
+
+
 def test_the_mlp_budget_grows_by_the_gpu_memory_the_embedding_left(monkeypatch):
     base = tiny_untied_llama()
     monkeypatch.setattr(host_embedding, "held_bytes", lambda model: 1002 * 2**20)
