@@ -597,14 +597,39 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
                                 print, callbacks=[clock, *callbacks])
     # Rows in their given order, so each optimizer step holds the same rows as the plain stack's.
     trainer.args.train_sampling_strategy = "sequential"
+    micro_losses = keep_micro_batch_losses(trainer) if PIPELINED else None
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses, "phase_s": clock.phases,
+              **({"step_losses": step_sums(micro_losses, run.micro_batching(settings, plan)[1])} if micro_losses else {}),
               "micro_batching": list(run.micro_batching(settings, plan)),
               **peaks(clock.warmup_peak, clock.train_peak()), "memory_at_peak": clock.memory}
     trainer.accelerator.free_memory()
     del trainer, peft_model, base_model
     return result
+
+
+def keep_micro_batch_losses(trainer) -> list:
+    """Keep each micro-batch's loss, as the Trainer's ``training_step`` returns it, on the GPU (read after the run:
+    no synchronization per step), so a pipelined run's per-step losses can be compared with another run's."""
+    kept, step = [], trainer.training_step
+
+    def training_step(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        kept.append(loss.detach().clone())
+        return loss
+
+    trainer.training_step = training_step
+    return kept
+
+
+def step_sums(micro_losses: list, per_step: int) -> list[float]:
+    """The optimizer steps' losses from their micro-batches' (:func:`keep_micro_batch_losses`): the Trainer's
+    logged loss is their sum over a step's ``per_step`` accumulated micro-batches."""
+    import torch
+
+    values = torch.stack(micro_losses).float().tolist()
+    return [sum(values[i:i + per_step]) for i in range(0, len(values), per_step)]
 
 
 class StepClock:

@@ -62,7 +62,7 @@ def test_a_bench_without_a_workdir_leaves_no_temporary_folder_behind(tmp_path, s
 def test_the_pipelined_throughput_bench_times_whole_phases_and_compares_the_logged_loss_windows(tmp_path):
     """``--pipelined``: no synchronization inside the run but at the warm-up's end and the last step, so each
     step's time is its phase's mean; loraship's path logs every 10 steps as ``python -m train`` does, and the
-    plain loop's losses are averaged over the same windows."""
+    plain loop's losses are averaged over the same windows; both keep every step's loss as well."""
     out = tmp_path / "t.json"
     run_bench("train_throughput.py", "--tiny", "--configs", "plain,eager", "--warmup", "2", "--timed", "18",
               "--pipelined", "--out", str(out))
@@ -73,9 +73,12 @@ def test_the_pipelined_throughput_bench_times_whole_phases_and_compares_the_logg
         assert result["pipelined"] and len(result["step_s"]) == 20
         assert len(set(result["step_s"][:2])) == 1 and len(set(result["step_s"][2:])) == 1  # one mean per phase
         assert len(result["losses"]) == 2  # steps 1-10 and 11-20
-    steps = plain["step_losses"]
-    assert plain["losses"] == pytest.approx([sum(steps[:10]) / 10, sum(steps[10:]) / 10])
+    for result in (plain, loraship):  # each step's loss too (loraship's kept on the GPU until the end)
+        steps = result["step_losses"]
+        assert len(steps) == 20
+        assert result["losses"] == pytest.approx([sum(steps[:10]) / 10, sum(steps[10:]) / 10], rel=1e-3)
     assert loraship["losses"] == pytest.approx(plain["losses"], rel=1e-3)  # same rows, same adapter init
+    assert loraship["step_losses"] == pytest.approx(plain["step_losses"], rel=1e-2)
 
 
 def test_the_pipelined_throughput_bench_refuses_to_time_inside_a_step():
