@@ -10,8 +10,8 @@ again (``SAVED_MLP_MIB``, train/speed.py), so the peak stays where it was.
 A default with per-layer CUDA graphs (where ``SAVED_MLP_MIB`` is not 0) since session 22 (docs/benchmarks.md):
 8B r8 q,k,v,o at 2 x 1024 on one H200, +4.5-5.5% tokens/s over the table on the GPU with 1 GiB of MLP outputs,
 at 8.51 GiB peak. The reads alone cost 0.38 ms for 2,048 tokens (bench/host_embedding_read.py). At real lengths
-the 40-step A/Bs of sessions 19-22 spread from -6.6% to +7.5% with graph recordings in them, mean -1.4%: not
-settled.
+it neither pays nor costs: in the steady state, each length's graphs recorded, 6,392-7,287 tok/s over six runs
+against 6,603 and 6,793 with the table on the GPU and 1 GiB (session 23, +1.0%).
 
 A tied embedding (Llama-3.2-1B/3B: the LM head's weight too) stays on the GPU: the head's matmul reads
 all of it. Input ids on the CPU (tests, CPU runs) take an ordinary lookup of the same table.

@@ -148,7 +148,7 @@ class TrainSettings(BaseSettings):
         "(BATCH_SIZE x GRAD_ACCUM x MAX_SEQ_LENGTH <= 16384, the case measured), else without ('layers'). 8B r8 q,k,v,o on one H200, against the "
         "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.1-3.9x its tokens/s with graphs (the plain "
         "stack's speed depends on the host's CPU), 1.5-1.8x without, at 0.67x and 0.57x its memory; real lengths "
-        "3.2-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
+        "3.0-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
         "on an 8B); with graphs each new packed length records its graphs (about 3 s) and they hold about "
         "2 GiB more. Both learned as well as eager. 'layers': no CUDA graphs. 'stack': the whole decoder stack "
         "as one graph (minutes of compiling; for long runs). 'off': eager, with liger-kernel. true/false mean "

@@ -89,11 +89,10 @@ with no flag to find (docs/benchmarks.md, "Training speed (GPU)", has what each 
   host memory at an unchanged budget ran as fast as with it on the GPU (12,019 against 11,985 tok/s). Session 22, 8B
   r8 q,k,v,o at 2 x 1024, one H200: with 1344 MiB, 12,435-12,624 tok/s over three runs on two machines, +4.5% and
   +5.5% over session 21's defaults (1 GiB, table on the GPU: 11,894) on one machine, peak 8.51 GiB (0.69x). At real
-  lengths some 9 s of the 40 timed steps' 27-34 s are graph recordings (3 new bucketed lengths), and the seven A/Bs of
-  sessions 19-22 spread from -6.6% to +7.5% (one configuration ran 4,113 and 4,946 tok/s in one call); their mean is
-  -1.4% (-2.8% over the six against the table on the GPU at 1 GiB), within that spread, so the steady state after the
-  recordings (where the reads are 0.1% of a step and the budget holds 12 layers instead of 5 at 3,500 tokens) is not
-  measured yet. A tied embedding (1B, 3B) stays on the GPU. ``SAVED_MLP_MIB=0`` leaves the table on the GPU too.
+  lengths the 40-step A/Bs of sessions 19-22, graph recordings in them, spread from -6.6% to +7.5%; in the steady
+  state (session 23, each length's graphs recorded first) 6,392-7,287 tok/s over six runs against session 21's
+  6,603 and 6,793: +1.0%, within the spread. A tied embedding (1B, 3B) stays on the GPU. ``SAVED_MLP_MIB=0``
+  leaves the table on the GPU too.
 - ``liger_kernels``: liger-kernel's fused RMSNorm, SwiGLU and RoPE (Triton; Llama and Mistral
   families). Its fused linear cross-entropy is not used: trl's SFTTrainer already scores the
   LM head in tiles (only the positions that carry a label), without the 128k-vocabulary logits.
