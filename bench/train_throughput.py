@@ -600,9 +600,10 @@ def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, devic
     micro_losses = keep_micro_batch_losses(trainer) if PIPELINED else None
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    rows_per_micro_batch, micro_batches_per_step = run.micro_batching(settings, plan)
     result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses, "phase_s": clock.phases,
-              **({"step_losses": step_sums(micro_losses, run.micro_batching(settings, plan)[1])} if micro_losses else {}),
-              "micro_batching": list(run.micro_batching(settings, plan)),
+              **({"step_losses": step_sums(micro_losses, micro_batches_per_step)} if micro_losses else {}),
+              "micro_batching": [rows_per_micro_batch, micro_batches_per_step],
               **peaks(clock.warmup_peak, clock.train_peak()), "memory_at_peak": clock.memory}
     trainer.accelerator.free_memory()
     del trainer, peft_model, base_model
