@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from export.run import ExportError
+from export.inputs import ExportError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -327,7 +327,7 @@ def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
     return model, specs
 
 
-#: What train/model.py's load_base_model asks bitsandbytes for when LOAD_IN_4BIT is on: NF4, double
+#: What train/model.py's load_for_training asks bitsandbytes for when LOAD_IN_4BIT is on: NF4, double
 #: quantization, bitsandbytes' default blocksize (None here). A train manifest that records
 #: ``inputs.quantization`` (same keys) overrides these; today's records only ``load_in_4bit``.
 TRAINED_4BIT = {"quant_type": "nf4", "double_quant": True, "blocksize": None}

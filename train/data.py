@@ -1,4 +1,4 @@
-"""Training rows: read them, turn every format into one conversation form, render, mask.
+"""Training rows: turn every format into one conversation form, render, mask, filter, split.
 
 The pipeline per row is::
 
@@ -8,20 +8,18 @@ The pipeline per row is::
 
 The formatting and masking functions are pure (a row and a tokenizer in, lists
 out), so the tests pin exact labels for one row of every supported format.
-Reading files and the Hub, length filtering and the seeded split live below them.
+Reading files and the Hub is train/sources.py; length filtering and the seeded split live below.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from train.settings import DATA_SUFFIXES, TrainError
+from train.settings import TrainError
+from train.sources import SourceRow, read_rows  # noqa: F401 (read_rows: data.read_rows, as the stage reads it)
 
 IGNORE_INDEX = -100
 
@@ -306,101 +304,6 @@ def length_histogram(lengths: Sequence[int], max_length: int, bins: int = 10) ->
 
 
 # --------------------------------------------------------------------------
-# Reading rows
-# --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SourceRow:
-    where: str  # "data/x.jsonl line 7": what a user needs to find the row
-    row: dict[str, Any]
-
-
-def _data_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.suffix.lower() not in DATA_SUFFIXES:
-            raise TrainError(f"DATASET={str(path)!r}: unsupported file type; use {', '.join(DATA_SUFFIXES)}")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-    if not files:
-        raise TrainError(f"DATASET={str(path)!r}: the folder holds no {', '.join(DATA_SUFFIXES)} files")
-    return files
-
-
-def _read_file(path: Path) -> Iterator[SourceRow]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl" or (suffix == ".json" and not path.read_text(encoding="utf-8").lstrip().startswith("[")):
-        with open(path, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{path} line {number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TrainError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict):
-                    raise TrainError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                yield SourceRow(where, row)
-    elif suffix == ".json":
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise TrainError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
-        for number, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise TrainError(f"{path} row {number}: expected a JSON object, got {type(row).__name__}")
-            yield SourceRow(f"{path} row {number}", row)
-    elif suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            for row in reader:
-                yield SourceRow(f"{path} line {reader.line_num}", dict(row))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield SourceRow(f"{path} row {number}", row)
-
-
-def _read_hub(repo_id: str, config: str | None, split: str, token: str | None) -> Iterator[SourceRow]:
-    import datasets
-
-    try:
-        data = datasets.load_dataset(repo_id, config, split=split, token=token)
-    except Exception as err:  # noqa: BLE001 - unreachable Hub, missing repo/config/split: one clear line
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise TrainError(
-            f"DATASET={repo_id!r}: could not load split {split!r}"
-            + (f" of config {config!r}" if config else "")
-            + f" from the Hub ({first}); check DATASET, DATASET_CONFIG, DATASET_SPLIT and HF_TOKEN"
-        ) from err
-    label = f"{repo_id}[{config + ':' if config else ''}{split}]"
-    for number, row in enumerate(data, 1):
-        yield SourceRow(f"{label} row {number}", row)
-
-
-def read_rows(
-    dataset: str, *, config: str | None = None, split: str = "train", max_samples: int | None = None,
-    token: str | None = None,
-) -> list[SourceRow]:
-    """The first ``max_samples`` rows of a local file/folder or Hub dataset, each with where it came from."""
-    path = Path(dataset).expanduser()
-    if path.exists():
-        source: Iterator[SourceRow] = (r for f in _data_files(path) for r in _read_file(f))
-    else:
-        source = _read_hub(dataset, config, split, token)
-    rows = []
-    for row in source:
-        rows.append(row)
-        if max_samples is not None and len(rows) >= max_samples:
-            break
-    if not rows:
-        raise TrainError(f"DATASET={dataset!r}: no rows found")
-    return rows
-
-
-# --------------------------------------------------------------------------
 # Rows -> examples, filtered and split
 # --------------------------------------------------------------------------
 
@@ -553,82 +456,3 @@ def to_hf_dataset(examples: Sequence[Example]):
     return datasets.Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
-
-
-#: The batch entry (a Python int) that counts a bucketed packed micro-batch's real tokens: the filler
-#: that pads it to its bucket is not data. The trainer reads it and never passes it to the model.
-REAL_TOKENS = "real_tokens"
-#: A packed batch's key for the positions that carry a next-token label (:func:`label_positions`).
-LABEL_POSITIONS = "label_positions"
-
-
-def real_tokens(batch: dict) -> int:
-    """How many of a collated batch's tokens are data: all of them, less a bucket's filler."""
-    return int(batch[REAL_TOKENS]) if REAL_TOKENS in batch else int(batch["input_ids"].numel())
-
-
-def label_positions(labels):
-    """Where ``labels`` (a CPU tensor, rows x length) score a prediction: the flat indices, over rows x length, of
-    the positions whose next token has a label (the LM head scores the hidden state at ``t`` against label ``t + 1``).
-
-    Computed here, on the CPU, they let the GPU gather the scored positions without a boolean mask, whose
-    indexing makes the CPU wait for the GPU (train/trainer.py)."""
-    rows, scored = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * labels.shape[1] + scored
-
-
-def bucket_length(tokens: int, per_octave: int = 8, smallest_step: int = 64) -> int:
-    """The length a packed row of ``tokens`` is padded to: one of ``per_octave`` sizes per doubling.
-
-    A CUDA graph replays one recorded shape; packed rows change length every step, so each new
-    length would record a graph of its own. Rounding up to 8 sizes per octave (2048, 2304, 2560, ...)
-    leaves a run a few dozen shapes at most, for less than 12.5% padding (6% on average).
-    """
-    if tokens < 1:
-        raise ValueError(f"tokens={tokens}: a packed row holds at least one token")
-    step = max(smallest_step, (1 << (tokens.bit_length() - 1)) // per_octave)
-    return -(-tokens // step) * step
-
-
-def collate_packed(rows: Sequence[dict[str, Sequence[int]]], bucket: bool = False, positions: bool = False):
-    """A padding-free micro-batch: ``rows`` concatenated into one row of ``input_ids``, ``labels``, ``position_ids``.
-
-    Position ids restart at 0 for each row; from that (and no ``attention_mask``) transformers
-    builds a block-diagonal causal mask, so no token attends to another row. Each row's first
-    label becomes -100: the model predicts label ``t`` from token ``t - 1``, which for a row's
-    first token is the previous row's last one. Nothing is padded, so every token is real.
-
-    Rows that all have one length hold no padding to remove: they stay separate rows (same
-    position ids and labels), because a plain causal batch runs sdpa's flash kernel, which an
-    explicit block-diagonal mask rules out (measured: docs/benchmarks.md, "Training speed (GPU)").
-
-    ``bucket`` (for CUDA graphs, which replay fixed shapes): the packed row is padded to
-    :func:`bucket_length` with a filler segment of its own (token 0, positions from 0, no labels),
-    which attends only to itself and adds nothing to the loss; :data:`REAL_TOKENS` counts the rest.
-    ``positions``: :data:`LABEL_POSITIONS` lists the positions the LM head scores (:func:`label_positions`),
-    for the trainer (train/trainer.py), which takes the key out before the batch reaches the model.
-    """
-    import torch
-
-    input_ids = [list(row["input_ids"]) for row in rows]
-    labels = [[IGNORE_INDEX, *list(row["labels"])[1:]] for row in rows]
-    position_ids = [list(range(len(ids))) for ids in input_ids]
-    batch = {}
-    if len({len(ids) for ids in input_ids}) > 1:
-        input_ids, labels, position_ids = ([sum(part, [])] for part in (input_ids, labels, position_ids))
-        real = len(input_ids[0])
-        filler = bucket_length(real) - real if bucket else 0
-        if filler:
-            input_ids[0] += [0] * filler
-            labels[0] += [IGNORE_INDEX] * filler
-            position_ids[0] += list(range(filler))
-            batch[REAL_TOKENS] = real
-    labels = torch.tensor(labels, dtype=torch.long)
-    if positions:
-        batch[LABEL_POSITIONS] = label_positions(labels)
-    return {
-        "input_ids": torch.tensor(input_ids, dtype=torch.long),
-        "labels": labels,
-        "position_ids": torch.tensor(position_ids, dtype=torch.long),
-        **batch,
-    }

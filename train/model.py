@@ -14,9 +14,6 @@ from typing import Any, Callable
 from train import speed
 from train.settings import GPU_DEFAULT_BASE, TEMPLATES_DIR, TrainError, TrainSettings
 
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
 @dataclass(frozen=True)
 class Plan:
     """What the settings mean on this machine (the 'auto' values decided)."""
@@ -28,7 +25,7 @@ class Plan:
     optimizer: str
     compute_dtype: str  # "bfloat16" | "float32"
     notices: tuple[str, ...] = ()
-    #: What makes a step fast here (train/speed.py): on by default on CUDA, off on CPU.
+    #: What makes a step fast here (train/speed/): on by default on CUDA, off on CPU.
     levers: speed.SpeedLevers = speed.SpeedLevers()
 
 
@@ -51,19 +48,11 @@ def plan_for(settings: TrainSettings, *, cuda: bool, processes: int = 1) -> Plan
     optimizer = settings.optimizer
     if optimizer == "auto":
         optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-    can_compile = cuda and settings.torch_compile != "off" and speed.compile_supported()
     try:
-        no_graphs = speed.graphs_blocker(
-            symbolic_lengths=can_compile and speed.symbolic_lengths_in_graph(), batch_size=settings.batch_size,
-            grad_accum=settings.grad_accum, max_seq_length=settings.max_seq_length, processes=processes)
-        levers, speed_notices = speed.choose_levers(cuda=cuda, compile=settings.torch_compile, can_compile=can_compile,
-                                                    no_graphs=no_graphs, saved_mlp_mib=settings.saved_mlp_mib)
+        levers, speed_notices = speed.plan(settings, cuda=cuda, processes=processes)
     except ValueError as err:
         raise TrainError(str(err)) from err
     notices.extend(speed_notices)
-    if "saved_mlp_mib" in settings.model_fields_set and levers.compile_mode != "layers-cudagraphs":
-        notices.append(f"SAVED_MLP_MIB={settings.saved_mlp_mib}: unused; it applies with per-layer CUDA graphs "
-                       f"(TORCH_COMPILE=layers-cudagraphs, or auto where they run), and this run has none")
     return Plan(
         cuda=cuda,
         base_model=settings.base_model,
@@ -130,17 +119,14 @@ def load_tokenizer(model_path: str, *, chat_template: str | None, token: str | N
     return tokenizer
 
 
-def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool, token: str | None = None,
-                    echo: Callable[[str], None] | None = None):
-    """The frozen base, 4-bit NF4 (double quant) when the plan says so, ready for k-bit training.
-
-    With the plan's speed levers (CUDA): frozen weights stay bf16 in memory (the residual stream
-    float32, as after peft's upcast) and liger-kernel's fused RMSNorm/SwiGLU/RoPE replace the
-    model's own (train/speed.py).
-    """
+def load_for_training(model_path: str, plan: Plan, settings: TrainSettings, *, token: str | None = None,
+                      echo: Callable[[str], None] | None = None):
+    """The frozen base (4-bit NF4, double quant, when the plan says so) with fresh LoRA adapters, ready to train,
+    the plan's speed levers applied (train/speed/: all off on CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    config = lora_config(settings)  # checked before the weights load
     dtype = getattr(torch, plan.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "token": token}
     if plan.load_in_4bit:
@@ -162,79 +148,16 @@ def load_base_model(model_path: str, plan: Plan, *, gradient_checkpointing: bool
             f"BASE_MODEL={model_path!r}: could not load the model ({str(err).splitlines()[0]})"
         ) from err
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
-    if plan.levers.host_embedding:  # before the hooks below, which go on the embedding module
-        keep_embedding_in_host_memory(model, echo)
-    if plan.levers.liger_kernels:
-        notice = speed.apply_liger_kernels(model, plan.levers.liger_kernels)
-        if notice and echo:
-            echo(f"note: {notice}")
-    if plan.load_in_4bit and (plan.levers.bf16_frozen or plan.levers.bf16_storage):
-        model = speed.prepare_frozen_base(model, gradient_checkpointing=gradient_checkpointing,
-                                          float32_stream=not plan.levers.bf16_frozen,
-                                          compile_mode=plan.levers.compile_mode)
-    elif plan.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=speed.checkpoint_kwargs(plan.levers.compile_mode),
-        )
-    elif gradient_checkpointing:
-        speed.enable_checkpointing(model, speed.checkpoint_kwargs(plan.levers.compile_mode))
-    if plan.load_in_4bit and plan.levers.dequantize_once and gradient_checkpointing:
-        speed.dequantize_once(model, kernel=plan.levers.nf4_kernel)
-    return model
+    check_target_modules(model, settings.lora_target_modules)
+    return speed.make_fast(model, config, plan.levers, load_in_4bit=plan.load_in_4bit,
+                           gradient_checkpointing=settings.gradient_checkpointing, echo=echo)
 
 
-def keep_embedding_in_host_memory(model, echo: Callable[[str], None] | None = None) -> int:
-    """Move ``model``'s token embedding to pinned host memory where it can go (train/host_embedding.py); the bytes of
-    GPU memory freed (what :func:`mlp_budget_mib` later reads back from the model, for :func:`add_lora`)."""
-    from train import host_embedding
-
-    why_not = host_embedding.movable(model) if host_embedding.available() else "it needs Triton and a CUDA GPU"
-    if why_not:
-        if echo:
-            echo(f"note: speed: the token embedding stays in GPU memory: {why_not}")
-        return 0
-    try:
-        freed = host_embedding.move_to_host(model)
-    except RuntimeError as err:  # page-locking the table failed (a host short of memory): run with it on the GPU
-        if echo:
-            echo(f"note: speed: the token embedding stays in GPU memory: pinning it in host memory failed "
-                 f"({str(err).splitlines()[0]})")
-        return 0
-    if echo:
-        echo(f"note: speed: the token embedding is read from pinned host memory ({freed / 2**20:,.0f} MiB of GPU "
-             "memory freed, given to the MLP outputs kept: SAVED_MLP_MIB)")
-    return freed
-
-
-def mlp_budget_mib(model, levers: speed.SpeedLevers) -> int:
-    """MiB of MLP outputs the compiled layers keep: ``levers.saved_mlp_mib`` (SAVED_MLP_MIB), plus the GPU memory
-    the token embedding left for host memory, so the peak stays where SAVED_MLP_MIB alone puts it (0 stays 0)."""
-    if not levers.saved_mlp_mib:
-        return 0
-    from train import host_embedding
-
-    return levers.saved_mlp_mib + host_embedding.held_bytes(model) // 2**20
-
-
-def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.SpeedLevers()):
-    """Wrap ``model`` with fresh LoRA adapters on LORA_TARGET_MODULES (fused on a 4-bit base: ``levers.fused_lora``)."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(settings: TrainSettings):
+    from peft import LoraConfig
 
     targets = settings.lora_target_modules
-    if targets != ["all-linear"]:
-        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in targets if t not in names]
-        if missing:
-            found = sorted(n for n in names if n.endswith("proj")) or sorted(names)[:12]
-            raise TrainError(
-                f"LORA_TARGET_MODULES={','.join(targets)!r}: {', '.join(missing)} not in this model; "
-                f"its projection modules are {', '.join(found)}"
-            )
-    config = LoraConfig(
+    return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
@@ -242,15 +165,20 @@ def add_lora(model, settings: TrainSettings, levers: speed.SpeedLevers = speed.S
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
-    if levers.fused_lora:
-        from train.fused_lora import fuse_lora_layers
 
-        fuse_lora_layers(peft_model)
-    if levers.compile_mode:
-        speed.compile_model(peft_model, levers.compile_mode, save_attention=levers.save_attention,
-                            saved_mlp_mib=mlp_budget_mib(model, levers))
-    return peft_model
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """LORA_TARGET_MODULES must name modules this model has."""
+    if targets == ["all-linear"]:
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        found = sorted(n for n in names if n.endswith("proj")) or sorted(names)[:12]
+        raise TrainError(
+            f"LORA_TARGET_MODULES={','.join(targets)!r}: {', '.join(missing)} not in this model; "
+            f"its projection modules are {', '.join(found)}"
+        )
 
 
 def keep_adapter_float32(model) -> None:

@@ -105,13 +105,11 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     set_seed(settings.seed)
     echo(f"model: loading {plan.base_model_resolved} ({'4-bit NF4' if plan.load_in_4bit else plan.compute_dtype}, "
          f"compute {plan.compute_dtype}, {'CUDA' if plan.cuda else 'CPU'})")
-    base = model.load_base_model(model_path, plan, gradient_checkpointing=settings.gradient_checkpointing, token=token,
-                                 echo=echo)
-    data.check_token_ids(train_examples + eval_examples, base.get_input_embeddings().num_embeddings,
-                         plan.base_model_resolved)
     if plan.levers.names():
-        echo(f"speed: {', '.join(plan.levers.names())} (train/speed.py)")
-    peft_model = model.add_lora(base, settings, plan.levers)
+        echo(f"speed: {', '.join(plan.levers.names())} (docs/performance.md)")
+    peft_model = model.load_for_training(model_path, plan, settings, token=token, echo=echo)
+    data.check_token_ids(train_examples + eval_examples, peft_model.get_input_embeddings().num_embeddings,
+                         plan.base_model_resolved)
 
     # 4. Supervised fine-tuning, continuing the newest checkpoint.
     clock = StepClock()
@@ -193,30 +191,33 @@ def load_final_weights(trainer) -> None:
 
 def micro_batching(settings: TrainSettings, plan: model.Plan) -> tuple[int, int]:
     """``(rows per micro-batch, accumulation steps)``: BATCH_SIZE x GRAD_ACCUM, folded into one packed micro-batch on CUDA."""
-    from train.speed import micro_batching as fold
+    options = speed_options(settings, plan)
+    return options.rows, options.accumulation
 
-    return fold(settings.batch_size, settings.grad_accum, settings.max_seq_length, plan.levers)
+
+def speed_options(settings: TrainSettings, plan: model.Plan) -> speed.TrainerOptions:
+    return speed.trainer_options(plan.levers, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
+                                 max_seq_length=settings.max_seq_length,
+                                 gradient_checkpointing=settings.gradient_checkpointing)
 
 
 def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_examples, checkpoints, echo,
                   callbacks=()):
-    import functools
-
     from trl import SFTConfig
 
-    from train.trainer import Trainer
+    from train.speed.trainer import Trainer
 
     has_eval = bool(eval_examples)
-    rows, accumulation = micro_batching(settings, plan)
+    fast = speed_options(settings, plan)
     # TensorBoard event files go to OUTPUT_DIR/runs (transformers reads this variable).
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(settings.output_dir) / "runs")
     args = SFTConfig(
         output_dir=str(checkpoints),
         max_steps=settings.max_steps or -1,
         num_train_epochs=settings.num_epochs,
-        per_device_train_batch_size=rows,
-        per_device_eval_batch_size=rows,
-        gradient_accumulation_steps=accumulation,
+        per_device_train_batch_size=fast.rows,
+        per_device_eval_batch_size=fast.rows,
+        gradient_accumulation_steps=fast.accumulation,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_steps,
@@ -237,16 +238,14 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         bf16=plan.cuda,
         fp16=False,
         use_cpu=not plan.cuda,
-        # The model is already set up for checkpointing (model.load_base_model); the Trainer repeats
-        # it, except where its arguments cannot carry the model's settings (speed.trainer_sets_checkpointing).
-        gradient_checkpointing=settings.gradient_checkpointing and speed.trainer_sets_checkpointing(
-            plan.levers.compile_mode),
+        # The model is already set up for checkpointing (model.load_for_training); the Trainer repeats it,
+        # except where its arguments cannot carry the model's settings.
+        gradient_checkpointing=fast.trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         report_to=["tensorboard"],
         seed=settings.seed,
         data_seed=settings.seed,
-        # Packed batches hold no padding (and may hold the pad id as a real token, e.g. eos).
-        include_num_input_tokens_seen="all" if plan.levers.packing else "non_padding",
+        include_num_input_tokens_seen=fast.tokens_seen,
         # Our rows are already rendered, masked and cut to MAX_SEQ_LENGTH: trl must not
         # re-tokenize, re-mask or truncate them (tests/train pin the labels that reach the model).
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -267,11 +266,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         train_dataset=data.to_hf_dataset(train_examples),
         eval_dataset=data.to_hf_dataset(eval_examples) if has_eval else None,
         processing_class=tokenizer,
-        # Padding-free batches on CUDA (train/speed.py); otherwise trl pads each batch to its longest row.
-        # With CUDA graphs the packed rows are padded to a few lengths (data.bucket_length).
-        data_collator=functools.partial(data.collate_packed, bucket=speed.replays_graphs(plan.levers),
-                                        positions=plan.levers.label_positions)
-        if plan.levers.packing else None,
+        data_collator=fast.collator,
         callbacks=[EvalLossAverage(settings.eval_average_window, echo), *callbacks],
     )
     if plan.load_in_4bit and plan.compute_dtype == "float32":

@@ -142,27 +142,15 @@ class TrainSettings(BaseSettings):
     torch_compile: Annotated[Literal["auto", "layers-cudagraphs", "layers", "stack", "off"],
                              BeforeValidator(_compile_choice)] = Field(
         "auto",
-        description="CUDA: what torch.compile covers. 'auto': each decoder layer where torch.compile can run (a GPU "
-        "of compute capability 7.0+ with Triton), liger-kernel then off: with CUDA graphs ('layers-cudagraphs') "
-        "on torch 2.13+ (the train image's) for one process whose optimizer step fits one micro-batch "
-        "(BATCH_SIZE x GRAD_ACCUM x MAX_SEQ_LENGTH <= 16384, the case measured), else without ('layers'). 8B r8 q,k,v,o on one H200, against the "
-        "plain transformers+peft+bitsandbytes stack: 2x1024 steps 2.1-3.9x its tokens/s with graphs (the plain "
-        "stack's speed depends on the host's CPU), 1.5-1.8x without, at 0.67x and 0.57x its memory; real lengths "
-        "3.0-6.4x and 4.1-4.3x. The first steps compile (about 15 s "
-        "on an 8B); with graphs each new packed length records its graphs (about 3 s) and they hold about "
-        "2 GiB more. Both learned as well as eager. 'layers': no CUDA graphs. 'stack': the whole decoder stack "
-        "as one graph (minutes of compiling; for long runs). 'off': eager, with liger-kernel. true/false mean "
-        "auto/off. Ignored on CPU (docs/benchmarks.md).",
+        description="CUDA: what torch.compile covers. 'auto': each decoder layer, with CUDA graphs "
+        "('layers-cudagraphs') where they apply (torch 2.13+, one process, one micro-batch a step), else 'layers' "
+        "(no graphs); 'stack': the whole stack; 'off': eager.",
     )
     saved_mlp_mib: int = Field(
         SAVED_MLP_MIB, ge=0, le=1_048_576,
-        description="With per-layer CUDA graphs only (see TORCH_COMPILE): MiB of GPU memory a micro-batch spends "
-        "keeping the MLP's gate and up outputs, so the last decoder layers it holds skip recomputing them in the "
-        "backward pass. An untied token embedding (Llama-3-8B's, 1 GiB) then moves to pinned host memory and the "
-        "GPU memory it frees is added. 8B at 2x1024 tokens: 112 MiB a layer; 1344 keeps 20 of 32 layers with "
-        "the table's GiB (peak 8.5 GiB; 1024 without it kept 9: 5% slower), 3584 keeps all 32 (+14% over 9, "
-        "peak 10.8 GiB without the move). 0 recomputes every layer and leaves the table on the GPU. Same loss "
-        "and gradients either way.",
+        description="With per-layer CUDA graphs: MiB of GPU memory spent keeping the MLP's gate and up outputs "
+        "of the last layers instead of recomputing them; an untied token embedding moves to host memory and adds "
+        "what it frees. 0: none.",
     )
     num_gpus: Annotated[int | None, EmptyIsNone] = Field(
         None, ge=1, le=64,
@@ -184,8 +172,8 @@ class TrainSettings(BaseSettings):
     grad_accum: int = Field(4, ge=1, le=4096, description="Forward passes per optimizer step (effective batch = BATCH_SIZE x GRAD_ACCUM).")
     optimizer: Literal["auto", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused"] = Field(
         "auto",
-        description="Optimizer. 'auto': adamw_torch_fused on CUDA (one fused kernel for the adapter: 2 ms a step against "
-        "adamw_8bit's 13 ms on an 8B r8 adapter), adamw_torch on CPU. The 8-bit and paged ones need CUDA.",
+        description="Optimizer. 'auto': adamw_torch_fused on CUDA, adamw_torch on CPU. The 8-bit and paged ones need "
+        "CUDA.",
     )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

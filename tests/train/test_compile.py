@@ -1,4 +1,4 @@
-"""The compile lever (train/speed.py ``compile_mode``) computes what the eager QLoRA step computes.
+"""The compile lever (train/speed/compiled.py ``compile_mode``) computes what the eager QLoRA step computes.
 
 Real components on the CPU: a tiny random-init Llama in 4-bit NF4 (bitsandbytes' CPU backend),
 peft's LoRA, bf16 autocast, non-reentrant checkpointing, and torch.compile with inductor (the
@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.compile_partition import partitions
-from tests.train.test_fused_lora import close, ids, qlora, step  # noqa: F401 (ids: a fixture)
+from tests.fixtures.partitions import partitions
+from tests.fixtures.qlora import close, qlora, step, token_ids
 from train import speed
+from train.speed import compiled
 
 LEAN = speed.SpeedLevers(bf16_storage=True)
+
+
+@pytest.fixture
+def ids():
+    return token_ids()
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +45,7 @@ def test_a_compiled_stack_recomputes_its_4bit_matmuls_rather_than_saving_their_o
     from torch.utils.checkpoint import CheckpointPolicy
 
     peft_model = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
-    speed.compile_model(peft_model, "stack")
+    compiled.compile_model(peft_model, "stack")
     with partitions() as graphs:
         step(peft_model, ids)
     tags = [tag for graph in graphs for tag in graph["tags"]]
@@ -50,7 +56,7 @@ def test_a_compiled_stack_recomputes_its_4bit_matmuls_rather_than_saving_their_o
 
 
 def test_the_trainer_leaves_a_compiled_stacks_checkpointing_policy_in_place(tmp_path, tiny_llama_dir,
-                                                                          embedded_tokenizer):
+                                                                          embedded_tokenizer, monkeypatch):
     """The Trainer would turn checkpointing on again from its own arguments, which cannot carry the
     policy (a function; they are written out as JSON), so with a compiled stack it leaves the model's."""
     import dataclasses
@@ -63,16 +69,16 @@ def test_the_trainer_leaves_a_compiled_stacks_checkpointing_policy_in_place(tmp_
                              lora_alpha=8, save_steps=10)
     plan = model.plan_for(settings, cuda=False)
     stacked = dataclasses.replace(plan, levers=speed.SpeedLevers(compile_mode="stack"))
-    base = model.load_base_model(str(tiny_llama_dir), stacked, gradient_checkpointing=True)
-    peft_model = model.add_lora(base, settings)  # not compiled here: what matters is who sets checkpointing
+    monkeypatch.setattr(compiled, "compile_model", lambda *args, **kwargs: 0)  # what matters: who sets checkpointing
+    peft_model = model.load_for_training(str(tiny_llama_dir), stacked, settings)
     examples = [data.Example([5, 6, 7, 8], [5, 6, 7, 8], "row")] * 2
     trainer = build_trainer(settings, stacked, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
     assert trainer.args.gradient_checkpointing is False
     trainer.train()  # transformers 5.17 re-applies checkpointing here, 5.23 when the Trainer is built
-    _, layers = speed.decoder_stack(peft_model)
+    _, layers = compiled.decoder_stack(peft_model)
     assert all(layer.gradient_checkpointing for layer in layers)
     policies = {layer._gradient_checkpointing_func.keywords.get("context_fn") for layer in layers}
-    assert len(policies) == 1 and policies.pop().args == (speed.recompute_quantized_matmuls,)
+    assert len(policies) == 1 and policies.pop().args == (compiled.recompute_quantized_matmuls,)
     eager = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt2", print)
     assert eager.args.gradient_checkpointing is True
 
@@ -80,16 +86,16 @@ def test_the_trainer_leaves_a_compiled_stacks_checkpointing_policy_in_place(tmp_
 def test_an_unknown_compile_mode_is_named_with_the_choices(tiny_llama_dir):
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
     with pytest.raises(ValueError, match="compile_mode='everything'.*layers, stack"):
-        speed.compile_model(peft_model, "everything")
+        compiled.compile_model(peft_model, "everything")
 
 
 def test_layers_mode_compiles_each_decoder_layer_and_stack_mode_the_stack(tiny_llama_dir):
     layered, stacked = qlora(tiny_llama_dir, levers=LEAN), qlora(tiny_llama_dir, levers=LEAN)
-    assert speed.compile_model(layered, "layers") == layered.config.num_hidden_layers
-    stack, layers = speed.decoder_stack(layered)
+    assert compiled.compile_model(layered, "layers") == layered.config.num_hidden_layers
+    stack, layers = compiled.decoder_stack(layered)
     assert all(layer._compiled_call_impl is not None for layer in layers) and stack._compiled_call_impl is None
-    speed.compile_model(stacked, "stack")
-    stack, layers = speed.decoder_stack(stacked)
+    compiled.compile_model(stacked, "stack")
+    stack, layers = compiled.decoder_stack(stacked)
     assert stack._compiled_call_impl is not None and all(layer._compiled_call_impl is None for layer in layers)
 
 
@@ -103,8 +109,8 @@ def test_per_layer_compile_checkpoints_each_layer_once_whatever_transformers_doe
     calls = []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "layers")
-    _, layers = speed.decoder_stack(peft_model)
+    compiled.compile_model(peft_model, "layers")
+    _, layers = compiled.decoder_stack(peft_model)
     assert not any(layer.gradient_checkpointing for layer in layers)
     step(peft_model, ids)
     assert len(calls) == len(layers)
@@ -145,21 +151,21 @@ def test_a_compiled_decoder_gives_the_eager_loss_and_gradients_without_a_graph_b
     folder = tiny_on(device)
     eager = step(qlora(folder, levers=LEAN, device=device), ids, device)
     compiled_model = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled_model, mode)
-    compiled = step(compiled_model, ids, device)
+    compiled.compile_model(compiled_model, mode)
+    result = step(compiled_model, ids, device)
     assert graph_breaks() == {}  # bitsandbytes' 4-bit matmul and the checkpoints stay inside the graph
-    assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
+    assert abs(float(result[0] - eager[0])) < 1e-3 * float(eager[0])
     # Fused casts round differently in bf16: close, not equal.
-    assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
+    assert result[1].keys() == eager[1].keys() and all(close(result[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_compiled_decoder_gives_the_eager_gradients_on_a_packed_row(tiny_on, mode, device):
-    """What training feeds it: rows of different lengths packed into one (data.collate_packed)."""
+    """What training feeds it: rows of different lengths packed into one (packing.collate_packed)."""
     import torch
 
-    from train.data import collate_packed
+    from train.speed.packing import collate_packed
 
     folder = tiny_on(device)
     generator = torch.Generator().manual_seed(0)
@@ -175,10 +181,10 @@ def test_a_compiled_decoder_gives_the_eager_gradients_on_a_packed_row(tiny_on, m
 
     eager = packed_step(qlora(folder, levers=LEAN, device=device))
     compiled_model = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled_model, mode)
-    compiled = packed_step(compiled_model)
-    assert abs(float(compiled[0] - eager[0])) < 1e-3 * float(eager[0])
-    assert compiled[1].keys() == eager[1].keys() and all(close(compiled[1][n], eager[1][n], 3e-2) for n in eager[1])
+    compiled.compile_model(compiled_model, mode)
+    result = packed_step(compiled_model)
+    assert abs(float(result[0] - eager[0])) < 1e-3 * float(eager[0])
+    assert result[1].keys() == eager[1].keys() and all(close(result[1][n], eager[1][n], 3e-2) for n in eager[1])
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -194,7 +200,7 @@ def test_a_recomputed_compiled_decoder_draws_the_dropout_mask_of_its_forward_eve
     def grads_per_step(*, checkpointing: bool):
         torch._dynamo.reset()
         peft_model = qlora(folder, levers=LEAN, dropout=0.3, checkpointing=checkpointing, device=device)
-        speed.compile_model(peft_model, mode)
+        compiled.compile_model(peft_model, mode)
         torch.manual_seed(0)
         grads = []
         for _ in range(3):  # the same rows and weights each time: only the dropout mask changes
@@ -226,10 +232,10 @@ def test_a_compiled_decoder_keeps_packed_examples_apart(tiny_on, mode, device):
     alone_model = qlora(folder, levers=LEAN, device=device)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
         alone = alone_model(input_ids=second[None].to(device), use_cache=False).logits.float()
-    compiled = qlora(folder, levers=LEAN, device=device)
-    speed.compile_model(compiled, mode)
+    packed_model = qlora(folder, levers=LEAN, device=device)
+    compiled.compile_model(packed_model, mode)
     with torch.autocast(device, dtype=torch.bfloat16):
-        logits = compiled(input_ids=packed, position_ids=positions, labels=packed).logits.float()
+        logits = packed_model(input_ids=packed, position_ids=positions, labels=packed).logits.float()
     assert float((logits[0, 6:] - alone[0]).abs().max()) < 0.05 * float(alone.abs().max())
 
 
@@ -238,7 +244,7 @@ def graphs_after_each_packed_step(peft_model) -> list[int]:
     import torch
     from torch._dynamo.utils import counters
 
-    from train.data import collate_packed
+    from train.speed.packing import collate_packed
 
     generator = torch.Generator().manual_seed(0)
     graphs = []
@@ -255,28 +261,19 @@ def test_a_compiled_stack_compiles_twice_for_packed_rows_of_any_length(tiny_llam
     """Packed rows change length every step: the first length compiles, the second compiles a graph with
     the length symbolic, and no later length compiles again."""
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "stack")
+    compiled.compile_model(peft_model, "stack")
     graphs = graphs_after_each_packed_step(peft_model)
     assert graphs == [1, 2, 2, 2]
 
 
-def test_with_cuda_graphs_a_compiled_stack_compiles_once_for_packed_rows_of_any_length(tiny_llama_dir):
-    """Under CUDA graphs (speed.mark_packed_length_dynamic) a packed row's length is symbolic from the
-    first step, so the stack compiles once, not for the first length and again for the second."""
-    peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "stack-cudagraphs")  # on the CPU: compiled, no graphs to record
-    graphs = graphs_after_each_packed_step(peft_model)
-    assert graphs == [1, 1, 1, 1]
-
-
-@pytest.mark.skipif(not speed.symbolic_lengths_in_graph(), reason="this torch takes static shapes for per-layer graphs")
+@pytest.mark.skipif(not compiled.symbolic_lengths_in_graph(), reason="this torch takes static shapes for per-layer graphs")
 def test_per_layer_cuda_graphs_take_the_packed_length_symbolic_from_the_second_length(tiny_llama_dir):
     """Each layer's graph, its checkpoint inside: the first length compiles, the second compiles with the length
     symbolic, a lone row (not packed: a plain causal batch, no mask) compiles its own, and then no length
     compiles again: on a GPU a new length only records its CUDA graphs. (torch 2.11 takes static shapes here, and
-    every bucketed length compiled: docs/benchmarks.md, session 11.)"""
+    every bucketed length compiled.)"""
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "layers-cudagraphs")  # on the CPU: compiled, no graphs to record
+    compiled.compile_model(peft_model, "layers-cudagraphs")  # on the CPU: compiled, no graphs to record
     graphs = graphs_after_each_packed_step(peft_model)
     assert graphs == [1, 2, 3, 3]
 
@@ -288,14 +285,14 @@ def test_a_compiled_model_evaluates_eagerly_without_a_second_compile(tiny_llama_
     from torch._dynamo.utils import counters
 
     eager = qlora(tiny_llama_dir, levers=LEAN)
-    compiled = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(compiled, mode)
-    step(compiled, ids)
+    trained = qlora(tiny_llama_dir, levers=LEAN)
+    compiled.compile_model(trained, mode)
+    step(trained, ids)
     assert counters["stats"]["unique_graphs"] == 1
-    for peft_model in (eager, compiled):
+    for peft_model in (eager, trained):
         peft_model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        evaluated, expected = compiled(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
+        evaluated, expected = trained(input_ids=ids, labels=ids).loss, eager(input_ids=ids, labels=ids).loss
     assert counters["stats"]["unique_graphs"] == 1
     assert float(evaluated) == float(expected)  # the same eager code on the same weights
 
@@ -304,7 +301,7 @@ def test_a_compiled_model_evaluates_eagerly_without_a_second_compile(tiny_llama_
 def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
     """The bug itself: with bitsandbytes' CUDA kernels the untagged 4-bit matmuls were saved (run on the device)."""
     peft_model = qlora(tiny_on("cuda"), levers=LEAN, dropout=0.05, device="cuda")
-    speed.compile_model(peft_model, "stack")
+    compiled.compile_model(peft_model, "stack")
     with partitions() as graphs:
         step(peft_model, ids, "cuda")
     saved = [target for graph in graphs for target, _ in graph["saved"]]
@@ -312,7 +309,7 @@ def test_on_cuda_a_compiled_stack_saves_no_4bit_matmul_output(tiny_on, ids):
 
 
 def test_a_compiler_failure_in_a_training_step_names_the_setting_that_avoids_it(tiny_llama_dir, ids, monkeypatch):
-    """An inductor bug on some model or GPU (session 11 met one) must not end a run in a compiler traceback."""
+    """An inductor bug on some model or GPU must not end a run in a compiler traceback."""
     import torch
 
     from train.settings import TrainError
@@ -323,7 +320,7 @@ def test_a_compiler_failure_in_a_training_step_names_the_setting_that_avoids_it(
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: real(fn, backend=failing_backend))
     peft_model = qlora(tiny_llama_dir, levers=LEAN)
-    speed.compile_model(peft_model, "layers")
+    compiled.compile_model(peft_model, "layers")
     with pytest.raises(TrainError, match=r"torch.compile failed on the decoder \(BackendCompilerFailed: "
                                          r"RuntimeError: Node add_797 was invalid.*set TORCH_COMPILE=off"):
         step(peft_model, ids)
@@ -348,11 +345,10 @@ def test_training_with_per_layer_compile_checkpoints_each_layer_once_per_step(tm
     real = torch.utils.checkpoint.checkpoint
     calls = []
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
-    base = model.load_base_model(str(tiny_llama_dir), layered, gradient_checkpointing=True)
-    peft_model = model.add_lora(base, settings, layered.levers)  # compiles each layer, as python -m train does
+    peft_model = model.load_for_training(str(tiny_llama_dir), layered, settings)  # compiles each layer
     examples = [data.Example([5, 6, 7, 8, 9], [5, 6, 7, 8, 9], "row")] * 4
     trainer = build_trainer(settings, layered, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
-    stack, layers = speed.decoder_stack(peft_model)
+    stack, layers = compiled.decoder_stack(peft_model)
     forwards = []
     stack.register_forward_pre_hook(lambda module, args: forwards.append(module.training))
     trainer.train()
@@ -361,7 +357,7 @@ def test_training_with_per_layer_compile_checkpoints_each_layer_once_per_step(tm
     assert len(calls) == len(forwards) * len(layers)
 
 
-@pytest.mark.skipif(not speed.symbolic_lengths_in_graph(), reason="this torch takes static shapes for per-layer graphs")
+@pytest.mark.skipif(not compiled.symbolic_lengths_in_graph(), reason="this torch takes static shapes for per-layer graphs")
 def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer_compiles_losses(
         tmp_path, tiny_llama_dir, embedded_tokenizer):
     """``python -m train``'s CUDA plan on torch 2.13, through the Trainer: packed rows bucketed (a filler segment
@@ -390,8 +386,7 @@ def test_the_default_per_layer_graphs_train_through_the_trainer_to_the_per_layer
         levers = planned if mode == "plan" else speed.SpeedLevers(bf16_storage=True, compile_mode=mode, packing=True)
         plan = dataclasses.replace(plan, levers=levers)
         set_seed(settings.seed)  # as python -m train does: the same adapter init in every run
-        base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=True)
-        peft_model = model.add_lora(base, settings, plan.levers)
+        peft_model = model.load_for_training(str(tiny_llama_dir), plan, settings)
         trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / f"ckpt-{mode}",
                                 print)
         assert speed.replays_graphs(plan.levers) == (mode != "layers")

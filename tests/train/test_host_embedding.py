@@ -1,4 +1,4 @@
-"""The token embedding kept in pinned host memory (train/host_embedding.py, the ``host_embedding`` lever).
+"""The token embedding kept in pinned host memory (train/speed/host_embedding.py, the ``host_embedding`` lever).
 
 The CPU tests pin the wiring on a tiny untied Llama (which tables may move, that a moved table gives the same
 loss and adapter gradients, and what it adds to the MLP budget); the GPU tests (run on the device) pin the
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from train import host_embedding, model, speed
+from train import model, speed
+from train.speed import host_embedding
 from train.settings import TrainSettings
 
 
@@ -25,10 +26,11 @@ def tiny_untied_llama(tie: bool = False, device: str = "cpu"):
 
 def with_lora(base):
     import torch
+    from peft import get_peft_model
 
     settings = TrainSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     torch.manual_seed(0)
-    peft_model = model.add_lora(base, settings)
+    peft_model = get_peft_model(base, model.lora_config(settings))
     generator = torch.Generator().manual_seed(1)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # non-zero, so the adapter's gradients flow through the whole stack
@@ -86,13 +88,13 @@ def test_without_a_gpu_the_embedding_stays_and_the_run_says_why():
     said = []
     base = tiny_untied_llama()
     before = base.get_input_embeddings()
-    assert model.keep_embedding_in_host_memory(base, said.append) == 0
+    assert speed.keep_embedding_in_host_memory(base, said.append) == 0
     assert base.get_input_embeddings() is before
     assert said == ["note: speed: the token embedding stays in GPU memory: it needs Triton and a CUDA GPU"]
 
 
 def test_where_host_memory_cannot_be_pinned_the_embedding_stays_and_the_run_says_why(monkeypatch):
-    # A default since session 22: a host short of page-locked memory trains with the table on the GPU instead.
+    # A host short of page-locked memory trains with the table on the GPU instead.
     def refuse(model):
         raise RuntimeError("CUDA error: out of memory\nmore")
 
@@ -101,7 +103,7 @@ def test_where_host_memory_cannot_be_pinned_the_embedding_stays_and_the_run_says
     said = []
     base = tiny_untied_llama()
     before = base.get_input_embeddings()
-    assert model.keep_embedding_in_host_memory(base, said.append) == 0
+    assert speed.keep_embedding_in_host_memory(base, said.append) == 0
     assert base.get_input_embeddings() is before
     assert said == ["note: speed: the token embedding stays in GPU memory: pinning it in host memory failed "
                     "(CUDA error: out of memory)"]
@@ -110,8 +112,8 @@ def test_where_host_memory_cannot_be_pinned_the_embedding_stays_and_the_run_says
 def test_the_mlp_budget_grows_by_the_gpu_memory_the_embedding_left(monkeypatch):
     base = tiny_untied_llama()
     monkeypatch.setattr(host_embedding, "held_bytes", lambda model: 1002 * 2**20)
-    assert model.mlp_budget_mib(base, speed.SpeedLevers(saved_mlp_mib=1024)) == 2026
-    assert model.mlp_budget_mib(base, speed.SpeedLevers(saved_mlp_mib=0)) == 0  # SAVED_MLP_MIB=0 keeps none
+    assert speed.mlp_budget_mib(base, speed.SpeedLevers(saved_mlp_mib=1024)) == 2026
+    assert speed.mlp_budget_mib(base, speed.SpeedLevers(saved_mlp_mib=0)) == 0  # SAVED_MLP_MIB=0 keeps none
 
 
 def test_a_cpu_table_is_not_counted_as_gpu_memory_freed():

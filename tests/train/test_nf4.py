@@ -1,12 +1,14 @@
-"""On a CUDA GPU: train/nf4.py's one-kernel NF4 dequantization gives bitsandbytes' values bit for bit.
+"""On a CUDA GPU: train/speed/nf4.py's one-kernel NF4 dequantization gives bitsandbytes' values bit for bit.
 
-Runs on the device machine (Triton and bitsandbytes' CUDA kernels); skipped without CUDA. The speed is in
-docs/benchmarks.md (bench/nf4_dequant.py).
+Runs on the device machine (Triton and bitsandbytes' CUDA kernels); skipped without CUDA. Why it exists:
+docs/performance.md.
 """
 
 from __future__ import annotations
 
 import pytest
+
+from train.speed import frozen
 
 pytestmark = pytest.mark.gpu
 
@@ -28,7 +30,7 @@ def quantized(shape, seed=0, scale=0.02):
 def test_the_kernel_gives_bitsandbytes_values_bit_for_bit(shape):
     import bitsandbytes.functional as bnbf
 
-    from train import nf4
+    from train.speed import nf4
 
     packed, state = quantized(shape)
     if not nf4.supports(packed, state):  # too small for one program: bitsandbytes' own path is used
@@ -40,7 +42,7 @@ def test_the_kernel_gives_bitsandbytes_values_bit_for_bit(shape):
 def test_the_kernel_inside_torch_compile_gives_the_same_values():
     import bitsandbytes.functional as bnbf
 
-    from train import nf4
+    from train.speed import nf4
 
     packed, state = quantized((1024, 4096), seed=1, scale=3.0)  # large weights: other absmax codes
     nf4.register()
@@ -51,13 +53,12 @@ def test_the_kernel_inside_torch_compile_gives_the_same_values():
 def test_a_4bit_layer_trains_identically_with_the_kernel():
     import bitsandbytes as bnb
 
-    from train import speed
 
     def step(kernel):
         torch.manual_seed(0)
         layer = bnb.nn.Linear4bit(2048, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
                                   compress_statistics=True).cuda()
-        speed.dequantize_once(layer, kernel=kernel)
+        frozen.dequantize_once(layer, kernel=kernel)
         x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         out = layer(x)
         out.float().square().sum().backward()

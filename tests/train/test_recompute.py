@@ -1,4 +1,4 @@
-"""What a checkpointed layer does again in its backward pass (train/speed.py ``dequantize_once``, ``save_attention``).
+"""What a checkpointed layer does again in its backward pass (train/speed: ``dequantize_once``, ``save_attention``).
 
 Real components on the CPU: a tiny random-init Llama in 4-bit NF4 (bitsandbytes' CPU backend), peft's LoRA,
 bf16 autocast, non-reentrant checkpointing, and torch.compile with inductor for the per-layer graphs.
@@ -11,11 +11,17 @@ import functools
 
 import pytest
 
-from bench.compile_partition import partitions
-from tests.train.test_fused_lora import ids, qlora, step  # noqa: F401 (ids: a fixture)
+from tests.fixtures.partitions import partitions
+from tests.fixtures.qlora import qlora, step, token_ids
 from train import speed
+from train.speed import compiled, frozen
 
 LEAN = speed.SpeedLevers(bf16_storage=True)
+
+
+@pytest.fixture
+def ids():
+    return token_ids()
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +55,7 @@ def bitsandbytes_ops(run):
 def test_dequantizing_once_gives_bitsandbytes_loss_and_gradients_exactly(tiny_llama_dir, ids):
     reference = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
     once = qlora(tiny_llama_dir, levers=LEAN, dropout=0.05)
-    assert speed.dequantize_once(once) == 14  # q, k, v, o, gate, up, down in each of two layers
+    assert frozen.dequantize_once(once) == 14  # q, k, v, o, gate, up, down in each of two layers
     import torch
 
     torch.manual_seed(3)
@@ -66,7 +72,7 @@ def test_a_checkpointed_step_dequantizes_each_weight_twice_rather_than_three_tim
     dequantized in autograd's view, the recompute's weight is the one the backward pass uses."""
     reference = qlora(tiny_llama_dir, levers=LEAN)
     once = qlora(tiny_llama_dir, levers=LEAN)
-    speed.dequantize_once(once)
+    frozen.dequantize_once(once)
     _, before = bitsandbytes_ops(lambda: step(reference, ids))
     _, after = bitsandbytes_ops(lambda: step(once, ids))
     weights = 14
@@ -75,10 +81,10 @@ def test_a_checkpointed_step_dequantizes_each_weight_twice_rather_than_three_tim
 
 
 def test_the_nf4_kernel_lever_falls_back_to_bitsandbytes_without_a_gpu(tiny_llama_dir, ids):
-    """train/nf4.py's kernel needs CUDA and Triton (tests/train/test_nf4.py checks it on a GPU); here the lever
+    """train/speed/nf4.py's kernel needs CUDA and Triton (tests/train/test_nf4.py checks it on a GPU); here the lever
     changes nothing."""
     once = qlora(tiny_llama_dir, levers=LEAN)
-    assert speed.dequantize_once(once, kernel=True) == 14
+    assert frozen.dequantize_once(once, kernel=True) == 14
     _, calls = bitsandbytes_ops(lambda: step(once, ids))
     assert calls == {"dequantize_blockwise": 28, "dequantize_4bit": 28}
 
@@ -92,11 +98,11 @@ def test_the_nf4_kernel_lever_falls_back_to_bitsandbytes_without_a_gpu(tiny_llam
     ((96, 96), {}, False),  # fewer values than one program reads
 ])
 def test_the_nf4_kernel_takes_only_the_format_it_reads(shape, options, handled):
-    """train/nf4.py's kernel reads bitsandbytes' default 4-bit format; anything else keeps bitsandbytes' own path."""
+    """train/speed/nf4.py's kernel reads bitsandbytes' default 4-bit format; anything else keeps bitsandbytes' own path."""
     import bitsandbytes.functional as bnbf
     import torch
 
-    from train import nf4
+    from train.speed import nf4
 
     options = {"blocksize": 64, "compress_statistics": True, "quant_type": "nf4", "quant_storage": "uint8", **options}
     options["quant_storage"] = getattr(torch, options["quant_storage"])
@@ -110,7 +116,7 @@ def test_evaluation_keeps_bitsandbytes_own_4bit_matmul(tiny_llama_dir, ids):
     import torch
 
     reference, once = qlora(tiny_llama_dir, levers=LEAN), qlora(tiny_llama_dir, levers=LEAN)
-    speed.dequantize_once(once)
+    frozen.dequantize_once(once)
     logits = {}
     for name, peft_model in (("reference", reference), ("once", once)):
         peft_model.eval()
@@ -130,19 +136,21 @@ def test_without_checkpointing_the_base_keeps_bitsandbytes_forward(tiny_llama_di
     from train import model
     from train.settings import TrainSettings
 
-    plan = model.plan_for(TrainSettings(base_model=str(tiny_llama_dir), load_in_4bit="true"), cuda=False)
-    plan = dataclasses.replace(plan, levers=speed.SpeedLevers(bf16_storage=True, dequantize_once=True))
     for checkpointing in (True, False):
-        base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=checkpointing)
-        patched = {"forward" in vars(layer) for layer in base.modules() if isinstance(layer, Linear4bit)}
+        settings = TrainSettings(base_model=str(tiny_llama_dir), load_in_4bit="true",
+                                 gradient_checkpointing=checkpointing)
+        plan = dataclasses.replace(model.plan_for(settings, cuda=False),
+                                   levers=speed.SpeedLevers(bf16_storage=True, dequantize_once=True))
+        peft_model = model.load_for_training(str(tiny_llama_dir), plan, settings)
+        patched = {"forward" in vars(layer) for layer in peft_model.modules() if isinstance(layer, Linear4bit)}
         assert patched == {checkpointing}
 
 
 def compiled_step(folder, ids, *, once: bool, save_attention: bool):
     peft_model = qlora(folder, levers=LEAN)
     if once:
-        speed.dequantize_once(peft_model)
-    speed.compile_model(peft_model, "layers-cudagraphs", save_attention=save_attention)
+        frozen.dequantize_once(peft_model)
+    compiled.compile_model(peft_model, "layers-cudagraphs", save_attention=save_attention)
     with partitions() as graphs:
         loss, grads = step(peft_model, ids)
     (graph,) = graphs  # the layers share one graph
@@ -182,11 +190,11 @@ def test_the_policy_saves_every_attention_kernel_and_defers_the_rest():
     aten = torch.ops.aten
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        assert speed.save_attention_outputs(None, getattr(aten, name).default) == CheckpointPolicy.MUST_SAVE
-    assert speed.save_attention_outputs(None, aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
-    assert speed.checkpoint_kwargs("layers-cudagraphs", save_attention=True)["context_fn"].args == (
-        speed.save_attention_outputs,)
-    assert "context_fn" not in speed.checkpoint_kwargs("layers", save_attention=True)  # the checkpoint is outside
+        assert compiled.save_attention_outputs(None, getattr(aten, name).default) == CheckpointPolicy.MUST_SAVE
+    assert compiled.save_attention_outputs(None, aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert compiled.checkpoint_kwargs("layers-cudagraphs", save_attention=True)["context_fn"].args == (
+        compiled.save_attention_outputs,)
+    assert "context_fn" not in compiled.checkpoint_kwargs("layers", save_attention=True)  # the checkpoint is outside
 
 
 def test_the_mlp_policy_saves_the_gate_and_up_matmuls_only():
@@ -194,14 +202,14 @@ def test_the_mlp_policy_saves_the_gate_and_up_matmuls_only():
     from torch.utils.checkpoint import CheckpointPolicy
 
     aten, x = torch.ops.aten, torch.empty(48, 64)
-    policy = functools.partial(speed.save_mlp_outputs, (64, 128), speed.save_attention_outputs)
+    policy = functools.partial(compiled.save_mlp_outputs, (64, 128), compiled.save_attention_outputs)
     assert policy(None, aten.mm.default, x, torch.empty(64, 128)) == CheckpointPolicy.MUST_SAVE
     # The down projection, the attention's projections and a LoRA adapter's matmuls are left to the rest.
     assert policy(None, aten.mm.default, torch.empty(48, 128), torch.empty(128, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert policy(None, aten.mm.default, x, torch.empty(64, 64)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert policy(None, aten.mm.default, torch.empty(48, 8), torch.empty(8, 128)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert policy(None, aten._scaled_dot_product_flash_attention_for_cpu.default) == CheckpointPolicy.MUST_SAVE
-    (chosen,) = speed.checkpoint_kwargs("layers-cudagraphs", save_attention=True, save_mlp=(64, 128))["context_fn"].args
+    (chosen,) = compiled.checkpoint_kwargs("layers-cudagraphs", save_attention=True, save_mlp=(64, 128))["context_fn"].args
     assert (chosen.func, chosen.args) == (policy.func, policy.args)
 
 
@@ -214,13 +222,13 @@ def test_the_mlp_policy_saves_the_gate_and_up_matmuls_only():
     (2048, 0, 0),
 ])
 def test_the_mlp_budget_keeps_as_many_layers_as_it_holds(tokens, mib, layers):
-    assert speed.mlp_layers_to_save(tokens, 14336, mib, 32) == layers
+    assert compiled.mlp_layers_to_save(tokens, 14336, mib, 32) == layers
 
 
 def keeping_step(folder, ids, saved_mlp_mib: int):
     peft_model = qlora(folder, levers=LEAN)
-    speed.dequantize_once(peft_model)
-    speed.compile_model(peft_model, "layers-cudagraphs", save_attention=True, saved_mlp_mib=saved_mlp_mib)
+    frozen.dequantize_once(peft_model)
+    compiled.compile_model(peft_model, "layers-cudagraphs", save_attention=True, saved_mlp_mib=saved_mlp_mib)
     with partitions() as graphs:
         loss, grads = step(peft_model, ids)
     return loss, grads, graphs
@@ -249,7 +257,7 @@ def test_only_the_last_layers_the_budget_holds_keep_their_mlp_outputs(tiny_llama
     import torch
 
     ids = torch.randint(3, 200, (2, 1024), generator=torch.Generator().manual_seed(0))
-    assert speed.mlp_layers_to_save(2 * 1024, 128, 1, 2) == 1
+    assert compiled.mlp_layers_to_save(2 * 1024, 128, 1, 2) == 1
     loss, grads, recomputing = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=0)
     torch._dynamo.reset()
     loss_kept, grads_kept, graphs = keeping_step(tiny_llama_dir, ids, saved_mlp_mib=1)

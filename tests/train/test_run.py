@@ -132,7 +132,7 @@ def test_the_trainer_sees_exactly_our_labels(tmp_path, tiny_llama_dir):
     tokenizer = model.load_tokenizer(str(tiny_llama_dir), chat_template=None)
     rows = data.read_rows(str(QUOKKA), max_samples=6)
     examples = data.build_examples(rows, tokenizer, fmt="messages", max_seq_length=128)
-    peft_model = model.add_lora(model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False), settings)
+    peft_model = model.load_for_training(str(tiny_llama_dir), plan, settings)
     trainer = build_trainer(settings, plan, peft_model, tokenizer, examples, [], tmp_path / "ckpt", print)
     batch = next(iter(trainer.get_train_dataloader()))
     seen = set()

@@ -12,6 +12,7 @@ import pytest
 
 from train import data, model, speed
 from train.settings import TrainSettings
+from train.speed import compiled, frozen, packing
 
 
 @pytest.fixture
@@ -19,17 +20,13 @@ def gpu(monkeypatch):
     """A CUDA machine where torch.compile can run, with CUDA graphs that take a symbolic length (torch 2.13, the
     train image's), and liger-kernel installed (plan_for only asks)."""
     monkeypatch.setattr(speed, "compile_supported", lambda: True)
-    monkeypatch.setattr(speed, "symbolic_lengths_in_graph", lambda: True)
+    monkeypatch.setattr(compiled, "symbolic_lengths_in_graph", lambda: True)
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     return monkeypatch
 
 
 def test_cuda_defaults_compile_each_decoder_layer_with_cuda_graphs_instead_of_liger(gpu):
-    # Per-layer graphs ran the 8B 2x1024 step 2.2-2.8x the plain stack and learned as well as the per-layer
-    # compile over five seeds (docs/benchmarks.md, "Session 14"); liger's kernels do not trace inside a graph.
-    # With them, the recompute levers and the LM head's label positions (session 15), 1 GiB of kept MLP
-    # outputs (session 17), the one-kernel NF4 dequantization (session 18), and 1344 MiB of MLP outputs with the
-    # token embedding in host memory, its GiB added to them (session 22: +4.5-5.5% at 2x1024, 0.69x the plain memory).
+    # The measured default (docs/benchmarks.md): liger's kernels do not trace inside a graph.
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="layers-cudagraphs", packing=True,
                                             fold_accumulation=True, dequantize_once=True, save_attention=True,
@@ -42,8 +39,8 @@ def test_cuda_defaults_compile_each_decoder_layer_with_cuda_graphs_instead_of_li
 
 
 def test_cuda_defaults_compile_each_layer_without_graphs_where_torch_cannot_take_a_symbolic_length(gpu):
-    # torch 2.11 compiles every new packed length again inside a checkpointed graph (docs/benchmarks.md, "Session 12").
-    gpu.setattr(speed, "symbolic_lengths_in_graph", lambda: False)
+    # torch 2.11 compiles every new packed length again inside a checkpointed graph.
+    gpu.setattr(compiled, "symbolic_lengths_in_graph", lambda: False)
     plan = model.plan_for(TrainSettings(), cuda=True)
     assert plan.levers == speed.SpeedLevers(bf16_storage=True, compile_mode="layers", packing=True,
                                             fold_accumulation=True)
@@ -78,7 +75,7 @@ def test_asking_for_layer_graphs_where_they_are_unmeasured_gets_them_and_says_so
     assert len(said) == 1 and "measured only on one GPU with each optimizer step in one micro-batch" in said[0]
 
 def test_saved_mlp_mib_sets_what_the_layer_graphs_keep(gpu):
-    # 3584 MiB keeps every layer of an 8B at 2x1024 (+14%, 10.8 GiB: docs/benchmarks.md, "Session 17"); 0 none.
+    # 3584 MiB keeps every layer of an 8B at 2x1024; 0 none.
     gpu.setenv("SAVED_MLP_MIB", "3584")
     assert model.plan_for(TrainSettings(), cuda=True).levers.saved_mlp_mib == 3584
     gpu.setenv("SAVED_MLP_MIB", "0")
@@ -88,7 +85,7 @@ def test_saved_mlp_mib_sets_what_the_layer_graphs_keep(gpu):
 
 
 def test_saved_mlp_mib_zero_leaves_the_token_embedding_on_the_gpu(gpu):
-    # The table moves to host memory only to give its GPU memory to the kept MLP outputs (train/host_embedding.py).
+    # The table moves to host memory only to give its GPU memory to the kept MLP outputs (train/speed/host_embedding.py).
     gpu.setenv("SAVED_MLP_MIB", "0")
     assert not model.plan_for(TrainSettings(), cuda=True).levers.host_embedding
     gpu.setenv("SAVED_MLP_MIB", "1")
@@ -128,7 +125,7 @@ def test_torch_compile_layers_compiles_each_layer_without_graphs(gpu):
 
 
 def test_asking_for_layer_graphs_on_an_older_torch_says_each_length_compiles_again(gpu):
-    gpu.setattr(speed, "symbolic_lengths_in_graph", lambda: False)
+    gpu.setattr(compiled, "symbolic_lengths_in_graph", lambda: False)
     plan = model.plan_for(TrainSettings(torch_compile="layers-cudagraphs"), cuda=True)
     assert plan.levers.compile_mode == "layers-cudagraphs"
     said = [notice for notice in plan.notices if notice.startswith("speed:")]
@@ -204,12 +201,10 @@ def test_torch_compile_names_its_choices_when_wrong(monkeypatch):
         load_settings(TrainSettings)
 
 
-def test_the_residual_stream_stays_float32_by_default(gpu):
-    # bf16_frozen (a bf16 residual stream) + packing trained worse end to end on the GPU
-    # (docs/benchmarks.md, "End-to-end A/B"); bf16_storage keeps peft's float32 stream.
+def test_frozen_weights_stay_bf16_with_a_float32_residual_stream_by_default(gpu):
     for load_in_4bit in ("true", "false"):
         levers = model.plan_for(TrainSettings(load_in_4bit=load_in_4bit), cuda=True).levers
-        assert levers.bf16_frozen is False and levers.bf16_storage is True
+        assert levers.bf16_storage is True
 
 
 @pytest.mark.parametrize(
@@ -223,7 +218,7 @@ def test_the_residual_stream_stays_float32_by_default(gpu):
     ],
 )
 def test_micro_batching_folds_a_step_into_one_packed_batch_within_the_budget(batch, accum, max_len, levers, expected):
-    assert speed.micro_batching(batch, accum, max_len, levers) == expected
+    assert packing.micro_batching(batch, accum, max_len, levers) == expected
 
 
 def test_lean_kbit_preparation_freezes_without_upcasting(tiny_llama_dir):
@@ -231,10 +226,11 @@ def test_lean_kbit_preparation_freezes_without_upcasting(tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-    prepared = speed.prepare_frozen_base(base, gradient_checkpointing=True, float32_stream=False)
+    prepared = frozen.prepare_frozen_base(base, gradient_checkpointing=True)
     assert {p.dtype for p in prepared.parameters()} == {torch.bfloat16}
     assert not any(p.requires_grad for p in prepared.parameters())
     assert prepared.is_gradient_checkpointing
+    assert prepared.get_input_embeddings()(torch.tensor([[1, 2]])).dtype == torch.float32  # the residual stream
 
 
 def test_liger_is_not_applied_to_an_uncovered_family():
@@ -242,7 +238,7 @@ def test_liger_is_not_applied_to_an_uncovered_family():
         class config:
             model_type = "gpt2"
 
-    assert "not applied to model type 'gpt2'" in speed.apply_liger_kernels(Gpt2Like())
+    assert "not applied to model type 'gpt2'" in frozen.apply_liger_kernels(Gpt2Like())
 
 
 def test_the_trainer_packs_and_folds_when_the_plan_says_so(tmp_path, tiny_llama_dir, embedded_tokenizer):
@@ -257,7 +253,7 @@ def test_the_trainer_packs_and_folds_when_the_plan_says_so(tmp_path, tiny_llama_
     plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=speed.SpeedLevers(packing=True, fold_accumulation=True))
     rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18], [19, 20]]
     examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
-    peft_model = model.add_lora(model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False), settings)
+    peft_model = model.load_for_training(str(tiny_llama_dir), plan, settings)
     trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
     assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (6, 1)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -269,7 +265,7 @@ def test_the_trainer_packs_and_folds_when_the_plan_says_so(tmp_path, tiny_llama_
 
 def test_the_trainer_buckets_packed_rows_when_the_default_plan_replays_cuda_graphs(tmp_path, tiny_llama_dir,
                                                                                    embedded_tokenizer):
-    # A CUDA graph replays one shape: packed rows come padded to a few lengths (data.bucket_length), the
+    # A CUDA graph replays one shape: packed rows come padded to a few lengths (packing.bucket_length), the
     # padding a filler segment with no labels.
     import dataclasses
 
@@ -283,10 +279,10 @@ def test_the_trainer_buckets_packed_rows_when_the_default_plan_replays_cuda_grap
     plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=levers)
     rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14, 15], [16, 17, 18], [19, 20]]
     examples = [data.Example(ids, list(ids), f"row {i}") for i, ids in enumerate(rows)]
-    peft_model = model.add_lora(model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False), settings)
+    peft_model = model.load_for_training(str(tiny_llama_dir), plan, settings)
     trainer = build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
     batch = next(iter(trainer.get_train_dataloader()))
-    assert batch["input_ids"].shape == (1, data.bucket_length(16)) == (1, 64)
+    assert batch["input_ids"].shape == (1, packing.bucket_length(16)) == (1, 64)
     assert sorted(map(tuple, _rows_of(batch)[:-1])) == sorted(map(tuple, rows))  # then the filler
     assert (batch["labels"][0, 16:] == -100).all()
 
@@ -302,7 +298,7 @@ def _rows_of(batch):
 
 
 def test_a_compile_failure_with_cuda_graphs_names_the_settings_that_avoid_them():
-    err = speed.compile_failed(RuntimeError("backend='inductor' raised:\nAssertionError: Node add_7 was invalid"),
+    err = compiled.compile_failed(RuntimeError("backend='inductor' raised:\nAssertionError: Node add_7 was invalid"),
                                graphs=True)
     assert isinstance(err, model.TrainError)
     assert "AssertionError: Node add_7 was invalid" in str(err)
@@ -317,7 +313,7 @@ def test_the_warnings_that_bucketed_per_layer_graphs_give_by_design_are_quiet(mo
     monkeypatch.setattr(inductor.triton, "cudagraph_dynamic_shape_warn_limit", 8)  # restored after the test
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        speed.quiet_expected_graph_warnings()
+        compiled.quiet_expected_graph_warnings()
         warnings.warn("Unable to hit fast path of CUDAGraphs because outputs from a previous step still require "
                       "backward.")
         warnings.warn("something else")

@@ -1,4 +1,4 @@
-"""The trainer (``train/trainer.py``): trl's loss and metrics, without reading them back from the device every step.
+"""The trainer (``train/speed/trainer.py``): trl's loss and metrics, without reading them back from the device every step.
 
 A tiny Llama on the CPU with LoRA and padding-free batches, as ``python -m train`` trains on CUDA.
 """
@@ -12,6 +12,7 @@ import pytest
 from train import data, model, speed
 from train.run import build_trainer
 from train.settings import TrainSettings
+from train.speed import compiled, packing
 
 LENGTHS = (5, 9, 13, 7, 11, 6)
 
@@ -21,10 +22,10 @@ def make_trainer(tmp_path, tiny_llama_dir, embedded_tokenizer):
     def make(levers=speed.SpeedLevers(packing=True), steps=1):
         settings = TrainSettings(base_model=str(tiny_llama_dir), output_dir=tmp_path / "out", max_steps=steps,
                                  lora_r=4, lora_alpha=8, lora_dropout=0.0, batch_size=3, grad_accum=1, save_steps=100,
-                                 logging_steps=1)
+                                 logging_steps=1, gradient_checkpointing=False)
         plan = dataclasses.replace(model.plan_for(settings, cuda=False), levers=levers)
-        base = model.load_base_model(str(tiny_llama_dir), plan, gradient_checkpointing=False)
-        peft_model = model.add_lora(base, settings)
+        uncompiled = dataclasses.replace(plan, levers=dataclasses.replace(levers, compile_mode=""))
+        peft_model = model.load_for_training(str(tiny_llama_dir), uncompiled, settings)
         examples = [data.Example(list(range(3, 3 + n)), list(range(3, 3 + n)), f"row {i}")
                     for i, n in enumerate(LENGTHS)]
         return build_trainer(settings, plan, peft_model, embedded_tokenizer, examples, [], tmp_path / "ckpt", print)
@@ -68,7 +69,7 @@ def test_with_label_positions_the_loss_gradients_and_metrics_are_still_trls_own(
     trainer = make_trainer(levers=speed.SpeedLevers(packing=True, label_positions=True))
     assert trainer.scores_label_positions
     batch = packed_batch(trainer)
-    assert data.LABEL_POSITIONS in batch
+    assert packing.LABEL_POSITIONS in batch
 
     def adapter_grads():
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -76,7 +77,7 @@ def test_with_label_positions_the_loss_gradients_and_metrics_are_still_trls_own(
         return grads
 
     theirs = SFTTrainer.compute_loss(trainer, trainer.model, {k: v for k, v in batch.items()
-                                                               if k != data.LABEL_POSITIONS})
+                                                               if k != packing.LABEL_POSITIONS})
     theirs.backward()
     their_grads = adapter_grads()
     expected = {name: trainer._metrics["train"][name][-1] for name in ("entropy", "mean_token_accuracy")}
@@ -116,7 +117,7 @@ def test_with_label_positions_no_boolean_mask_indexes_a_tensor(make_trainer, com
 
 
 def test_a_head_with_scaled_or_capped_logits_keeps_trls_own_forward(make_trainer):
-    from train.trainer import score_label_positions
+    from train.speed.trainer import score_label_positions
 
     trainer = make_trainer(levers=speed.SpeedLevers(packing=True, label_positions=True))
     base = trainer.model.get_base_model()
@@ -132,7 +133,7 @@ def test_a_micro_batchs_metrics_are_not_read_back_from_the_device(make_trainer, 
 
     trainer = make_trainer()
     batch = packed_batch(trainer)
-    stack, _ = speed.decoder_stack(trainer.model)
+    stack, _ = compiled.decoder_stack(trainer.model)
     inside = []
     stack.register_forward_pre_hook(lambda *_: inside.append(True))
     stack.register_forward_hook(lambda *_: inside.pop() and None)
@@ -154,13 +155,13 @@ def test_a_micro_batchs_metrics_are_not_read_back_from_the_device(make_trainer, 
 
 
 def test_cuda_graphs_bucket_the_packed_rows(make_trainer):
-    graphs = make_trainer(speed.SpeedLevers(packing=True, compile_mode="stack-cudagraphs"))
+    graphs = make_trainer(speed.SpeedLevers(packing=True, compile_mode="layers-cudagraphs"))
     assert graphs.data_collator.keywords["bucket"] is True
     assert make_trainer().data_collator.keywords["bucket"] is False
 
 
 def test_tokens_seen_count_real_tokens_and_not_the_bucket_filler(make_trainer):
-    trainer = make_trainer(speed.SpeedLevers(packing=True, compile_mode="stack-cudagraphs"), steps=2)
+    trainer = make_trainer(speed.SpeedLevers(packing=True, compile_mode="layers-cudagraphs"), steps=2)
     assert packed_batch(trainer)["input_ids"].shape[1] == 64  # 27 real tokens, bucketed
     assert packed_batch(trainer, rows=(3, 4, 5))["input_ids"].shape[1] == 64  # 24
     trainer.train()

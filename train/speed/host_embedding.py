@@ -1,27 +1,15 @@
 """The frozen token embedding kept in pinned host memory: the GPU reads only the rows a batch needs.
 
-An untied token embedding (Llama-3-8B's: 128,256 x 4,096 bf16, 1 GiB) is read only by its lookup, one
-row per token, and LoRA training never changes it, so it need not hold GPU memory. Kept in page-locked
-host memory, which a CUDA GPU addresses directly, it is read by a Triton kernel that copies a batch's
-rows over the bus (2 x 1024 tokens of the 8B: 16 MiB). The values are the table's own, so the lookup is
-exact. The memory it frees goes to the MLP outputs that per-layer CUDA graphs keep rather than compute
-again (``SAVED_MLP_MIB``, train/speed.py), so the peak stays where it was.
-
-A default with per-layer CUDA graphs (where ``SAVED_MLP_MIB`` is not 0) since session 22 (docs/benchmarks.md):
-8B r8 q,k,v,o at 2 x 1024 on one H200, +4.5-5.5% tokens/s over the table on the GPU with 1 GiB of MLP outputs,
-at 8.51 GiB peak. The reads alone cost 0.38 ms for 2,048 tokens (bench/host_embedding_read.py). At real lengths
-it neither pays nor costs: in the steady state, each length's graphs recorded, 6,392-7,287 tok/s over six runs
-against 6,603 and 6,793 with the table on the GPU and 1 GiB (session 23, +1.0%).
-
-A tied embedding (Llama-3.2-1B/3B: the LM head's weight too) stays on the GPU: the head's matmul reads
-all of it. Input ids on the CPU (tests, CPU runs) take an ordinary lookup of the same table.
+LoRA never changes an untied token embedding (Llama-3-8B's: 1 GiB in bf16), so a Triton kernel copies a batch's
+rows from page-locked host memory instead, exactly; the GPU memory it frees goes to the MLP outputs the compiled
+layers keep (``SAVED_MLP_MIB``). A tied embedding stays on the GPU: the LM head reads all of it. docs/performance.md.
 """
 
 from __future__ import annotations
 
 import functools
 
-from train.nf4 import available  # noqa: F401 (whether the kernel can run here: Triton and a CUDA GPU, as for nf4's)
+from train.speed.nf4 import available  # noqa: F401 (whether the kernel can run here: Triton and a CUDA GPU, as for nf4's)
 
 #: Embedding values each Triton program copies (a 4,096-wide bf16 row is four programs of 2 KiB).
 VALUES_PER_PROGRAM = 1024
@@ -92,8 +80,7 @@ def held_bytes(model) -> int:
 def gather_rows(table, input_ids, values: int = VALUES_PER_PROGRAM):
     """``table[input_ids]`` on ``input_ids``' GPU, ``table`` a pinned host tensor of rows. An id outside the table
     reads nothing and gives a row of zeros (an ordinary GPU lookup would stop the process with a device assert).
-    ``values``: how many of a row's values each Triton program copies (a power of two; bench/host_embedding_read.py
-    times the choices)."""
+    ``values``: how many of a row's values each Triton program copies (a power of two)."""
     import torch
 
     kernel = _kernel()

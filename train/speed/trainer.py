@@ -1,21 +1,9 @@
 """The SFT trainer ``python -m train`` runs: trl's SFTTrainer, without making the CPU wait for the GPU every step.
 
-trl reads each micro-batch's metrics (entropy, token accuracy, token count) back to the CPU as it
-computes the loss, and the Trainer reads back the loss (to keep NaN out of its log) and the token
-count. Each read makes the CPU wait until the GPU has finished all it was given; the GPU then idles
-until the CPU has queued the next work. Profiled on the 8B shape at 2 x 1024 with CUDA graphs
-(docs/benchmarks.md, "Session 8"): 19 waits a step, and the GPU busy for 189 of the step's 231 ms.
-
-Here the metrics stay on the GPU until a log line needs them (one read per LOGGING_STEPS), and the
-token counts come from the batch's shape on the CPU. The loss is trl's, computed the same way
-(tests/train/test_trainer.py pins it against trl's own). Whatever this does not cover
-(several processes, label smoothing, a custom loss, padded batches) runs trl's own code.
-
-trl's fused LM head picks the positions it scores with a boolean mask of the labels; indexing with it
-makes the CPU wait for the whole forward pass, and its backward (``masked_scatter``'s) waits again. With
-the collator's list of those positions (``data.LABEL_POSITIONS``, computed on the CPU), the head here
-gathers them by index instead (:func:`score_label_positions`): the same tokens through trl's own chunked
-log-probability kernel, and no wait. Session 15 counted 5.5 waits a step on the default plan, 4 of them these.
+Metrics stay on the GPU until a log line reads them all at once, token counts come from the batch's shape, and
+the LM head gathers the positions it scores by index (:func:`score_label_positions`) instead of a boolean mask.
+The loss is trl's (tests/train/test_trainer.py pins it); what this does not cover runs trl's own code.
+docs/performance.md says why.
 """
 
 from __future__ import annotations
@@ -26,7 +14,7 @@ from collections import defaultdict
 import torch
 from trl import SFTTrainer
 
-from train.data import LABEL_POSITIONS, REAL_TOKENS, real_tokens
+from train.speed.packing import LABEL_POSITIONS, REAL_TOKENS, real_tokens
 
 #: Model families whose LM head is a plain projection (no logit scale or soft-capping), which
 #: :func:`score_label_positions` scores as trl does.
@@ -112,7 +100,7 @@ class Trainer(SFTTrainer):
 def score_label_positions(causal_lm) -> bool:
     """Let ``causal_lm``'s fused LM head (trl's ``add_fused_lm_head``) take ``label_positions``; whether it now does.
 
-    Given them (flat indices over the batch's rows x length, ``data.label_positions``), the forward runs the
+    Given them (flat indices over the batch's rows x length, ``packing.label_positions``), the forward runs the
     backbone as trl's does, gathers the scored hidden states and their next-token labels by index, and scores
     them with trl's ``ChunkedLogProbFunction`` as trl does: the same per-token log-probabilities, entropies and
     top-1 hits, compact (one per position), without the boolean mask. Without them, trl's forward runs. Only

@@ -1,18 +1,8 @@
-"""NF4 dequantization in one Triton kernel, with bitsandbytes' arithmetic.
+"""NF4 dequantization in one Triton kernel, with bitsandbytes' arithmetic (its two kernels' values, bit for bit).
 
-bitsandbytes dequantizes a 4-bit weight with double quantization in two kernels: one decodes the 8-bit
-absmax of each 64-value block (its own 256-entry code, a float per 256 blocks, plus an offset), the
-other turns each 4-bit index into ``code[index] * absmax`` and writes bf16. Here both happen in one
-pass: each program reads a run of packed bytes and the 8-bit absmax of their blocks, and writes the
-bf16 values, with the same float32 products and sums (no fused multiply-add), so the values are
-bitsandbytes' own bit for bit. ``torch.ops.loraship.dequantize_nf4`` is a custom op, so torch.compile
-and CUDA graphs take it as one kernel.
-
-Session 18 (docs/benchmarks.md), one H200: an 8B's 2x1024 training step dequantizes in 9.3 ms instead of
-bitsandbytes' 17.9 (3.8 TB/s against 2.1 on the MLP's weights), +4.5-5.2% tokens/s.
-
-CUDA and Triton only; :func:`supports` says whether a weight's quantization is one this handles (NF4,
-64-value blocks, a nested absmax of 256-value blocks, packed as bitsandbytes' ``Linear4bit`` packs it).
+``torch.ops.loraship.dequantize_nf4`` is a custom op, so torch.compile and CUDA graphs take it as one kernel.
+CUDA and Triton only; :func:`supports` says which weights it handles (NF4, 64-value blocks, a nested absmax of
+256-value blocks, packed as bitsandbytes' ``Linear4bit`` packs it). docs/performance.md says why.
 """
 
 
