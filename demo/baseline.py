@@ -16,6 +16,9 @@ from pathlib import Path
 from loraship.manifest import build_manifest, read_manifest, write_manifest
 
 WEIGHTS = "adapter_model.safetensors"
+#: The manifest key (under ``extra``) that marks an export as the demo's untuned baseline;
+#: ``python -m serve`` never picks such an export by itself.
+BASELINE_KEY = "baseline"
 
 
 def is_lora_b(name: str) -> bool:
@@ -54,3 +57,19 @@ def write_null_adapter(adapter_dir: str | os.PathLike, target: str | os.PathLike
             extra={"null_adapter": f"{len(zeroed)} LoRA B matrices zeroed: merging gives the base model unchanged"},
         ))
     return target
+
+
+def mark_as_baseline(export_dir: str | os.PathLike) -> Path:
+    """Mark the export in ``export_dir`` as a comparison baseline in its manifest; return the manifest path.
+
+    The baseline is written after the tune, so it is the newest export: unmarked,
+    ``make serve`` and ``python -m serve chat`` would pick it instead of the tune.
+    """
+    export_dir = Path(export_dir)
+    manifest = read_manifest(export_dir)
+    if manifest is None:
+        raise ValueError(f"{export_dir} has no manifest.json to mark")
+    manifest.setdefault("extra", {})[BASELINE_KEY] = (
+        "the untuned base model, exported by `python -m demo` only to compare the tune against"
+    )
+    return write_manifest(export_dir, manifest)

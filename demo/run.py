@@ -17,7 +17,7 @@ from pathlib import Path
 
 from loraship.atomic import write_json
 
-from demo.baseline import write_null_adapter
+from demo.baseline import mark_as_baseline, write_null_adapter
 from demo.settings import DemoError, DemoSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +122,7 @@ def run_demo(settings: DemoSettings) -> dict:
     seconds["export_base"] = run_stage("export (base)", ["export"], stage_env(
         ADAPTER=str(null_adapter), OUTPUT_DIR=str(base_dir), QUANT_TYPES=f"F16,{quant}", MODEL_NAME="base",
         BASE_MODEL=user_base))
+    mark_as_baseline(base_dir)
 
     tuned_gguf, base_gguf = gguf_in(export_dir, quant), gguf_in(base_dir, quant)
     seconds["evals"] = run_stage("evaluate base vs tuned", ["evals"], stage_env(

@@ -23,6 +23,8 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_PATTERN = "*Q4_K_M.gguf"
 EXPORT_PATTERN = "*Q4_K_M*.gguf"
 OUTPUTS = Path("outputs")
+# The manifest's ``extra`` key that python -m demo sets on its untuned baseline export.
+BASELINE_KEY = "baseline"
 # (elements per block, bytes per block) of the ggml tensor types, to find
 # where a GGUF's last tensor must end. A type missing here only skips the
 # exact truncation check; llama.cpp still refuses a broken file.
@@ -181,13 +183,26 @@ def check_against_manifest(gguf: Path, setting: str = "MODEL") -> None:
         )
 
 
+def is_users_export(folder: Path) -> bool:
+    """The folder holds a finished export (it has a manifest) that is not a comparison baseline.
+
+    ``python -m demo`` marks its untuned base export with ``extra.baseline`` in
+    the manifest: it is written after the tune, and must not be served in its place.
+    """
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and not (manifest.get("extra") or {}).get(BASELINE_KEY)
+
+
 def newest_export(outputs: Path = OUTPUTS) -> Path | None:
-    """The newest ``*Q4_K_M*.gguf`` under ``outputs`` that has a manifest.json beside it."""
+    """The newest ``*Q4_K_M*.gguf`` under ``outputs`` with a manifest beside it, baselines left out."""
     if not outputs.is_dir():
         return None
     candidates = [
         p for p in outputs.rglob(EXPORT_PATTERN)
-        if p.is_file() and not any(part.startswith(".tmp-") for part in p.parts) and (p.parent / MANIFEST_NAME).is_file()
+        if p.is_file() and not any(part.startswith(".tmp-") for part in p.parts) and is_users_export(p.parent)
     ]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 

@@ -25,8 +25,8 @@ class ServeSettings(BaseSettings):
         default=None,
         description=(
             "A local .gguf path or a Hugging Face repo id (owner/name). Unset: the newest "
-            "*Q4_K_M*.gguf export under outputs/ that has a manifest.json, else the embedded "
-            "SmolLM2-135M-Instruct."
+            "*Q4_K_M*.gguf export under outputs/ that has a manifest.json (the demo's untuned "
+            "baseline excepted), else the embedded SmolLM2-135M-Instruct."
         ),
     )
     model_file: Annotated[str | None, EmptyIsNone] = Field(

@@ -137,6 +137,23 @@ def test_without_model_the_newest_export_with_a_manifest_is_served(tmp_path, mon
     assert resolve_model_path(None) == newer / "quokka-Q4_K_M.gguf"
 
 
+def test_without_model_the_tune_is_served_not_the_demos_newer_baseline(tmp_path, monkeypatch):
+    """`make demo` exports the tune, then the untuned base beside it: `make serve` and `chat` must pick the tune."""
+    from demo.baseline import mark_as_baseline
+
+    monkeypatch.chdir(tmp_path)
+    tuned, base = tmp_path / "outputs" / "demo" / "export", tmp_path / "outputs" / "demo" / "base-export"
+    for folder, name in ((tuned, "quokka-Q4_K_M.gguf"), (base, "base-Q4_K_M.gguf")):
+        folder.mkdir(parents=True)
+        shutil.copyfile(embedded_gguf_path(), folder / name)
+        write_manifest(folder, build_manifest(kind="gguf", stage="export", folder=folder, files=[name]))
+    now = time.time()
+    os.utime(tuned / "quokka-Q4_K_M.gguf", (now - 100, now - 100))  # the baseline is the newer export
+    assert newest_export(Path("outputs")) == Path("outputs/demo/base-export/base-Q4_K_M.gguf")
+    mark_as_baseline(base)
+    assert resolve_model_path(None) == tuned / "quokka-Q4_K_M.gguf"
+
+
 def test_without_model_or_exports_the_embedded_gguf_is_served(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_model_path(None) == embedded_gguf_path()
