@@ -2,7 +2,8 @@
 
 The API is llama-cpp-python's own app (``create_app``); we add ``/health``, a
 validator in front of its routes (it answers some bad requests with a 500, or
-with a broken stream), and mount the Gradio UI at ``/``. The UI uses the very
+with a broken stream), a key check in front of both when ``API_KEY`` is set,
+and mount the Gradio UI at ``/``. The UI uses the very
 model object the API uses, behind the API's own lock, so chats from both sides
 queue one after the other and never see each other's tokens.
 """
@@ -10,16 +11,20 @@ queue one after the other and never see each other's tokens.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
+
+from pydantic import SecretStr
 
 from serve.chat import ContextOverflow, build_messages, content_text, history_to_messages, trim_to_context
 from serve.model import ServeError, api_sampling_defaults, model_settings, token_counter
 from serve.settings import ServeSettings
 
 CHAT_PATH = "/v1/chat/completions"
+API_ROOTS = ("/v1", "/extras")
 COMPLETION_PATH = "/v1/completions"
 MESSAGE_PLACEHOLDER = "Type a message and press Enter"
 DRAIN_LIMIT = 64 * 1024 * 1024
@@ -130,7 +135,7 @@ class RequestValidator:
 
             await anyio.to_thread.run_sync(check_request, scope["path"], raw, self.count_tokens, self.n_ctx)
         except RequestRejected as rejected:
-            return await self._reject(send, rejected)
+            return await send_rejection(send, rejected)
 
         replayed = False
 
@@ -168,15 +173,55 @@ class RequestValidator:
             raise too_big
         return b"".join(chunks)
 
-    @staticmethod
-    async def _reject(send, rejected: RequestRejected):
-        body = rejected.body()
-        await send({
-            "type": "http.response.start",
-            "status": rejected.status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        })
-        await send({"type": "http.response.body", "body": body})
+
+async def send_rejection(send, rejected: RequestRejected, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    body = rejected.body()
+    await send({
+        "type": "http.response.start",
+        "status": rejected.status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+def needs_api_key(path: str) -> bool:
+    """The model's API (llama-cpp-python's /v1 and /extras routes); /health and the UI stay open."""
+    return path in API_ROOTS or path.startswith(tuple(root + "/" for root in API_ROOTS))
+
+
+def bearer_problem(authorization: bytes | None, key: bytes) -> str | None:
+    """Why an ``Authorization`` header does not carry ``Bearer <key>``; None when it does."""
+    how = "send the header `Authorization: Bearer <key>`, the key being the server's API_KEY"
+    if not authorization:
+        return f"this API needs a key: {how}"
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return f"the Authorization header is not of the form `Bearer <key>`: {how}"
+    if not hmac.compare_digest(token.strip(), key):
+        return f"the key in the Authorization header is not this server's API_KEY: {how}"
+    return None
+
+
+class ApiKeyGate:
+    """ASGI middleware: the model's API answers only requests that carry the API key.
+
+    It sits outside the request validator, so a caller without the key learns
+    nothing about the model (not even its context window) from a 400.
+    """
+
+    def __init__(self, app, key: SecretStr):
+        self.app, self._key = app, key.get_secret_value().encode("utf-8")
+
+    async def __call__(self, scope, receive, send):
+        # CORS preflights carry no credentials; llama-cpp-python's CORS middleware answers them.
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not needs_api_key(scope["path"]):
+            return await self.app(scope, receive, send)
+        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        problem = bearer_problem(authorization, self._key)
+        if problem is None:
+            return await self.app(scope, receive, send)
+        rejected = RequestRejected(401, problem, "invalid_api_key")
+        await send_rejection(send, rejected, ((b"www-authenticate", b"Bearer"),))
 
 
 def model_lock():
@@ -288,6 +333,8 @@ def build_app(settings: ServeSettings, path: Path):
         }
 
     app.add_middleware(RequestValidator, count_tokens=count_tokens, n_ctx=settings.n_ctx)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyGate, key=settings.api_key)  # added last: runs first
     demo = build_chat_ui(llama, settings, count_tokens, model_name)
     app.state.chat_ui = demo
     return gr.mount_gradio_app(app, demo, path="/", footer_links=["api"])
@@ -318,5 +365,6 @@ def serve_forever(settings: ServeSettings, path: Path) -> None:
     logging.getLogger("uvicorn.error").addFilter(QuietShutdown())
     app = build_app(settings, path)
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
-    print(f"serving {path} on http://{shown}:{settings.port}  (chat UI at /, OpenAI API at /v1, /health)", flush=True)
+    api = "OpenAI API at /v1 (needs API_KEY)" if settings.api_key is not None else "OpenAI API at /v1"
+    print(f"serving {path} on http://{shown}:{settings.port}  (chat UI at /, {api}, /health)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)

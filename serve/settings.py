@@ -61,6 +61,13 @@ class ServeSettings(BaseSettings):
     hf_token: SecretStr | None = Field(
         default=None, description="Hugging Face token, for a private MODEL repo. Never printed."
     )
+    api_key: Annotated[SecretStr | None, EmptyIsNone] = Field(
+        default=None,
+        description=(
+            "When set, the API (/v1, /extras) answers only requests that send `Authorization: Bearer <API_KEY>` "
+            "(401 otherwise); /health and the chat UI stay open. Never printed."
+        ),
+    )
 
     def threads(self) -> int:
         """Threads to give llama.cpp: the setting, else the cores this process may run on."""

@@ -8,7 +8,8 @@ from pathlib import Path
 from serve.settings import ServeSettings, load_serve_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMES = ["MODEL", "MODEL_FILE", "HOST", "PORT", "N_CTX", "N_THREADS", "SYSTEM_PROMPT", "MAX_TOKENS", "TEMPERATURE", "HF_TOKEN"]
+NAMES = ["MODEL", "MODEL_FILE", "HOST", "PORT", "N_CTX", "N_THREADS", "SYSTEM_PROMPT", "MAX_TOKENS", "TEMPERATURE", "HF_TOKEN",
+         "API_KEY"]
 
 
 def test_defaults_listen_on_loopback_port_7860(monkeypatch):
@@ -28,6 +29,16 @@ def test_the_container_overrides_host_through_the_environment(monkeypatch):
 
 def test_setting_names_are_the_fixed_ones():
     assert [name.upper() for name in ServeSettings.model_fields] == NAMES
+
+
+def test_every_description_says_what_the_setting_does_in_at_most_240_characters():
+    for name, field in ServeSettings.model_fields.items():
+        assert 0 < len(field.description or "") <= 240, name
+
+
+def test_an_empty_api_key_means_no_key(monkeypatch):
+    monkeypatch.setenv("API_KEY", "")
+    assert load_serve_settings().api_key is None
 
 
 def test_all_bad_settings_are_reported_at_once_with_status_2():
