@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.run import merge_base_record
+from export.merge_base import merge_base_record
 from loraship.manifest import read_manifest, verify_files
 from tests.export.conftest import final_files, run_export_cli
 from tests.export.helpers import make_train_output, mark_trained_in_4bit

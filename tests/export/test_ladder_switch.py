@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.run import unmeasured_merge_base
+from export.merge_base import unmeasured_merge_base
 from loraship.manifest import read_manifest, verify_files
 from tests.export.conftest import final_files, run_export_cli
 from tests.export.helpers import make_adapter, make_train_output, mark_trained_in_4bit
@@ -147,7 +147,7 @@ def test_the_memory_check_is_reported_with_the_other_input_problems(tiny_train_o
 
 def test_ladder_false_skips_the_memory_check(tiny_train_output, tiny_llama_dir, converter_dir, tmp_path, export_env):
     import export.ladder
-    from export.run import check_inputs
+    from export.inputs import check_inputs
     from export.settings import ExportSettings
 
     export_env.setattr(export.ladder, "available_memory", lambda: 2**29)
