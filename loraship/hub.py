@@ -8,9 +8,10 @@ mean "the user must act" (unreachable Hub, missing repo, bad token) become a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from loraship.errors import UserError
 
@@ -58,6 +59,17 @@ def _explain(err: Exception, what: str, setting: str) -> HubError:
         # Raised by huggingface_hub before talking to the Hub (bad argument, bad README metadata...).
         hint = f"{type(err).__name__}: {_first_line(err)}"
     return HubError(f"{setting}={what!r}: {hint}")
+
+
+@contextlib.contextmanager
+def hub_errors(what: str, setting: str) -> Iterator[None]:
+    """Turn a Hub failure inside the block into a :class:`HubError` naming ``setting``; user errors pass through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one clear line
+        raise _explain(err, what, setting) from err
 
 
 def _status(err) -> int | None:

@@ -1,20 +1,27 @@
-"""`python -m serve` serves the chat UI and the API; `python -m serve chat [PROMPT]` chats in the terminal."""
+"""`python -m serve` serves the chat UI and the API; `chat [PROMPT]` chats in the terminal;
+`deploy` puts the server on a Hugging Face Space; `bundle DIR` writes the files its image is built from."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
 from loraship.cli import report_errors
 from loraship.envsettings import settings_help
-from serve.settings import ServeSettings, load_serve_settings
+from serve.settings import DeploySettings, ServeSettings, load_deploy_settings, load_serve_settings
+
+
+def _table(cls) -> str:
+    """A settings table that click prints as written (\\b before each paragraph)."""
+    return "\b\n" + settings_help(cls).replace("\n\n", "\n\n\b\n")
+
 
 HELP = f"""Serve a GGUF on the CPU: a chat UI for people and an OpenAI-compatible API
 (/v1/chat/completions, /v1/models, /health) for programs, on one port.
 
-\b
-{settings_help(ServeSettings).replace(chr(10) * 2, chr(10) * 2 + chr(8) + chr(10))}
+{_table(ServeSettings)}
 """
 
 
@@ -87,6 +94,31 @@ def chat(prompt: str | None) -> None:
             click.echo(f"error: {err}", err=True)
             continue
         history.extend([{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
+
+
+@main.command(epilog=_table(DeploySettings))
+@report_errors
+def deploy() -> None:
+    """Create or update the Hugging Face Space that serves MODEL (Docker, CPU); print its URL.
+
+    One commit uploads the files whose hashes differ from the Space's (none when
+    nothing changed); MODEL becomes a Space variable, and HF_TOKEN a Space secret
+    when MODEL is private.
+    """
+    from serve.deploy import deploy_space
+
+    click.echo(deploy_space(load_deploy_settings()))
+
+
+@main.command()
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=Path))
+@report_errors
+def bundle(directory: Path) -> None:
+    """Write the files the serve image is built from (what the Space holds) into DIR, a new or empty folder."""
+    from serve.bundle import write_bundle
+
+    for name in write_bundle(directory):
+        click.echo(name)
 
 
 if __name__ == "__main__":

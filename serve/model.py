@@ -44,7 +44,7 @@ _KEEP_STRINGS_UP_TO = 1 << 20
 
 
 class ServeError(UserError):
-    """The model to serve cannot be found, fetched or read."""
+    """A user's mistake: the model to serve cannot be found, fetched or read, or a deploy's input is wrong."""
 
 
 @dataclass

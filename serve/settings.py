@@ -8,9 +8,11 @@ variables (the container overrides ``HOST`` with ``0.0.0.0``).
 from __future__ import annotations
 
 import os
-from typing import Annotated
+import re
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraship.envsettings import EmptyIsNone, load_settings
@@ -85,3 +87,62 @@ class ServeSettings(BaseSettings):
 def load_serve_settings(**overrides) -> ServeSettings:
     """Read and validate every setting at once (a SettingsError lists all problems)."""
     return load_settings(ServeSettings, ENV_FILES, **overrides)
+
+
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class DeploySettings(BaseSettings):
+    """What `python -m serve deploy` reads: the Space to create or update, and the model it serves."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False, protected_namespaces=())
+
+    space: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        validate_default=True,
+        description="The Space to create or update, as owner/name.",
+    )
+    model: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        validate_default=True,
+        description="The Hub repo holding the GGUF to serve (owner/name); the Space gets it as its MODEL variable.",
+    )
+    model_file: Annotated[str | None, EmptyIsNone] = Field(
+        default=None,
+        description="The .gguf inside MODEL to serve (set as the Space's MODEL_FILE variable). Unset: its single *Q4_K_M.gguf.",
+    )
+    hf_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Token with write access to SPACE (unset: the saved `hf auth login`). Stored as the Space's "
+            "HF_TOKEN secret only when MODEL is private. Never printed."
+        ),
+    )
+    space_private: bool = Field(
+        default=False, description="Create the Space private. An existing Space keeps its visibility."
+    )
+    space_hardware: Literal["cpu-basic", "cpu-upgrade"] = Field(
+        default="cpu-basic",
+        description="Space hardware: cpu-basic (free) or cpu-upgrade (paid). The image runs llama.cpp on the CPU only.",
+    )
+
+    @field_validator("space", "model")
+    @classmethod
+    def _repo_id(cls, value: str | None, info) -> str | None:
+        example = {"space": "you/quokka-chat", "model": "you/quokka-gguf"}[info.field_name]
+        if value is None:
+            # "missing": the error line names the variable without echoing a value.
+            raise PydanticCustomError("missing", f"unset; set it to a Hub repo id, e.g. {example}")
+        value = value.strip()
+        if not REPO_ID.fullmatch(value):
+            where = " (the Space downloads MODEL from the Hub: push the export there first)" if info.field_name == "model" else ""
+            raise ValueError(f"not a Hub repo id; use owner/name, e.g. {example}{where}")
+        return value
+
+    def token(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None
+
+
+def load_deploy_settings(**overrides) -> DeploySettings:
+    """Read and validate every deploy setting at once (a SettingsError lists all problems)."""
+    return load_settings(DeploySettings, ENV_FILES, **overrides)

@@ -15,7 +15,7 @@ FORBIDDEN = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate
 # the real model, the Gradio UI) and a terminal-chat model, as `python -m serve` does.
 SCRIPT = """
 import json, sys
-import serve, serve.__main__, serve.app, serve.chat, serve.model, serve.settings
+import serve, serve.__main__, serve.app, serve.bundle, serve.chat, serve.deploy, serve.model, serve.settings
 from loraship.embedded import embedded_gguf_path
 from serve.app import build_app
 from serve.model import load_llama, token_counter

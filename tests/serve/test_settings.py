@@ -5,11 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serve.settings import ServeSettings, load_serve_settings
+from serve.settings import DeploySettings, ServeSettings, load_deploy_settings, load_serve_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ["MODEL", "MODEL_FILE", "HOST", "PORT", "N_CTX", "N_THREADS", "SYSTEM_PROMPT", "MAX_TOKENS", "TEMPERATURE", "HF_TOKEN",
          "API_KEY"]
+DEPLOY_NAMES = ["SPACE", "MODEL", "MODEL_FILE", "HF_TOKEN", "SPACE_PRIVATE", "SPACE_HARDWARE"]
 
 
 def test_defaults_listen_on_loopback_port_7860(monkeypatch):
@@ -31,9 +32,21 @@ def test_setting_names_are_the_fixed_ones():
     assert [name.upper() for name in ServeSettings.model_fields] == NAMES
 
 
+def test_setting_names_of_deploy_are_the_fixed_ones():
+    assert [name.upper() for name in DeploySettings.model_fields] == DEPLOY_NAMES
+
+
 def test_every_description_says_what_the_setting_does_in_at_most_240_characters():
-    for name, field in ServeSettings.model_fields.items():
-        assert 0 < len(field.description or "") <= 240, name
+    for cls in (ServeSettings, DeploySettings):
+        for name, field in cls.model_fields.items():
+            assert 0 < len(field.description or "") <= 240, (cls.__name__, name)
+
+
+def test_deploy_defaults_to_a_public_space_on_the_free_cpu(monkeypatch):
+    for name in DEPLOY_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    settings = load_deploy_settings(space="me/chat", model="me/gguf")
+    assert (settings.space_private, settings.space_hardware, settings.token()) == (False, "cpu-basic", None)
 
 
 def test_an_empty_api_key_means_no_key(monkeypatch):
@@ -52,7 +65,9 @@ def test_all_bad_settings_are_reported_at_once_with_status_2():
 
 def test_help_lists_every_setting():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "serve", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0
-    for name in NAMES:
-        assert f"  {name}  [" in result.stdout
+    for command, names in ((["--help"], NAMES), (["deploy", "--help"], DEPLOY_NAMES)):
+        result = subprocess.run([sys.executable, "-m", "serve", *command], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0
+        for name in names:
+            assert f"  {name}  [" in result.stdout
