@@ -15,7 +15,7 @@ PIP := $(BIN)/python -m pip
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
 
-.PHONY: setup test train export serve demo chat bench-serve bench-export clean help readme
+.PHONY: setup test train export serve demo chat space bench-serve bench-export clean help readme
 
 help:
 	@echo "make setup   build .venv (first use of any target does this)"
@@ -24,6 +24,7 @@ help:
 	@echo "make export  python -m export  (adapter -> merged -> GGUF F16 + Q4_K_M, verified)"
 	@echo "make serve   python -m serve   (chat UI + OpenAI API on http://127.0.0.1:7860)"
 	@echo "make demo    train + export + evaluate + serve the embedded model as 'Quokka' (DEMO_SERVE=0 stops after the report)"
+	@echo "make space   python -m serve deploy  (the chat Space on the Hub: SPACE=you/chat MODEL=you/model-gguf HF_TOKEN=...)"
 
 setup: $(STAMP)
 
@@ -61,6 +62,9 @@ chat: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m demo
+
+space: $(STAMP)
+	$(BIN)/python -m serve deploy
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve_throughput.py

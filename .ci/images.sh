@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Builds the serve image with podman, runs it, and checks that it answers.
+# The image is built from the serve bundle (`python -m serve bundle DIR`):
+# exactly the files `python -m serve deploy` uploads to a Hugging Face Space.
 #
 #   .ci/images.sh           everything below, in order
 #   .ci/images.sh setup     only the engine and the local base images
@@ -54,6 +56,7 @@ CI_BASE_PYTHON=${CI_BASE_PYTHON:-$PYTHON_STANDIN}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 STATE=$repo/.cache/containers
 CONTAINER_NAME=loraship-serve-ci-$$
+BUNDLE=$STATE/serve-bundle
 HADOLINT=$repo/.venv/bin/hadolint
 PYTHON=$repo/.venv/bin/python
 
@@ -205,18 +208,25 @@ remove_superseded() {
     fi
 }
 
+# The Space's files, fresh: its Dockerfile is Dockerfile.serve, its README.md the Space card.
+write_bundle() {
+    rm -rf "${BUNDLE:?}"
+    "$PYTHON" -m serve bundle "$BUNDLE" >"$STATE/serve-bundle.txt" || fail "python -m serve bundle $BUNDLE"
+    echo "  $(wc -l <"$STATE/serve-bundle.txt") files in $BUNDLE (python -m serve bundle)"
+}
+
 podman_build() {
     local log=$1 rc
     shift
     set +e
     podman build --pull=never --format docker \
         --build-arg BASE_IMAGE="$CI_BASE_PYTHON" \
-        -f Dockerfile.serve "$@" . 2>&1 \
+        -f "$BUNDLE/Dockerfile" "$@" "$BUNDLE" 2>&1 \
         | tee "$log" \
         | grep --line-buffered -E 'STEP [0-9]+/[0-9]+: (FROM|RUN|COPY)|^--> Using cache|COMMIT|Successfully tagged|ERROR|Error:'
     rc=${PIPESTATUS[0]}
     set -e
-    [ "$rc" = 0 ] || { tail -40 "$log" >&2; fail "podman build -f Dockerfile.serve $* (exit $rc; full log: $log)"; }
+    [ "$rc" = 0 ] || { tail -40 "$log" >&2; fail "podman build -f $BUNDLE/Dockerfile $* $BUNDLE (exit $rc; full log: $log)"; }
 }
 
 build_serve() {
@@ -224,6 +234,7 @@ build_serve() {
     old_serve=$(image_id "$SERVE_IMAGE")
     old_builder=$(image_id "$BUILDER_IMAGE")
     check_free_space
+    write_bundle
     # The builder stage first, under its own tag (the full build below finds
     # every one of its steps cached); --format docker keeps the HEALTHCHECK
     # (the OCI format has no field for it).
@@ -333,7 +344,7 @@ lint
 took "lint done"
 [ "$what" = lint ] && exit 0
 
-stamp "build $SERVE_IMAGE (Dockerfile.serve; compiles llama-cpp-python unless cached)"
+stamp "build $SERVE_IMAGE (from the serve bundle; compiles llama-cpp-python unless cached)"
 build_serve
 took "built"
 

@@ -22,6 +22,7 @@ TABLES = {
     "train": "train.settings:TrainSettings",
     "export": "export.settings:ExportSettings",
     "serve": "serve.settings:ServeSettings",
+    "deploy": "serve.settings:DeploySettings",
     "evals": "evals.settings:EvalSettings",
     "demo": "demo.settings:DemoSettings",
 }
