@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from loraship.envsettings import CommaList, EmptyIsNone, SettingsError, load_settings
 from loraship.errors import UserError
 from loraship.hub import looks_like_repo_id
+from train import cuda_check
 from train.speed import SAVED_MLP_MIB
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -28,6 +29,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 GPU_DEFAULT_BASE = "meta-llama/Llama-3.2-1B-Instruct"
 #: Optimizers whose bitsandbytes kernels exist only for CUDA.
 CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit")
+#: Recipes sized for a CPU; every other recipe needs a CUDA GPU and is refused without one.
+CPU_RECIPES = ("demo",)
 
 
 class TrainError(UserError):
@@ -216,7 +219,7 @@ def recipe_path(name: str) -> Path:
     return RECIPES_DIR / f"{name}.env"
 
 
-def _requested_recipe(dotenv_file: Path) -> str | None:
+def requested_recipe(dotenv_file: Path) -> str | None:
     value = os.environ.get("RECIPE")
     if value is None and dotenv_file.is_file():
         from dotenv import dotenv_values
@@ -279,7 +282,7 @@ def load_train_settings(dotenv_file: str | os.PathLike = ".env", *, cuda: bool |
     dotenv_file = Path(dotenv_file)
     problems: list[str] = []
     files: list[Path] = []
-    recipe = _requested_recipe(dotenv_file)
+    recipe = requested_recipe(dotenv_file)
     if recipe is not None:
         if recipe_path(recipe).is_file():
             files.append(recipe_path(recipe))
@@ -306,11 +309,18 @@ def load_train_settings(dotenv_file: str | os.PathLike = ".env", *, cuda: bool |
             raise SettingsError(problems) from None
     if recipe is not None and not recipe_path(recipe).is_file():
         bad_fields.add("recipe")
+    gpu_recipe = recipe is not None and "recipe" not in bad_fields and recipe not in CPU_RECIPES
+    cuda_error = None
     if cuda is None:
-        # Looking for a GPU imports torch (seconds): only the settings whose check depends on the
-        # machine pay for it, so every other settings error is reported at once.
-        machine_matters = settings.optimizer in CUDA_ONLY_OPTIMIZERS or (settings.num_gpus or 0) > 1
-        cuda = cuda_available() if machine_matters else False
+        # Looking for a GPU imports torch (seconds): only a GPU recipe and the settings whose check depends
+        # on the machine pay for it, so every other settings error is reported at once.
+        machine_matters = gpu_recipe or settings.optimizer in CUDA_ONLY_OPTIMIZERS or (settings.num_gpus or 0) > 1
+        cuda_error = cuda_check.cuda_start_error() if machine_matters else None
+        cuda = machine_matters and cuda_error is None
+    if gpu_recipe and not cuda:
+        # Said once, with the driver's fix: the recipe's CUDA-only OPTIMIZER and NUM_GPUS would only repeat it.
+        problems.append(f"RECIPE={recipe!r}: needs a CUDA GPU; {cuda_check.no_cuda_here(cuda_error)}")
+        bad_fields |= {"optimizer", "num_gpus"}
     problems.extend(cross_field_problems(settings, cuda=cuda, skip=frozenset(bad_fields)))
     if settings.num_gpus and settings.num_gpus > 1 and "num_gpus" not in bad_fields:
         from train.launch import cuda_device_count
