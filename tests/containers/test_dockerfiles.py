@@ -15,6 +15,7 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from tests.containers.conftest import REPO
+from train.cuda_check import FLAVOUR_ENV, FLAVOURS
 
 
 @dataclass
@@ -162,6 +163,34 @@ def test_train_image_writes_under_data_through_its_entrypoint():
     env = final.env()
     # The base model is downloaded once per volume, not once per container.
     assert env["HF_HOME"].startswith("/data/")
+
+
+def test_train_image_carries_torch_for_cuda_13_unless_built_with_another_torch_cuda():
+    assert parse(TRAIN).global_args["TORCH_CUDA"] == "cu130"
+
+
+def test_the_default_torch_cuda_is_one_the_cuda_check_knows_the_driver_for():
+    assert parse(TRAIN).global_args["TORCH_CUDA"] in FLAVOURS
+
+
+def test_torch_comes_from_its_flavours_wheel_index_at_the_constrained_version():
+    builder = parse(TRAIN).stages[0]
+    assert "TORCH_CUDA" in builder.values("ARG")
+    (install,) = [run for run in builder.values("RUN") if re.search(r"\btorch\s+&&", run)]
+    assert '--extra-index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in install
+    assert "-c /opt/loraship/requirements/constraints.txt" in install
+
+
+def test_the_build_stops_when_pip_installed_another_torch_flavour():
+    (install,) = [run for run in parse(TRAIN).stages[0].values("RUN") if "download.pytorch.org" in run]
+    check = install.split("&&", 1)[1]
+    assert "torch.version.cuda" in check and "!= '${TORCH_CUDA}'" in check
+
+
+def test_train_image_records_its_torch_cuda_for_the_cuda_check():
+    final = parse(TRAIN).final
+    assert "TORCH_CUDA" in final.values("ARG")
+    assert final.env()[FLAVOUR_ENV] == "${TORCH_CUDA}"
 
 
 def test_dockerignore_keeps_secrets_and_bulk_out_of_the_context():
