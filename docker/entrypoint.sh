@@ -13,11 +13,13 @@
 #   ADAPTER    the adapter to export          (default: train's OUTPUT_DIR, recipe included)
 #   EXPORT_DIR where the GGUF files go        (default: outputs/export)
 #   GGUF_REPO  the Hub repo for the GGUF      (default: HUB_REPO + "-GGUF"; unset HUB_REPO: no push)
-# Relative paths are under /data, the working directory.
+# Relative paths are under /data, the working directory. all and train first check
+# that torch starts CUDA; when it does not, they exit 2 saying which driver or
+# TORCH_CUDA build fixes it (RECIPE=demo, made for a CPU, is not checked).
 set -eu
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 check_data_writable() {
@@ -26,6 +28,12 @@ check_data_writable() {
              "--user \"\$(id -u):\$(id -g)\" (or chown it to uid $(id -u))" >&2
         exit 2
     fi
+}
+
+# Before anything is downloaded: an old driver or a missing --gpus all would
+# otherwise surface later as an unrelated settings error or a CPU run.
+check_cuda() {
+    python -m train.cuda_check || exit $?
 }
 
 run_train() {
@@ -74,6 +82,7 @@ case "$stage" in
                 ;;
         esac
         check_data_writable
+        check_cuda
         echo "loraship: train" >&2
         run_train "$@"
         if [ "$export_after" = 1 ]; then
@@ -84,6 +93,7 @@ case "$stage" in
     train)
         shift
         check_data_writable
+        check_cuda
         run_train "$@"
         ;;
     export)

@@ -2,7 +2,8 @@
 
 The stand-in records each `python -m STAGE` call with the settings that
 decide where the stage reads and writes, and fails when told to, so the tests
-see exactly which stages a container would run and with what.
+see exactly which stages a container would run and with what. The CUDA check
+before training runs for real, against a stand-in torch and `nvidia-smi`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,49 @@ import sys
 import pytest
 
 from tests.containers.conftest import REPO
+from train.cuda_check import PROC_DRIVER_VERSION
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
 # `python -m STAGE` is recorded; `python -c CODE` (the entrypoint asking
-# train's settings where the run went) runs for real against this checkout.
+# train's settings where the run went) and the CUDA check run for real against
+# this checkout.
 FAKE_PYTHON = """#!/bin/sh
-if [ "$1" = "-c" ]; then exec "$REAL_PYTHON" "$@"; fi
+if [ "$1" = "-c" ] || [ "$2" = "train.cuda_check" ]; then exec "$REAL_PYTHON" "$@"; fi
 exec "$REAL_PYTHON" "$RECORD_STAGE" "$@"
 """
+
+# The host's driver as nvidia-smi reports it; FAKE_DRIVER empty: no driver to talk to.
+FAKE_NVIDIA_SMI = """#!/bin/sh
+if [ -z "$FAKE_DRIVER" ]; then
+    echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2
+    exit 9
+fi
+echo "$FAKE_DRIVER"
+"""
+
+# torch built for CUDA 13.0 (the image's default TORCH_CUDA): CUDA starts unless
+# FAKE_CUDA_ERROR holds the reason torch would give.
+FAKE_TORCH = """import os
+import warnings
+
+__version__ = "2.13.0"
+
+
+class version:
+    cuda = "13.0"
+
+
+class cuda:
+    @staticmethod
+    def is_available():
+        error = os.environ.get("FAKE_CUDA_ERROR")
+        if error:
+            warnings.warn(f"CUDA initialization: {error} (Triggered internally at CUDAFunctions.cpp:109.)")
+        return not error
+"""
+TOO_OLD = "The NVIDIA driver on your system is too old (found version 12020)."
+NO_DRIVER = "Found no NVIDIA driver on your system."
 
 RECORD_STAGE = """import json, os, sys
 stage = sys.argv[2] if sys.argv[1:2] == ["-m"] else " ".join(sys.argv[1:])
@@ -39,13 +74,15 @@ sys.exit(3 if stage in os.environ.get("FAIL_STAGES", "").split(",") else 0)
 
 @pytest.fixture
 def container(tmp_path):
-    """Runs the entrypoint in a scratch /data with the stand-in python first on PATH."""
+    """Runs the entrypoint in a scratch /data with the stand-ins first on PATH; by default CUDA starts."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "python"
-    fake.write_text(FAKE_PYTHON, encoding="utf-8")
-    fake.chmod(0o755)
+    for name, script in (("python", FAKE_PYTHON), ("nvidia-smi", FAKE_NVIDIA_SMI)):
+        (bin_dir / name).write_text(script, encoding="utf-8")
+        (bin_dir / name).chmod(0o755)
     (tmp_path / "record_stage.py").write_text(RECORD_STAGE, encoding="utf-8")
+    (tmp_path / "stand_ins" / "torch").mkdir(parents=True)
+    (tmp_path / "stand_ins" / "torch" / "__init__.py").write_text(FAKE_TORCH, encoding="utf-8")
     data = tmp_path / "data"
     data.mkdir()
     calls = tmp_path / "calls.jsonl"
@@ -57,8 +94,10 @@ def container(tmp_path):
             "HOME": str(tmp_path),
             "REAL_PYTHON": sys.executable,
             "RECORD_STAGE": str(tmp_path / "record_stage.py"),
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": f"{tmp_path / 'stand_ins'}{os.pathsep}{REPO}",
             "HF_HUB_OFFLINE": "1",
+            "LORASHIP_TORCH_CUDA": "cu130",
+            "FAKE_DRIVER": "580.65.06",
             **env,
         }
         result = subprocess.run(
@@ -168,3 +207,44 @@ def test_an_unwritable_data_folder_is_a_clear_error(container, tmp_path):
         (tmp_path / "data").chmod(0o755)
     assert result.returncode == 2 and calls == []
     assert "--user" in result.stderr
+
+
+def test_an_old_driver_stops_the_run_before_training_naming_the_build_that_fits(container):
+    result, calls = container(RECIPE="llama3-8b-finetome", FAKE_DRIVER="535.104.05", FAKE_CUDA_ERROR=TOO_OLD)
+    assert result.returncode == 2 and calls == []
+    assert "535.104.05" in result.stderr
+    assert "needs >= 580" in result.stderr
+    assert "--build-arg TORCH_CUDA=cu128" in result.stderr
+
+
+def test_the_train_stage_alone_is_checked_too(container):
+    result, calls = container("train", FAKE_DRIVER="535.104.05", FAKE_CUDA_ERROR=TOO_OLD)
+    assert result.returncode == 2 and calls == []
+
+
+def test_a_new_enough_driver_where_cuda_still_fails_passes_on_torchs_reason(container):
+    result, calls = container(FAKE_DRIVER="580.65.06", FAKE_CUDA_ERROR="CUDA driver initialization failed.")
+    assert result.returncode == 2 and calls == []
+    assert "580.65.06 is new enough" in result.stderr
+    assert "CUDA driver initialization failed" in result.stderr
+    assert "Triggered internally" not in result.stderr
+
+
+@pytest.mark.skipif(PROC_DRIVER_VERSION.exists(), reason="this host has an NVIDIA driver")
+def test_without_a_driver_it_says_to_run_with_gpus_all(container):
+    result, calls = container(FAKE_DRIVER="", FAKE_CUDA_ERROR=NO_DRIVER)
+    assert result.returncode == 2 and calls == []
+    assert "--gpus all" in result.stderr
+    assert "NVIDIA Container Toolkit" in result.stderr
+
+
+def test_the_demo_recipe_trains_without_cuda(container):
+    result, calls = container(RECIPE="demo", FAKE_DRIVER="", FAKE_CUDA_ERROR=NO_DRIVER)
+    assert result.returncode == 0, result.stderr
+    assert [c["stage"] for c in calls] == ["train"]
+
+
+def test_export_alone_needs_no_cuda(container):
+    result, calls = container("export", FAKE_DRIVER="", FAKE_CUDA_ERROR=NO_DRIVER)
+    assert result.returncode == 0, result.stderr
+    assert [c["stage"] for c in calls] == ["export"]
