@@ -97,7 +97,7 @@ def main() -> None:
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     ladder, merge_base = manifest["extra"]["ladder"], manifest["extra"]["merge_base"]
     timings = manifest["extra"]["timings"]
-    from export.ladder import ladder_markdown
+    from export.ladder_report import ladder_markdown
 
     print()
     print(f"ladder on {ladder['eval_positions']} tokens ({ladder['windows']} windows):")

@@ -1,40 +1,8 @@
-"""The quality ladder: one held-out eval set scored at every hand-off of the export.
+"""The quality ladder: one held-out eval set scored at every hand-off of the export, against rung 1.
 
-Rungs, in the order the export makes them:
-
-1. ``adapter``: the base as it was trained (4-bit NF4 through bitsandbytes when
-   the adapter's manifest says ``load_in_4bit``, else full precision) with the
-   adapter unmerged, through peft. This is the model training evaluated: the
-   reference every other rung is compared with.
-2. ``merged``: the merged full-precision Hugging Face folder (transformers).
-3. ``F16``: the converted GGUF through llama.cpp.
-4. one rung per quantized GGUF, through llama.cpp.
-
-Every rung scores the *same token ids* (the training tokenizer's, fed to
-llama.cpp with ``eval()`` rather than re-tokenized), in windows of at most
-EVAL_CTX tokens, each window from an empty context. Per rung: the mean token
-NLL and its perplexity; against rung 1: the mean KL(rung 1 || rung) of the
-next-token distributions and the share of positions where both pick the same
-top-1 token. Distributions are compared over the training tokenizer's vocabulary
-(``len(tokenizer)``): llama.cpp and some configs pad the vocabulary, and the
-padding columns are renormalized away on every rung alike.
-
-Memory: rung 1's log-probabilities are kept for every scored position as
-float32 over the tokenizer's vocabulary (``positions x vocab x 4`` bytes:
-1,024 positions of SmolLM2's 49,152-token vocabulary are 192 MiB, of Llama-3's
-128,256 tokens 501 MiB); LADDER_TOKENS caps the positions, and everything else
-is one window at a time, but each merged candidate is scored in float32, 4 bytes
-per parameter: that copy sets the ladder's peak. ``ladder_memory_need`` estimates
-it from the base's safetensors headers and the export refuses to start without
-it (LADDER=false skips the ladder instead). float32 rather than float16 or top-k: float16 rounds a
-log-prob near -1.4 by up to 5e-4, which moved a hand-made KL by 1e-4 nats (see
-tests/export/test_ladder.py), as much as a full-precision hand-off costs, and
-top-k would turn the KL into a lower bound exactly where a broken rung spreads
-probability into the tail.
-
-A rung "loses" against its parent (rung 1 for ``merged``, ``merged`` for F16,
-F16 for each quantized file) when its mean NLL rises, or its KL from rung 1
-grows, by more than the settings allow.
+Rungs: ``adapter`` (the base as training loaded it + the unmerged adapter: the reference), ``merged``,
+``F16`` and each quantized GGUF. Every rung scores the same token ids, so a loss shows as a number; a
+rung that loses more than LADDER_MAX_* against its parent stops the export.
 """
 
 from __future__ import annotations
@@ -42,17 +10,16 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from export.inputs import ExportError
+from export.metrics import Reference, score_windows
 
 if TYPE_CHECKING:
     import numpy as np
 
-#: Rows of log-probabilities handled at once (bounds float64 scratch to rows x vocab x 8 bytes).
-ROW_CHUNK = 64
 FULL_PRECISION = "full precision"
 QUANTIZED = "quantized"
 
@@ -61,60 +28,12 @@ class LadderError(ExportError):
     """A rung of the ladder lost more quality than the settings allow."""
 
 
-# --- the metrics (pure) -----------------------------------------------------
-
-
-def log_softmax(logits) -> "np.ndarray":
-    """Row-wise log-probabilities in float64 (stable log-sum-exp)."""
-    import numpy as np
-
-    rows = np.asarray(logits, dtype=np.float64)
-    peak = rows.max(axis=-1, keepdims=True)
-    shifted = rows - peak
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def kl_divergence(ref_logp, logp) -> "np.ndarray":
-    """Per-row KL(p || q) in nats, from log-probabilities ``ref_logp`` (p) and ``logp`` (q).
-
-    Terms where p is exactly 0 contribute nothing (0 * log 0 = 0). KL is never negative; a sum
-    that rounding puts a hair below 0 (identical distributions) is reported as 0.
-    """
-    import numpy as np
-
-    ref = np.asarray(ref_logp, dtype=np.float64)
-    other = np.asarray(logp, dtype=np.float64)
-    p = np.exp(ref)
-    with np.errstate(invalid="ignore"):  # -inf - (-inf) where both give a token no probability
-        terms = np.where(p > 0, p * (ref - other), 0.0)
-    return np.maximum(terms.sum(axis=-1), 0.0)
-
-
-def top1_matches(ref_logp, logp) -> "np.ndarray":
-    """Per row: True where both distributions put their largest probability on the same token."""
-    import numpy as np
-
-    return np.argmax(np.asarray(ref_logp), axis=-1) == np.argmax(np.asarray(logp), axis=-1)
-
-
-def target_nll(logp, targets: Sequence[int]) -> "np.ndarray":
-    """Per row: minus the log-probability of that row's target token."""
-    import numpy as np
-
-    logp = np.asarray(logp)
-    return -logp[np.arange(len(targets)), np.asarray(targets, dtype=np.int64)].astype(np.float64)
-
-
 # --- memory ------------------------------------------------------------------
 
 GIB = 1024**3
-#: Fixed part of the margin: Python with torch, transformers and bitsandbytes imported. The export
-#: peaked at 404 MiB up to the end of the merge before the ladder existed (docs/benchmarks.md).
+#: Python with torch, transformers and bitsandbytes imported.
 BASE_MARGIN = 1 * GIB
-#: Share of the float32 model added on top: transformers' load and cast and the allocator's slack.
-#: The 1B-shaped export peaked at 8.74 GB RSS: 4.96 GB float32 model + 0.2 GB log-probs + the
-#: bf16 checkpoint's 2.48 GB of mapped file pages (reclaimable, so not counted against available
-#: memory) leaves 1.1 GB, which this margin (1 GiB + 0.5 GB) covers.
+#: transformers' load and cast and the allocator's slack, as a share of the float32 model.
 MODEL_MARGIN = 0.10
 
 
@@ -139,14 +58,7 @@ class MemoryNeed:
 
 
 def ladder_memory_need(base_dir: Path, ladder_tokens: int) -> MemoryNeed:
-    """Peak memory of the ladder: one merged model in float32 at a time, plus rung 1's log-probs, plus a margin.
-
-    Rung 1 (the trained model) is freed before any merged model loads, and a
-    4-bit or same-size base is never bigger than the float32 merged model, so
-    the merged model sets the peak.
-    """
-    import math
-
+    """One merged model in float32, rung 1's log-probs and a margin: rung 1's model is freed before the merge."""
     from export.merge import base_weight_shapes, read_base_config
 
     parameters = sum(math.prod(shape) for shape, _ in base_weight_shapes(base_dir).values())
@@ -205,13 +117,6 @@ def build_eval_set(tokenizer, texts: Iterable[str], n_ctx: int, max_positions: i
 
 
 @dataclass
-class Reference:
-    """Rung 1's log-probabilities, float32, one array per window."""
-
-    logp: list["np.ndarray"] = field(default_factory=list)
-
-
-@dataclass
 class RungScore:
     """One rung of the ladder (a row of the table)."""
 
@@ -234,53 +139,30 @@ class RungScore:
         return data
 
 
-def score_windows(
-    logits_per_window: Iterable["np.ndarray"], eval_set: EvalSet, reference: Reference | None,
-) -> tuple[float, float, float, Reference | None]:
-    """Mean NLL, mean KL from the reference, top-1 agreement; and a new Reference when none was given.
-
-    ``logits_per_window`` yields, per window, at least ``len(window) - 1`` rows
-    of logits (row ``i`` predicts token ``i + 1``) with at least ``vocab`` columns.
-    """
-    import numpy as np
-
-    made = Reference() if reference is None else None
-    nll = kl = 0.0
-    agree = count = 0
-    for n, (window, logits) in enumerate(zip(eval_set.windows, logits_per_window, strict=True)):
-        rows = len(window) - 1
-        logits = logits[:rows, : eval_set.vocab]
-        targets = window[1:]
-        kept = []
-        for start in range(0, rows, ROW_CHUNK):
-            logp = log_softmax(logits[start : start + ROW_CHUNK])
-            nll += float(target_nll(logp, targets[start : start + ROW_CHUNK]).sum())
-            if made is not None:
-                kept.append(logp.astype(np.float32))
-            else:
-                ref = reference.logp[n][start : start + ROW_CHUNK]
-                kl += float(kl_divergence(ref, logp).sum())
-                agree += int(top1_matches(ref, logp).sum())
-        if made is not None:
-            made.logp.append(np.concatenate(kept))
-        count += rows
-    if made is not None:
-        return nll / count, 0.0, 1.0, made
-    return nll / count, kl / count, agree / count, None
-
-
 def score_rung(
     rung: str, what: str, parent: str | None, kind: str,
     logits_per_window: Iterable["np.ndarray"], eval_set: EvalSet, reference: Reference | None,
 ) -> tuple[RungScore, Reference | None]:
     started = time.perf_counter()
-    nll, kl, top1, made = score_windows(logits_per_window, eval_set, reference)
+    nll, kl, top1, made = score_windows(logits_per_window, eval_set.windows, eval_set.vocab, reference)
     score = RungScore(rung=rung, what=what, parent=parent, kind=kind, tokens=eval_set.positions, nll=nll,
                       perplexity=math.exp(nll), kl=kl, top1=top1, seconds=time.perf_counter() - started)
     return score, made
 
 
-# --- where the logits come from ---------------------------------------------
+def score_hf(rung: str, what: str, parent: str | None, model, eval_set: EvalSet,
+             reference: Reference | None) -> tuple[RungScore, Reference | None]:
+    return score_rung(rung, what, parent, FULL_PRECISION, hf_logits(model, eval_set.windows), eval_set, reference)
+
+
+def score_gguf(rung: str, path: Path, parent: str, eval_set: EvalSet, reference: Reference, *,
+               n_ctx: int, threads: int = 0, quantized: bool) -> RungScore:
+    score, _ = score_rung(rung, f"{path.name} (llama.cpp)", parent, QUANTIZED if quantized else FULL_PRECISION,
+                          gguf_logits(path, eval_set.windows, n_ctx, threads), eval_set, reference)
+    return score
+
+
+# --- the rungs' models ----------------------------------------------------------
 
 
 def hf_logits(model, windows: list[list[int]]) -> Iterator["np.ndarray"]:
@@ -292,14 +174,26 @@ def hf_logits(model, windows: list[list[int]]) -> Iterator["np.ndarray"]:
             yield model(torch.tensor([window])).logits[0].float().numpy()
 
 
-def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
-    """Rung 1: the base as training loaded it, with the adapter unmerged; and how each 4-bit weight was stored.
+def gguf_logits(path: Path, windows: list[list[int]], n_ctx: int, threads: int = 0) -> Iterator["np.ndarray"]:
+    """llama.cpp's logits for each window, fed as token ids so every rung scores the same tokens."""
+    import numpy as np
+    from llama_cpp import Llama
 
-    4-bit means what train/model.py asks for: NF4, double quantization, here
-    with fp32 compute (what runs on a CPU). The second value maps each weight
-    bitsandbytes quantized to its :class:`~export.merge.NF4Spec`, read from the
-    loaded model itself, so that the NF4 merge base round-trips exactly those
-    weights the same way (empty for a full-precision base).
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                n_threads=threads or os.cpu_count() or 1, verbose=False)
+    try:
+        for window in windows:
+            llm.reset()
+            llm.eval(window)
+            yield np.array(llm.scores[: len(window)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
+    """Rung 1, the base loaded as training loaded it plus the unmerged adapter; and each 4-bit weight's NF4Spec.
+
+    The specs are read from the loaded model, so the NF4 merge base round-trips exactly these weights.
     """
     import torch
     from peft import PeftModel
@@ -311,6 +205,7 @@ def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
+        # train/model.py's 4-bit load, with fp32 compute (what runs on a CPU).
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
@@ -327,20 +222,16 @@ def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
     return model, specs
 
 
-#: What train/model.py's load_for_training asks bitsandbytes for when LOAD_IN_4BIT is on: NF4, double
-#: quantization, bitsandbytes' default blocksize (None here). A train manifest that records
-#: ``inputs.quantization`` (same keys) overrides these; today's records only ``load_in_4bit``.
+#: What train/model.py's load_for_training asks bitsandbytes for (blocksize None: its default); a train manifest's
+#: ``inputs.quantization`` (same keys) overrides it.
 TRAINED_4BIT = {"quant_type": "nf4", "double_quant": True, "blocksize": None}
 
 
 def nf4_specs_as_trained(base_dir: Path, quantization: dict | None = None) -> dict:
-    """How training stored each 4-bit weight, derived without loading the model (LADDER=false has no rung 1).
+    """Each 4-bit weight's NF4Spec without loading a weight (LADDER=false has no rung 1 to read them from).
 
-    transformers picks the weights bitsandbytes quantizes (every linear layer
-    but the output embedding and whatever is tied to it); we ask it the same
-    question on a weightless (meta-device) copy of the model built from
-    config.json, so the answer matches :func:`trained_model`'s without
-    reading a single weight.
+    transformers chooses the layers bitsandbytes quantizes; asking it on a meta-device copy of the
+    model gives :func:`trained_model`'s answer for free.
     """
     import bitsandbytes as bnb
     import torch
@@ -375,34 +266,6 @@ def merged_model(folder: Path):
     return model
 
 
-def gguf_logits(path: Path, windows: list[list[int]], n_ctx: int, threads: int = 0) -> Iterator["np.ndarray"]:
-    """llama.cpp's logits for each window of token ids (fed as ids: no re-tokenization)."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                n_threads=threads or os.cpu_count() or 1, verbose=False)
-    try:
-        for window in windows:
-            llm.reset()
-            llm.eval(window)
-            yield np.array(llm.scores[: len(window)], dtype=np.float32)
-    finally:
-        llm.close()
-
-
-def score_hf(rung: str, what: str, parent: str | None, model, eval_set: EvalSet,
-             reference: Reference | None) -> tuple[RungScore, Reference | None]:
-    return score_rung(rung, what, parent, FULL_PRECISION, hf_logits(model, eval_set.windows), eval_set, reference)
-
-
-def score_gguf(rung: str, path: Path, parent: str, eval_set: EvalSet, reference: Reference, *,
-               n_ctx: int, threads: int = 0, quantized: bool) -> RungScore:
-    score, _ = score_rung(rung, f"{path.name} (llama.cpp)", parent, QUANTIZED if quantized else FULL_PRECISION,
-                          gguf_logits(path, eval_set.windows, n_ctx, threads), eval_set, reference)
-    return score
-
-
 # --- thresholds ---------------------------------------------------------------
 
 
@@ -434,35 +297,3 @@ def check_rung(score: RungScore, parent: RungScore, limits: Limits) -> None:
             + ". Something in this hand-off changed the model (see the ladder in the log); "
             "raise the setting only if you accept that loss"
         )
-
-
-# --- the table ----------------------------------------------------------------
-
-
-def ladder_json(scores: list[RungScore], eval_set: EvalSet, limits: dict[str, dict]) -> dict:
-    return {
-        "eval_positions": eval_set.positions,
-        "windows": len(eval_set.windows),
-        "vocab": eval_set.vocab,
-        "reference": "rung 1 log-probabilities kept as float32 over the tokenizer's vocabulary",
-        "limits": limits,
-        "rungs": [s.to_json() for s in scores],
-    }
-
-
-def ladder_markdown(rungs: list[dict]) -> str:
-    """The ladder as a markdown table (from the manifest's ``rungs`` list)."""
-    lines = [
-        "| rung | model | mean NLL | perplexity | KL vs rung 1 | top-1 agreement |",
-        "|---|---|---|---|---|---|",
-    ]
-    for n, r in enumerate(rungs, 1):
-        kl = "reference" if n == 1 else f"{r['kl']:.5f}"
-        top1 = "reference" if n == 1 else f"{100 * r['top1']:.2f}%"
-        lines.append(f"| {n}. {r['rung']} | {r['what']} | {r['nll']:.4f} | {r['perplexity']:.3f} | {kl} | {top1} |")
-    return "\n".join(lines)
-
-
-def log_line(score: RungScore) -> str:
-    return (f"ladder {score.rung}: NLL {score.nll:.4f}, perplexity {score.perplexity:.3f}, "
-            f"KL vs rung 1 {score.kl:.5f}, top-1 agreement {100 * score.top1:.2f}% ({score.seconds:.1f} s)")

@@ -173,7 +173,7 @@ The adapter alone, as a LoRA GGUF for the base model's GGUF: `{lora_file}`
 
 def quality_section(ladder: dict, merge_base: dict | None, eval_text: str) -> str:
     """The card's quality ladder: what each hand-off cost, measured on the same tokens."""
-    from export.ladder import ladder_markdown
+    from export.ladder_report import ladder_markdown
 
     text = f"""
 ## Quality ladder

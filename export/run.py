@@ -23,7 +23,8 @@ from export.merge_base import merge_base_record, merge_candidates, unmeasured_me
 from export.settings import CONVERTER_TYPES, ExportSettings
 
 if TYPE_CHECKING:
-    from export.ladder import EvalSet, Reference, RungScore
+    from export.ladder import EvalSet, RungScore
+    from export.metrics import Reference
     from export.publish import GGUFFile
 
 
@@ -107,22 +108,23 @@ def load_training_tokenizer(inputs: ExportInputs):
 def score_model_as_trained(settings: ExportSettings, inputs: ExportInputs, tokenizer,
                            timings: dict[str, float]) -> LadderRun | None:
     """Ladder rung 1, the reference of every other rung: the base as training loaded it + the unmerged adapter."""
-    from export import ladder
+    from export import ladder as scoring
+    from export.ladder_report import log_line
 
     if not settings.ladder:
         log("LADDER=false: the quality ladder is skipped (no trained model, no float32 merged model, no scoring)")
         return None
     t = time.perf_counter()
     trained_4bit = bool(inputs.source.load_in_4bit)
-    eval_set = ladder.build_eval_set(tokenizer, inputs.texts, settings.eval_ctx, settings.ladder_tokens)
+    eval_set = scoring.build_eval_set(tokenizer, inputs.texts, settings.eval_ctx, settings.ladder_tokens)
     log(f"ladder: scoring the model as trained ({'4-bit NF4' if trained_4bit else 'full-precision'} base + "
         f"adapter) on {eval_set.positions} tokens")
-    model, nf4_specs = ladder.trained_model(inputs.base_dir, inputs.source.folder, trained_4bit)
-    rung1, reference = ladder.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
+    model, nf4_specs = scoring.trained_model(inputs.base_dir, inputs.source.folder, trained_4bit)
+    rung1, reference = scoring.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
                                        + (" [NF4]" if trained_4bit else ""), None, model, eval_set, None)
     del model
     gc.collect()  # the base leaves memory before the streamed merge starts
-    log(ladder.log_line(rung1))
+    log(log_line(rung1))
     timings["ladder_trained_s"] = time.perf_counter() - t
     return LadderRun(eval_set=eval_set, reference=reference, limits=ladder_limits(settings), nf4_specs=nf4_specs,
                      rungs=[rung1])
@@ -152,6 +154,7 @@ def merge_and_score_candidates(settings: ExportSettings, inputs: ExportInputs, l
                                work: Path) -> tuple[str, dict]:
     """Ladder rung 2: merge into each candidate base, score each, keep the one closest to the model as trained."""
     from export import ladder as scoring
+    from export.ladder_report import log_line
 
     candidates = merge_candidates(settings.merge_base, bool(inputs.source.load_in_4bit))
     scores = ladder.merged_scores
@@ -163,7 +166,7 @@ def merge_and_score_candidates(settings: ExportSettings, inputs: ExportInputs, l
             ladder.reference)
         del model
         gc.collect()
-        log(scoring.log_line(scores[candidate]))
+        log(log_line(scores[candidate]))
     chosen = min(candidates, key=lambda c: scores[c].kl)
     record = merge_base_record(settings.merge_base, inputs.source.load_in_4bit, candidates, scores, chosen)
     for candidate in candidates:
@@ -264,13 +267,14 @@ def verify_files(settings: ExportSettings, inputs: ExportInputs, files: list[GGU
 def score_gguf_rung(settings: ExportSettings, f: GGUFFile, ladder: LadderRun) -> None:
     """One GGUF's rung, checked against its parent: the merged model for F16/BF16, the F16 file for the rest."""
     from export import ladder as scoring
+    from export.ladder_report import log_line
 
     quantized = f.quant_type not in CONVERTER_TYPES
     parent = ladder.gguf_by_type["F16"] if quantized else ladder.rungs[1]
     score = scoring.score_gguf(f.quant_type, f.path, parent.rung, ladder.eval_set, ladder.reference,
                                n_ctx=settings.eval_ctx, threads=settings.threads, quantized=quantized)
     ladder.gguf_seconds += score.seconds
-    log(scoring.log_line(score))
+    log(log_line(score))
     scoring.check_rung(score, parent, ladder.limits[score.kind])
     ladder.gguf_by_type[f.quant_type] = score
     ladder.rungs.append(score)
@@ -278,7 +282,7 @@ def score_gguf_rung(settings: ExportSettings, f: GGUFFile, ladder: LadderRun) ->
 
 def ladder_record(ladder: LadderRun | None, timings: dict[str, float]) -> dict:
     """The ladder as the manifest and the card carry it; its scoring time goes into ``timings``."""
-    from export.ladder import ladder_json
+    from export.ladder_report import ladder_json
 
     if ladder is None:
         return {"skipped": True, "reason": "not measured (LADDER=false)"}

@@ -9,10 +9,8 @@ import pytest
 
 from tests.export.helpers import make_adapter
 
-from export.ladder import (
-    FULL_PRECISION, EvalSet, LadderError, Limits, RungScore, check_rung, kl_divergence, log_softmax, score_windows,
-    top1_matches,
-)
+from export.ladder import FULL_PRECISION, LadderError, Limits, RungScore, check_rung
+from export.metrics import kl_divergence, log_softmax, score_windows, top1_matches
 
 
 def test_kl_divergence_of_hand_made_distributions():
@@ -37,14 +35,14 @@ def test_top1_agreement_counts_rows_with_the_same_argmax():
 
 def test_score_windows_gives_nll_kl_and_agreement_over_the_tokenizer_vocab():
     # One window of 3 tokens: rows 0 and 1 predict tokens 1 and 0. Column 2 is vocabulary padding.
-    eval_set = EvalSet(windows=[[0, 1, 0]], vocab=2)
+    windows, vocab = [[0, 1, 0]], 2
     ref_logits = np.array([[0.0, math.log(3.0), 50.0], [math.log(3.0), 0.0, 50.0], [9.0, 9.0, 9.0]])
-    nll, kl, top1, reference = score_windows([ref_logits], eval_set, None)
+    nll, kl, top1, reference = score_windows([ref_logits], windows, vocab, None)
     assert nll == pytest.approx(-math.log(0.75), abs=1e-12)  # both targets have p = 3/4
     assert (kl, top1) == (0.0, 1.0)
     assert reference.logp[0].dtype == np.float32 and reference.logp[0].shape == (2, 2)
     uniform = np.zeros((3, 3))
-    nll, kl, top1, made = score_windows([uniform], eval_set, reference)
+    nll, kl, top1, made = score_windows([uniform], windows, vocab, reference)
     assert made is None
     assert nll == pytest.approx(math.log(2.0), abs=1e-12)
     # Rung 1 is kept in float32: the KL is exact to float32 rounding (float16 would be off by 1e-4 here).
@@ -104,7 +102,7 @@ def torch_equal(a, b) -> bool:
 def test_kl_of_identical_distributions_is_exactly_zero_never_negative():
     import numpy as np
 
-    from export.ladder import kl_divergence, log_softmax
+    from export.metrics import kl_divergence, log_softmax
 
     logp = log_softmax(np.random.default_rng(0).normal(size=(64, 49152)) * 3)
     # the same distribution computed along another path differs from logp only by rounding
