@@ -36,7 +36,7 @@ def build_random_llama(folder: Path, shape: str | dict, tokenizer, seed: int = 0
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from export.merge import SafetensorsStreamWriter
+    from export.safetensors_stream import SafetensorsStreamWriter
 
     config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, torch_dtype="bfloat16",
@@ -64,7 +64,7 @@ def build_random_llama(folder: Path, shape: str | dict, tokenizer, seed: int = 0
 
 def weights_fingerprint(folder: Path) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of file metadata)."""
-    from export.merge import read_safetensors_header
+    from export.safetensors_stream import read_safetensors_header
 
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.safetensors")):

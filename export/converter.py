@@ -1,16 +1,8 @@
-"""llama.cpp's own HF -> GGUF converter, taken from the llama-cpp-python source.
+"""llama.cpp's own HF -> GGUF converter, taken from the llama-cpp-python source distribution.
 
-llama-cpp-python's source distribution vendors the llama.cpp tree it was built
-from, converter scripts included. Extracting them from the sdist of the
-*installed* runtime version keeps the converter and the runtime that loads its
-output in step, without a git clone.
-
-``python -m export.converter install [--sdist PATH]`` puts the four pieces the
-converter needs (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, the
-``conversion/`` package and the vendored ``gguf-py/``) in a cache folder.
-``locate_converter()`` finds them; ``converter_command()`` builds the
-subprocess command line (a subprocess because the vendored ``gguf-py`` must win
-over PyPI ``gguf``, which lacks ``LazyChunkedTensor``).
+The sdist of the *installed* runtime vendors the llama.cpp tree it was built from, so the converter
+always matches the runtime that loads its output, without a git clone. ``python -m export.converter
+install`` puts it in a cache folder; it runs as a subprocess (its gguf-py must win over PyPI ``gguf``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """HF folder -> GGUF with llama.cpp's converter, then llama.cpp's quantizer.
 
-Both run in child processes: the converter because its vendored gguf-py must
-be the one imported (PyPI ``gguf`` lacks what it needs), the quantizer so that
-llama.cpp's log (which names every tensor that could not get the requested
-type) can be captured and reported instead of scrolling past.
+Both run as child processes: the converter so its vendored gguf-py is the one imported, the quantizer
+so its log (naming every tensor that fell back to another type) can be captured and reported.
 """
 
 from __future__ import annotations
@@ -126,9 +124,8 @@ sys.exit(0 if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.
 """
 
 
-#: Rows the quantizer converts at a time, in bytes of float32 (llama.cpp's default, 8 GiB, holds a
-#: whole tensor: on a 1B model the 128k-vocabulary embedding took it to 1.73 GiB; with 64 MiB slabs
-#: it peaks at 0.59 GiB in the same time and writes the same bytes, docs/benchmarks.md).
+#: Rows the quantizer converts at a time, in bytes of float32: llama.cpp's default (8 GiB) holds a whole
+#: tensor, so a 128k-vocabulary embedding set the export's peak; 64 MiB slabs write the same bytes.
 QUANTIZE_BUFFER_BYTES = 64 * 1024 * 1024
 
 

@@ -109,7 +109,7 @@ def default_name(base_model: str) -> str:
 def check_inputs(settings: ExportSettings, token: str | None):
     """Every problem with the inputs, found before anything heavy runs, raised together."""
     from export.converter import ConverterError, locate_converter
-    from export.merge import MergeError, check_compatible, load_adapter
+    from export.merge import check_compatible, load_adapter
 
     problems: list[str] = []
     converter_dir = None
@@ -134,7 +134,7 @@ def check_inputs(settings: ExportSettings, token: str | None):
     if adapter is not None and base_dir is not None:
         try:
             problems += check_compatible(adapter, base_dir, label=base_name)
-        except MergeError as err:
+        except UserError as err:
             problems.append(str(err))
     if source and settings.merge_base == "nf4" and not source.load_in_4bit:
         trained = ("has no train manifest saying it was trained in 4-bit (load_in_4bit)" if source.load_in_4bit is None

@@ -1,15 +1,7 @@
 """Merge a PEFT LoRA adapter into the full-precision base, one tensor at a time.
 
-For every weight the adapter touches, the merged weight is
-``W + scaling * B @ A`` (transposed for ``fan_in_fan_out`` layers and for
-embeddings), with ``scaling = alpha / r`` or ``alpha / sqrt(r)`` under rsLoRA;
-``modules_to_save`` weights replace the base's outright.
-
-We read and write safetensors ourselves, tensor by tensor with plain file
-reads, instead of loading the model: peak memory stays near the largest single
-tensor (plus the adapter), whatever the model size. (A memory map would be
-simpler, but every page it touches counts as resident memory until the file
-is closed, so merging a shard would cost the whole shard.)
+Each adapted weight becomes ``W + scaling * B @ A`` (``scaling = alpha / r``, or ``alpha / sqrt(r)`` under
+rsLoRA); ``modules_to_save`` weights replace the base's. Peak memory stays near the largest single tensor.
 """
 
 from __future__ import annotations
@@ -19,11 +11,14 @@ import math
 import os
 import re
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable
 
+from export.safetensors_stream import (
+    SafetensorsError, SafetensorsStreamWriter, load_safetensors, read_safetensors_header, read_tensor, tensor_entries,
+    torch_dtype,
+)
 from loraship.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,137 +42,12 @@ class MergeError(UserError):
     """The adapter cannot be merged into this base (format, shapes, quantized base)."""
 
 
-# --- safetensors, streamed -------------------------------------------------
-
-_DTYPES = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1),
-}
-
-
 _FLOATS = ("F64", "F32", "F16", "BF16")
-#: Values converted at a time when a tensor is written in another dtype (64 MiB of float32).
-CONVERT_SLICE = 16 * 1024 * 1024
 
 
 def _stored_dtype(dtype: str, shape: list[int], matrices_as: str | None) -> str:
     """The safetensors dtype a merged tensor is written in (see ``merge_into_folder``)."""
     return matrices_as if matrices_as and dtype in _FLOATS and len(shape) >= 2 else dtype
-
-
-def _torch_dtype(dtype: str) -> "torch.dtype":
-    import torch
-
-    return getattr(torch, _DTYPES[dtype][0])
-
-
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """The JSON header of a safetensors file and the offset where tensor data begins."""
-    size = Path(path).stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise MergeError(f"{path}: not a safetensors file (only {size} bytes)")
-        (length,) = struct.unpack("<Q", head)
-        # A text file read as safetensors gives an absurd header length: check
-        # it against the file before reading that much into memory.
-        if length > size - 8:
-            raise MergeError(f"{path}: not a safetensors file (its header claims {length} bytes, the file has {size})")
-        try:
-            header = json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise MergeError(f"{path}: not a safetensors file (its header is not JSON: {err})") from None
-    return header, 8 + length
-
-
-def read_tensor(fh, entry: dict, data_start: int) -> "torch.Tensor":
-    """One tensor read with a plain file read (no memory map)."""
-    import torch
-
-    begin, end = entry["data_offsets"]
-    fh.seek(data_start + begin)
-    raw = bytearray(end - begin)
-    fh.readinto(raw)
-    dtype = getattr(torch, _DTYPES[entry["dtype"]][0])
-    if not raw:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(raw, dtype=dtype).reshape(entry["shape"])
-
-
-def iter_safetensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """``(name, tensor)`` in file order, one tensor in memory at a time."""
-    header, data_start = read_safetensors_header(path)
-    entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
-    with open(path, "rb") as fh:
-        for name, entry in entries:
-            yield name, read_tensor(fh, entry, data_start)
-
-
-def load_safetensors(path: Path) -> dict[str, "torch.Tensor"]:
-    return dict(iter_safetensors(path))
-
-
-class SafetensorsStreamWriter:
-    """Write a safetensors file whose tensor list is known up front, one tensor at a time."""
-
-    def __init__(self, path: Path, specs: list[tuple[str, str, list[int]]], metadata: dict | None = None):
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        self._expected = []
-        for name, dtype, shape in specs:
-            size = math.prod(shape) * _DTYPES[dtype][1]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            self._expected.append((name, size, dtype))
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-        self._fh = open(path, "wb")
-        self._fh.write(struct.pack("<Q", len(blob)))
-        self._fh.write(blob)
-        self._next = 0
-
-    def write(self, name: str, tensor: "torch.Tensor") -> None:
-        """Write ``name``'s data, converted to the header's dtype a slice at a time if it is in another."""
-        expected_name, size, dtype = self._expected[self._next]
-        if name != expected_name:
-            raise RuntimeError(f"tensor {name} written out of order (expected {expected_name})")
-        import torch
-
-        flat = tensor.contiguous().reshape(-1)
-        target = _torch_dtype(dtype)
-        written = 0
-        # A converted copy of at most CONVERT_SLICE values at a time: a 128k-vocabulary embedding
-        # would otherwise need a second whole copy of itself.
-        step = flat.numel() if flat.dtype == target else CONVERT_SLICE
-        for start in range(0, flat.numel(), max(step, 1)):
-            data = flat[start:start + step].to(target).view(torch.uint8).numpy()
-            self._fh.write(memoryview(data))
-            written += len(data)
-        if written != size:
-            raise RuntimeError(f"tensor {name} has {written} bytes, header says {size}")
-        self._next += 1
-
-    def abort(self) -> None:
-        self._fh.close()
-
-    def close(self) -> None:
-        if self._next != len(self._expected):
-            self._fh.close()
-            raise RuntimeError(f"only {self._next} of {len(self._expected)} tensors written")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-
-
-def _dtype_name(tensor: "torch.Tensor") -> str:
-    name = str(tensor.dtype).removeprefix("torch.")
-    for key, (torch_name, _) in _DTYPES.items():
-        if torch_name == name:
-            return key
-    raise MergeError(f"unsupported tensor dtype {tensor.dtype}")
 
 
 # --- the adapter -----------------------------------------------------------
@@ -244,7 +114,7 @@ def load_adapter(adapter_dir: str | os.PathLike) -> Adapter:
         raise MergeError(f"{where}: no {ADAPTER_WEIGHTS} (only safetensors adapters are supported)")
     try:
         tensors = load_safetensors(weights_path)
-    except MergeError as err:
+    except SafetensorsError as err:
         raise MergeError(f"{where}: {ADAPTER_WEIGHTS} is unreadable: {err}") from None
     use_rslora = bool(config.get("use_rslora"))
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
@@ -430,23 +300,12 @@ def merge_into_folder(
     nf4: dict[str, NF4Spec] | None = None,
     matrices_as: str | None = None,
 ) -> Path:
-    """Write base + adapter as a Hugging Face folder at ``out_dir`` (which must not exist).
+    """Write base + adapter as a Hugging Face folder at ``out_dir`` (which must not exist), tensor by tensor.
 
-    ``matrices_as="F16"`` stores every floating-point tensor of two or more
-    dimensions as float16: the F16 GGUF's own type, which llama.cpp's converter
-    would otherwise reach by upcasting each bf16 tensor to a float32 copy (2.3x
-    its time and twice its memory on a 1B model, docs/benchmarks.md). Untouched
-    tensors come out bit-identical to the converter's own rounding; merged ones
-    are rounded once from float32 instead of twice (via bf16). Vectors (norms)
-    keep their dtype: the converter stores them as float32, exactly.
-
-    Shard by shard, tensor by tensor. With ``nf4`` (weight name -> how
-    bitsandbytes quantized it), each of those weights is first replaced by its
-    NF4 round trip, adapted or not: the merge base is then the weights a QLoRA
-    adapter was trained against, not the original ones. When the base ties its input and output
-    embeddings and the adapter changes either of them, the two are written as
-    separate weights (and the config unties them): during training the LoRA on
-    ``lm_head`` never changed the embedding lookup, nor the other way round.
+    ``matrices_as="F16"`` writes floating-point matrices in the F16 GGUF's own type, so the converter
+    need not upcast each to float32 (vectors keep their dtype). ``nf4`` (weight name -> how bitsandbytes
+    stored it) merges into those weights' NF4 round trip: what a QLoRA adapter was trained against.
+    Tied embeddings the adapter changes are written untied: training never tied one's LoRA to the other.
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     config = read_base_config(base_dir)
@@ -458,7 +317,7 @@ def merge_into_folder(
     weight_map: dict[str, str] = {}
     for shard in shards:
         header, data_start = read_safetensors_header(shard)
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        entries = tensor_entries(header)
         stored = {k: _stored_dtype(v["dtype"], v["shape"], matrices_as) for k, v in entries}
         specs = [(k, stored[k], v["shape"]) for k, v in entries]
         if untie and TIED_INPUT in header:
@@ -472,7 +331,7 @@ def merge_into_folder(
                     tensor = read_tensor(fh, entry, data_start)
                     spec = nf4.get(name) if nf4 else None
                     base = nf4_round_trip(tensor, spec) if spec else tensor
-                    writer.write(name, merge_tensor(name, base, adapter, _torch_dtype(stored[name])))
+                    writer.write(name, merge_tensor(name, base, adapter, torch_dtype(stored[name])))
                     weight_map[name] = shard.name
                     if progress:
                         progress(1)
@@ -480,7 +339,7 @@ def merge_into_folder(
                         tied_input = tensor
                     del tensor
                 if untie and TIED_INPUT in header:
-                    writer.write(TIED_OUTPUT, merge_tensor(TIED_OUTPUT, tied_input, adapter, _torch_dtype(stored[TIED_OUTPUT])))
+                    writer.write(TIED_OUTPUT, merge_tensor(TIED_OUTPUT, tied_input, adapter, torch_dtype(stored[TIED_OUTPUT])))
                     weight_map[TIED_OUTPUT] = shard.name
                     del tied_input
         except BaseException:

@@ -1,28 +1,8 @@
-"""Checks every GGUF must pass before the export calls it done.
+"""Checks every GGUF must pass before the export calls it done, then its held-out perplexity.
 
-1. llama.cpp loads it, and its metadata carries ``tokenizer.chat_template``.
-2. Template parity: the prompt tokens llama.cpp builds for fixed multi-turn
-   conversations (the GGUF's own template rendered the way llama-cpp-python
-   renders it, tokenized by llama.cpp) are identical to the training-time
-   tokenizer's ``apply_chat_template`` tokens. A difference fails the export,
-   naming the first differing position.
-3. The end-of-turn contract: the token the training template closes an
-   assistant reply with is the one the GGUF's own template closes it with, and
-   it is one of the GGUF's end-of-generation ids (as is the tokenizer's EOS).
-   A failure names the token (text and id).
-4. It stops: a chat whose next token is forced to be EOS (or the end-of-turn
-   token) ends with ``finish_reason == "stop"`` (llama.cpp treats that id as
-   the end), and with ``STOP_CHECK=natural`` each of STOP_PROMPTS short greedy
-   chats must also end by itself within STOP_MAX_TOKENS (the end of turn the
-   fine-tune learned survived the merge). Random-init test models never
-   stop by themselves; they run with ``STOP_CHECK=eos_token``, which does the
-   forced part only, and the manifest records which check ran.
-
-:func:`check_gguf` runs these and then measures the held-out per-token NLL
-(the perplexity the manifest and card report) in the same llama.cpp instance:
-each file is opened once. On the 1B-shaped model the perplexity is most of the
-cost (about 15 ms per token for F16, 10 ms for Q4_K_M on 2 cores), which is what
-EVAL_TOKENS bounds.
+llama.cpp loads it and finds a chat template; the prompt tokens it builds equal the training tokenizer's;
+its template ends a turn with training's end-of-turn token, one llama.cpp stops on; and chats stop
+(STOP_CHECK=natural: by themselves). Each failure names what differs, so the fix is plain.
 """
 
 from __future__ import annotations
@@ -105,9 +85,8 @@ def training_tokens(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def llama_cpp_tokens(llm, messages: list[dict[str, str]]) -> list[int]:
     """The prompt tokens llama-cpp-python builds for ``messages`` with the GGUF's own template.
 
-    The same steps as its chat-completion handler for a GGUF template: render
-    with ``Jinja2ChatFormatter`` (the GGUF's bos/eos strings), then tokenize the
-    text with special tokens parsed, adding BOS only where the formatter did not.
+    The steps of its chat-completion handler: render with ``Jinja2ChatFormatter``, then tokenize with
+    special tokens parsed, adding BOS only where the formatter did not.
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

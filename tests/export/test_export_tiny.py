@@ -218,12 +218,12 @@ def test_full_disk_mid_export_leaves_nothing_at_final_paths(export_env, tiny_tra
 
 
 def test_full_disk_while_merging(export_env, tiny_train_output, converter_dir, tmp_path, monkeypatch):
-    import export.merge
+    import export.safetensors_stream
 
     def disk_full(self, name, tensor):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export.merge.SafetensorsStreamWriter, "write", disk_full)
+    monkeypatch.setattr(export.safetensors_stream.SafetensorsStreamWriter, "write", disk_full)
     out = tmp_path / "out"
     result = run_export_cli({"ADAPTER": str(tiny_train_output), "OUTPUT_DIR": str(out), "STOP_CHECK": "eos_token"})
     assert result.exit_code == 2 and "OUTPUT_DIR=" in result.stderr

@@ -74,7 +74,8 @@ def test_nf4_round_trip_equals_the_weights_bitsandbytes_loads(tiny_llama_dir, tm
     import bitsandbytes.functional as bnbf
 
     from export.ladder import trained_model
-    from export.merge import load_safetensors, nf4_round_trip
+    from export.merge import nf4_round_trip
+    from export.safetensors_stream import load_safetensors
 
     original = load_safetensors(tiny_llama_dir / "model.safetensors")
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", r=2)

@@ -78,7 +78,8 @@ def test_ladder_false_merges_other_adapters_into_the_original_base():
 
 def test_nf4_specs_derived_without_loading_merge_like_those_of_the_loaded_4bit_model(tiny_llama_dir, tmp_path):
     from export.ladder import nf4_specs_as_trained, trained_model
-    from export.merge import load_adapter, load_safetensors, merge_into_folder
+    from export.merge import load_adapter, merge_into_folder
+    from export.safetensors_stream import load_safetensors
 
     adapter_dir = make_adapter(tiny_llama_dir, tmp_path / "adapter")
     model, loaded = trained_model(tiny_llama_dir, adapter_dir, load_in_4bit=True)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from export.merge import check_compatible, load_adapter, merge_into_folder, read_safetensors_header
+from export.merge import check_compatible, load_adapter, merge_into_folder
+from export.safetensors_stream import read_safetensors_header
 from tests.export.helpers import make_adapter
 
 
