@@ -1,4 +1,4 @@
-"""One GPU against several: ``python -m train`` on a Llama-3.2-1B shape at the same global batch (issue 8).
+"""One GPU against several: ``python -m train`` on a Llama-3.2-1B shape at the same global batch.
 
 Every run is ``python -m train`` in a process of its own, on the same random-init base, data and settings
 (4-bit QLoRA r16 q,k,v,o, MAX_SEQ_LENGTH 1024, LR 2e-3 cosine, eval twice), at one global batch:
@@ -106,7 +106,7 @@ def compare(one: dict, many: dict, share: dict | None = None) -> dict:
     """``many`` against ``one`` (the same global batch on one GPU): tokens/s ratio, scaling efficiency (the ratio
     over the GPU count), the loss curves' median gap and last eval losses; and against ``share`` (one GPU with
     one process's share of the batch: the usual weak-scaling ratio, whose loss curve differs)."""
-    from bench.train_throughput import median_loss_gap
+    from bench.common import median_loss_gap
 
     ratio = many["throughput"]["tokens_per_s"] / one["throughput"]["tokens_per_s"]
     theirs = dict(map(tuple, one["train_losses"]))
@@ -126,22 +126,23 @@ def compare(one: dict, many: dict, share: dict | None = None) -> dict:
 
 def table(results: list[dict], one: dict | None = None) -> str:
     """The runs as a markdown table; "× one" and "efficiency" against ``one`` (the 1-GPU run), blank without it."""
-    lines = ["| run | processes | global batch | tokens/s | rows/s | × one | efficiency | peak GiB | "
-             "train loss first → last | eval losses |", "|---|---|---|---|---|---|---|---|---|---|"]
+    from bench.common import markdown_table
+
+    rows = []
     for result in results:
         if result["rc"]:
-            lines.append(f"| {result['run']} | {result['processes']} | failed (rc {result['rc']}) |||||||")
+            rows.append([result["run"], result["processes"], f"failed (rc {result['rc']})", *[""] * 7])
             continue
         pace = result["throughput"]
         ratio = pace["tokens_per_s"] / one["throughput"]["tokens_per_s"] if one and not one["rc"] else None
         losses = result["train_losses"]
-        lines.append(f"| {result['run']} | {result['processes']} | {result['global_batch_size']} | "
-                     f"{pace['tokens_per_s']:,.0f} | {pace['rows_per_s']:.2f} | "
-                     + (f"{ratio:.2f} | {ratio / result['processes']:.2f} | " if ratio is not None else "– | – | ")
-                     + f"{result['peak_gib']} | "
-                     f"{losses[0][1]:.3f} → {losses[-1][1]:.3f} | "
-                     f"{', '.join(f'{loss:.3f}' for _, loss in result['eval_losses'])} |")
-    return "\n".join(lines)
+        rows.append([result["run"], result["processes"], result["global_batch_size"], f"{pace['tokens_per_s']:,.0f}",
+                     f"{pace['rows_per_s']:.2f}", "–" if ratio is None else f"{ratio:.2f}",
+                     "–" if ratio is None else f"{ratio / result['processes']:.2f}", result["peak_gib"],
+                     f"{losses[0][1]:.3f} → {losses[-1][1]:.3f}",
+                     ", ".join(f"{loss:.3f}" for _, loss in result["eval_losses"])])
+    return markdown_table(["run", "processes", "global batch", "tokens/s", "rows/s", "× one", "efficiency", "peak GiB",
+                           "train loss first → last", "eval losses"], rows)
 
 
 def main(argv=None) -> int:
@@ -207,16 +208,19 @@ def main(argv=None) -> int:
                  "share": (f"1 {unit}, one {unit}'s share", 1, {**batch, "GRAD_ACCUM": "1"})}
         results = {run: run_train(*plans[run], work, args.tiny) for run in runs}
     print(table(list(results.values()), results.get("one")))
+    from bench.common import versions
+
     record = {"gpus": args.gpus, "steps": args.steps, "batch": args.batch, "seq": args.seq, "tiny": args.tiny,
-              "settings": extra, "results": list(results.values())}
+              "settings": extra, "versions": versions(), "results": list(results.values())}
     failed = [result for result in results.values() if result["rc"]]
     if not failed and {"one", "many"} <= set(results):
         record["comparison"] = compare(results["one"], results["many"], results.get("share"))
         print(json.dumps(record["comparison"]))
     for result in failed:
         print(f"{result['run']}: rc {result['rc']}\n{result['log_tail']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    from loraship.atomic import write_json
+
+    write_json(args.out, record)
     return 1 if failed else 0
 
 

@@ -1,10 +1,11 @@
-"""Random-init Llama-shaped models for benchmarks, identical on every machine.
+"""Random-init Llama-shaped models for benchmarks: no weights can be downloaded here, so the benches use the real
+shapes with random weights.
 
-No weights can be downloaded here, so benchmarks use the real configs with
-random weights. The weights come from a seeded CPU generator (float32 normal,
-std 0.02, cast to bf16; norms 1.0) and are written tensor by tensor, so the
-whole model is never in memory and the same seed gives the same bytes on this
-CPU machine and on the GPU machine (``weights_fingerprint`` checks that).
+:func:`build_random_llama` draws them from a seeded CPU generator (float32 normal, std 0.02, cast to bf16; norms
+1.0) and writes them tensor by tensor, so the whole model is never in memory and the same seed gives the same bytes
+on this CPU machine and on the GPU machine (:func:`weights_fingerprint` checks that): the export and quality benches'
+bases. :func:`build_llama_on_device` lets torch initialize the model on the device it measures, fast on a GPU: the
+training speed benches' bases.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ SHAPES = {
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
         rope_theta=500000.0, tie_word_embeddings=False,
     ),
+    # For CPU smoke tests of the benches.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
+    ),
 }
+#: The training benches' context length: no row of theirs is longer.
+TRAINING_POSITIONS = 4096
 
 
 def build_random_llama(folder: Path, shape: str | dict, tokenizer, seed: int = 0) -> Path:
@@ -59,6 +67,34 @@ def build_random_llama(folder: Path, shape: str | dict, tokenizer, seed: int = 0
     config.architectures = ["LlamaForCausalLM"]  # llama.cpp's converter picks its model class from this
     config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_llama_on_device(folder: Path, shape: str, device: str) -> Path:
+    """torch's own random init of ``shape`` (seed 0) on ``device``, saved as safetensors in ``folder`` (bf16 on CUDA,
+    float32 on a CPU); a folder that already holds a model is kept as it is."""
+    import gc
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    config = LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         **{**SHAPES[shape], "max_position_embeddings": TRAINING_POSITIONS})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return folder
 
 

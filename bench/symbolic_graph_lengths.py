@@ -1,15 +1,12 @@
-"""Bench only: per-layer CUDA graphs with a symbolic packed length on a torch that cannot do it itself.
+"""Bench only: per-layer CUDA graphs with a symbolic packed length on a torch before 2.13, which cannot do it itself.
 
-``train.speed.symbolic_lengths_in_graph`` keeps per-layer graphs (``layers-cudagraphs``) at static shapes
-before torch 2.13: torch 2.11's partitioner leaves the packed length (a SymInt input of the joint graph)
-out of the backward graph's inputs when the layer's checkpoint is inside the graph, and inductor stops
-with "Node add_N was invalid, but is output". :func:`enable` adds those SymInt inputs to the values the
-forward saves for the backward (the partitioner drops any the backward does not use), and makes the length
-symbolic, so the device image's torch 2.11 can measure what torch 2.13 (the train image's) does.
-
-Reproduced and checked on the CPU with torch 2.11 and transformers 5.17 (docs/benchmarks.md, session 12):
-``bench/train_throughput.py --tiny --configs layers-graphs-real`` fails without it and runs with it, to
-the same losses as torch 2.13. Never imported by ``python -m train``.
+torch 2.11's partitioner leaves the packed length (a SymInt input of the joint graph) out of the backward graph's
+inputs when the layer's checkpoint is inside the graph, and inductor stops with "Node add_N was invalid, but is
+output"; ``train.speed.compiled.symbolic_lengths_in_graph`` therefore keeps such a torch off per-layer graphs.
+:func:`enable` adds those SymInt inputs to what the forward saves for the backward (the partitioner drops any the
+backward does not use) and reports the length symbolic, so a machine with torch 2.11 measures what torch 2.13 runs.
+``bench/train_throughput.py --tiny --configs loraship-real --symbolic-graph-lengths`` checks it on a CPU. Never
+imported by ``python -m train``.
 """
 
 from __future__ import annotations
@@ -20,10 +17,10 @@ def enable() -> str:
     import torch
     import torch._functorch.partitioners as partitioners
 
-    import train.speed as speed
+    from train.speed import compiled
 
     done = "per-layer graphs: packed length symbolic"
-    if not speed.symbolic_lengths_in_graph():
+    if not compiled.symbolic_lengths_in_graph():
         extract = partitioners._extract_fwd_bwd_modules
 
         def extract_saving_size_inputs(joint_module, saved_values, saved_sym_nodes, **kwargs):
@@ -34,6 +31,6 @@ def enable() -> str:
             return extract(joint_module, saved_values, saved_sym_nodes, **kwargs)
 
         partitioners._extract_fwd_bwd_modules = extract_saving_size_inputs
-        speed.symbolic_lengths_in_graph = lambda: True
+        compiled.symbolic_lengths_in_graph = lambda: True
         done += f" (torch {torch.__version__}: partitioner saves SymInt inputs for the backward)"
     return done

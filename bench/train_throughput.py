@@ -1,46 +1,23 @@
-"""Is loraship's training path faster than the plain HF + PEFT + bitsandbytes stack? Same GPU, same batches.
+"""Training speed on one GPU: ``python -m train``'s path against the plain transformers + peft + bitsandbytes stack.
 
-For each model shape, random-init bf16 weights are saved once to local disk; every configuration
-then loads them 4-bit (NF4, double quant, bf16 compute) itself and trains on the same rows:
+Every configuration loads the same random-init base 4-bit (NF4, double quant, bf16 compute) and trains a LoRA of
+r8 on q,k,v,o (dropout 0.05, LR 2e-3 constant) over the same rows:
 
-- ``plain``: the seeds' stack, by hand: ``prepare_model_for_kbit_training`` (gradient checkpointing),
-  LoRA (r8 q,k,v,o, dropout 0.05), bf16 autocast, torch AdamW, the model's own loss over full logits;
-- ``loraship*``: the functions ``python -m train`` runs (``model.plan_for``, ``load_base_model``,
-  ``add_lora``, ``run.build_trainer``, trl's SFTTrainer), with the plan's speed levers switched on one
-  at a time (train/speed.py);
-- ``defaults*``: what ``python -m train`` plans on CUDA with this torch (since session 14: each decoder
-  layer compiled with CUDA graphs where :func:`train.speed.symbolic_lengths_in_graph`, torch 2.13 or
-  ``--symbolic-graph-lengths``; without graphs before, as since session 11); ``layers*``: per-layer compile
-  without graphs (``TORCH_COMPILE=layers``); ``eager*``: liger, no compile (``TORCH_COMPILE=off``);
-  ``defaults±dqonce`` / ``±saveattn`` / ``±positions`` / ``±both`` / ``±all``: the defaults with session 15's
-  levers on or off; ``defaults+mlpN`` / ``defaults-mlp``: with N MiB of kept MLP outputs, or none (session 17);
-  ``defaults-nf4``: bitsandbytes' dequantization instead of train/nf4.py's kernel (session 18);
-  ``defaults+host`` / ``defaults-host``: the token embedding in host memory, its GPU memory added to the MLP
-  budget, or on the GPU (session 19; a default since session 22); ``defaults+hostread``: the table in host memory
-  at a plan's budget without it, so only the reads differ (session 20; the 8B shape; only where the plan leaves the
-  table on the GPU); ``defaults-s21``: session 21's defaults (table on the GPU, 1 GiB of MLP outputs);
-  each also with ``-real`` (real lengths);
-- ``defaults+compile*`` / ``defaults+stack*`` / ``defaults+graphs*``: the eager levers with torch.compile
-  on each decoder layer, on the whole decoder stack, or on the stack with CUDA graphs (``compile_mode``);
-  ``layers-graphs*``: each decoder layer compiled with CUDA graphs.
+- ``plain``: the seeds' stack by hand: ``prepare_model_for_kbit_training`` (gradient checkpointing), LoRA,
+  bf16 autocast, torch AdamW, the model's own loss;
+- ``loraship``: what ``python -m train`` plans on this machine and runs (``model.plan_for``,
+  ``model.load_for_training``, ``run.build_trainer``); ``--set KEY=VALUE`` changes a train setting;
+- ``-real``: rows of long-tailed lengths, BATCH_SIZE 2 x GRAD_ACCUM 4; without it, 2 x 1024 tokens a step.
 
-Per configuration: tokens/s (median of the timed optimizer steps after warm-up, each CUDA-synchronized, or
-with ``--pipelined`` their mean over one synchronization at each end; for the real-length rows, non-padding
-tokens over the timed steps' total time), peak GPU memory
-(``max_memory_allocated``, reset per configuration) and the loss at the first and the last step.
+Per configuration: tokens/s (the median over the timed steps, each CUDA-synchronized; at real lengths their tokens
+over their time), peak GPU memory over the run and after the warm-up, and the logged losses. Prints a table and
+writes JSON (``--out``).
 
-    python bench/train_throughput.py --shapes llama-3.2-1b,llama-3-8b --configs fixed --out bench/results/x.json
-    python bench/train_throughput.py --tiny            # CPU smoke test of every code path (no GPU, no bnb)
-    python bench/train_throughput.py --shapes llama-3-8b --configs defaults+stack-noliger --memory-trace --out m.json
-                                                       # + what is alive at the GPU memory peak, by source line
-    python bench/train_throughput.py --shapes llama-3-8b --configs plain,defaults,defaults+compile --isolate
-                                                       # each configuration in a process of its own
-    python bench/train_throughput.py --shapes llama-3-8b --configs layers-graphs-real --symbolic-graph-lengths
-                                                       # per-layer graphs, packed length symbolic (torch 2.11 too)
-    python bench/train_throughput.py --shapes llama-3-8b --configs plain,defaults --isolate --pipelined
-                                                       # timed as a real run goes: no sync between steps
-
-Prints a table and writes JSON (``--out``).
+    python bench/train_throughput.py --shapes llama-3-8b --configs plain,loraship --isolate --out speed.json
+    python bench/train_throughput.py --shapes llama-3-8b --configs plain-real,loraship-real --isolate \\
+        --warmup 40 --timed 40 --recorded-real --out speed-real.json
+    python bench/train_throughput.py --configs loraship --set TORCH_COMPILE=layers --workdir /tmp/bases
+    python bench/train_throughput.py --tiny          # CPU smoke test: a tiny Llama, float32, no bitsandbytes
 """
 
 from __future__ import annotations
@@ -63,260 +40,78 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import cuda_memory  # noqa: E402
-from train.speed import GRAPHS_NEED_TORCH, SpeedLevers, choose_levers, symbolic_lengths_in_graph  # noqa: E402
+from bench.common import markdown_table, median_loss_gap, versions  # noqa: E402
+from bench.random_llama import SHAPES, build_llama_on_device  # noqa: E402
 
-SHAPES = {
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, tie_word_embeddings=True),
-}
-QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-#: Every lever, bf16_frozen included: what the 2026-11-29 tables measured as "loraship".
-ALL = SpeedLevers(bf16_frozen=True, liger_kernels=("rms_norm", "swiglu", "rope"), packing=True, fold_accumulation=True)
-#: What ``python -m train`` picks on a CUDA machine with this torch (each decoder layer compiled, no liger; with
-#: CUDA graphs where the packed length can be symbolic in them). ``--symbolic-graph-lengths`` re-plans it.
-DEFAULTS = choose_levers(cuda=True, no_graphs=None if symbolic_lengths_in_graph() else GRAPHS_NEED_TORCH)[0]
-#: Per-layer compile without CUDA graphs (TORCH_COMPILE=layers): the default of sessions 11-13.
-LAYERS = choose_levers(cuda=True, compile="layers")[0]
-#: The eager levers (TORCH_COMPILE=off: liger-kernel, no torch.compile): the defaults of sessions 3-10, which the
-#: ``defaults-*`` and ``defaults+*`` configurations below were built on and measured as.
-EAGER = choose_levers(cuda=True, compile="off")[0]
-#: The defaults before bf16_storage and fused_lora (what the first 2026-11-29 session-3 call measured as "defaults").
-MORNING = dataclasses.replace(EAGER, bf16_storage=False, fused_lora=False)
-NONE = SpeedLevers()
+#: The workload both stacks train.
+BATCH = 2
+REAL_GRAD_ACCUM = 4
+LORA_R = 8
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_DROPOUT = 0.05
+LEARNING_RATE = 2e-3
+SEQ = 1024
+REAL_MAX = 2048
+#: LOGGING_STEPS of loraship's runs: a loss every step; with ``--pipelined`` python -m train's default.
+LOGGING_STEPS = 1
+PIPELINED_LOGGING_STEPS = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    name: str
     stack: str  # "plain" | "loraship"
-    levers: SpeedLevers = NONE
-    rows: str = "fixed"  # "fixed": batch x seq random tokens; "real": long-tailed lengths
-    batch: int = 2
-    grad_accum: int = 1
-    lora_r: int = 8
-    targets: tuple[str, ...] = QKVO
-    dropout: float = 0.05
-    gradient_checkpointing: bool = True
-    optimizer: str | None = None  # OPTIMIZER for loraship's path (None: the plan's choice)
+    rows: str  # "fixed": the same BATCH x SEQ tokens every step; "real": long-tailed lengths
+
+    @property
+    def grad_accum(self) -> int:
+        return REAL_GRAD_ACCUM if self.rows == "real" else 1
 
 
-#: MiB of Llama-3-8B's token embedding (128,256 x 4,096 bf16): what the host embedding frees on the GPU.
-EMBEDDING_8B_MIB = 128_256 * 4_096 * 2 // 2**20
+CONFIGS = {"plain": Config("plain", "fixed"), "loraship": Config("loraship", "fixed"),
+           "plain-real": Config("plain", "real"), "loraship-real": Config("loraship", "real")}
 
 
-def plan_symbolic_graph_lengths() -> None:
-    """``--symbolic-graph-lengths``: give this torch what torch 2.13 does in per-layer graphs
-    (bench/symbolic_graph_lengths.py), and make the ``defaults*`` configurations the plan torch 2.13 makes."""
-    from bench import symbolic_graph_lengths
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How the configurations are measured (the command line's flags)."""
 
-    print(symbolic_graph_lengths.enable(), flush=True)
-    CONFIGS.update(defaults_configs(choose_levers(cuda=True, no_graphs=None)[0]))
+    device: str = "cuda"
+    warmup: int = 2
+    timed: int = 8
+    #: No synchronization inside the run but at the warm-up's end and the last step's: each step's time is then
+    #: its phase's mean, as a real run goes with the CPU queueing ahead of the GPU; loraship logs every
+    #: :data:`PIPELINED_LOGGING_STEPS` steps.
+    pipelined: bool = False
+    #: At real lengths the timed steps repeat the warm-up's first rows, so every packed length they run has
+    #: recorded its CUDA graphs: a long run's steady state.
+    recorded_real: bool = False
+    #: Per-layer CUDA graphs with a symbolic packed length on a torch before 2.13 (bench/symbolic_graph_lengths.py).
+    symbolic_graph_lengths: bool = False
+    tiny: bool = False
+    #: Train settings changed for loraship's runs (``--set``), by environment variable name.
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    @property
+    def seq(self) -> int:
+        return 64 if self.tiny else SEQ
 
-def defaults_configs(levers: SpeedLevers) -> dict[str, Config]:
-    """The ``defaults*`` configurations for the plan ``levers``: the goal's three workloads."""
-    graphs = ", layers with CUDA graphs" if levers.compile_mode == "layers-cudagraphs" else ""
-    return {
-        "defaults": Config(f"loraship defaults{graphs}", "loraship", levers),
-        "defaults-accum4": Config(f"loraship defaults{graphs}, 2x1024 x 4 accumulation", "loraship", levers,
-                                  grad_accum=4),
-        "defaults-real": Config(f"loraship defaults{graphs}, real lengths", "loraship", levers, rows="real",
-                                grad_accum=4),
-        # The defaults with one lever on or off (train/speed.py), at 2 x 1024 and at real lengths; then the two
-        # recompute levers together.
-        **{f"defaults{sign}{name}{suffix}": Config(f"loraship defaults{graphs}, {field}={value}{label}", "loraship",
-                                                     dataclasses.replace(levers, **{field: value}), **extra)
-           for name, field in (("dqonce", "dequantize_once"), ("saveattn", "save_attention"),
-                               ("positions", "label_positions"), ("nf4", "nf4_kernel"),
-                               ("host", "host_embedding"))
-           for sign, value in (("+", True), ("-", False)) if getattr(levers, field) != value
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
-        **{f"defaults{sign}both{suffix}": Config(
-            f"loraship defaults{graphs}, dequantize_once={value}, save_attention={value}{label}", "loraship",
-            dataclasses.replace(levers, dequantize_once=value, save_attention=value), **extra)
-           for sign, value in (("+", True), ("-", False)) if (levers.dequantize_once, levers.save_attention) != (value,) * 2
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
-        # All three levers of session 15.
-        **{f"defaults{sign}all{suffix}": Config(
-            f"loraship defaults{graphs}, dequantize_once, save_attention, label_positions={value}{label}", "loraship",
-            dataclasses.replace(levers, dequantize_once=value, save_attention=value, label_positions=value), **extra)
-           for sign, value in (("+", True), ("-", False))
-           if (levers.dequantize_once, levers.save_attention, levers.label_positions) != (value,) * 3
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
-        # The MLP's gate and up outputs kept within a budget of MiB (session 17; 3584 holds all 32 layers of the
-        # 8B at 2 x 1024; 2048, about what the host embedding's budget comes to, session 19), or not kept.
-        **{f"defaults{sign}mlp{mib or ''}{suffix}": Config(
-            f"loraship defaults{graphs}, saved_mlp_mib={mib}{label}", "loraship",
-            dataclasses.replace(levers, saved_mlp_mib=mib), **extra)
-           for sign, mib in (("+", 448), ("+", 896), ("+", 1024), ("+", 1344), ("+", 2048), ("+", 3584), ("-", 0)) if mib != levers.saved_mlp_mib
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))},
-        # Session 21's defaults (the table on the GPU, 1 GiB of MLP outputs), against which session 22's were measured.
-        **{f"defaults-s21{suffix}": Config(
-            f"loraship defaults{graphs}, host_embedding=False, saved_mlp_mib=1024 (session 21's){label}", "loraship",
-            dataclasses.replace(levers, host_embedding=False, saved_mlp_mib=1024), **extra)
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))
-           if levers.saved_mlp_mib},
-        # The token embedding in host memory at the defaults' MLP budget: the host reads alone, without the MLP
-        # outputs its freed memory buys (the budget less the 8B's table, which model.mlp_budget_mib adds back; for
-        # the 8B shape only; session 20).
-        **{f"defaults+hostread{suffix}": Config(
-            f"loraship defaults{graphs}, host_embedding=True at saved_mlp_mib={levers.saved_mlp_mib} in all{label}",
-            "loraship", dataclasses.replace(levers, host_embedding=True,
-                                            saved_mlp_mib=levers.saved_mlp_mib - EMBEDDING_8B_MIB), **extra)
-           for suffix, label, extra in (("", "", {}), ("-real", ", real lengths", {"rows": "real", "grad_accum": 4}))
-           if not levers.host_embedding and levers.saved_mlp_mib > EMBEDDING_8B_MIB},
-    }
+    @property
+    def logging_steps(self) -> int:
+        return PIPELINED_LOGGING_STEPS if self.pipelined else LOGGING_STEPS
 
-
-CONFIGS = {
-    # The ladder on 2 x 1024 tokens, r8 q,k,v,o: one lever more per rung.
-    "plain": Config("plain", "plain"),
-    "loraship-before": Config("loraship-before", "loraship"),
-    "+bf16-frozen": Config("+bf16-frozen", "loraship", SpeedLevers(bf16_frozen=True)),
-    "+liger": Config("+liger", "loraship", SpeedLevers(bf16_frozen=True, liger_kernels=ALL.liger_kernels)),
-    "loraship": Config("loraship (+packing)", "loraship", ALL),
-    # What else could pay (not defaults unless measured to).
-    "loraship-dropout0": Config("loraship, lora_dropout 0", "loraship", ALL, dropout=0.0),
-    "loraship-no-gc": Config("loraship, no checkpointing", "loraship", ALL, gradient_checkpointing=False),
-    "loraship-batch4": Config("loraship, batch 4x1024", "loraship", ALL, batch=4),
-    # The default optimizer step, BATCH_SIZE=2 x GRAD_ACCUM=4 of 1024 tokens (loraship folds it into one micro-batch).
-    "plain-accum4": Config("plain 2x1024, 4 accumulation", "plain", grad_accum=4),
-    "loraship-accum4": Config("loraship 2x1024, 4 accumulation (folded 8x1)", "loraship", ALL, grad_accum=4),
-    "loraship-accum4-noliger": Config("loraship 2x1024, 4 accumulation (folded), no liger", "loraship",
-                                      dataclasses.replace(ALL, liger_kernels=()), grad_accum=4),
-    # r16 on every linear layer, batch 4 x 1024.
-    "plain-r16": Config("plain r16 all-linear b4", "plain", batch=4, lora_r=16, targets=("all-linear",)),
-    "loraship-r16": Config("loraship r16 all-linear b4", "loraship", ALL, batch=4, lora_r=16, targets=("all-linear",)),
-    # Long-tailed row lengths, BATCH_SIZE=2 x GRAD_ACCUM=4 per optimizer step.
-    "plain-real": Config("plain, real lengths (padded 2 x 4)", "plain", rows="real", grad_accum=4),
-    "loraship-real-packed": Config(
-        "loraship, real lengths (packed 2 x 4)", "loraship",
-        dataclasses.replace(ALL, fold_accumulation=False), rows="real", grad_accum=4),
-    "loraship-real": Config("loraship, real lengths (packed, folded 8 x 1)", "loraship", ALL, rows="real", grad_accum=4),
-    "loraship-real-norope": Config("loraship, real lengths (folded), liger without RoPE", "loraship",
-                                   dataclasses.replace(ALL, liger_kernels=("rms_norm", "swiglu")), rows="real", grad_accum=4),
-    "loraship-real-nonorm": Config("loraship, real lengths (folded), liger without RMSNorm", "loraship",
-                                   dataclasses.replace(ALL, liger_kernels=("swiglu", "rope")), rows="real", grad_accum=4),
-    "loraship-real-noswiglu": Config("loraship, real lengths (folded), liger without SwiGLU", "loraship",
-                                     dataclasses.replace(ALL, liger_kernels=("rms_norm", "rope")), rows="real", grad_accum=4),
-    "loraship-real-noliger": Config("loraship, real lengths (packed, folded), no liger", "loraship",
-                                    dataclasses.replace(ALL, liger_kernels=()), rows="real", grad_accum=4),
-    # Today's defaults of python -m train (DEFAULTS), on the goal's three workloads.
-    **defaults_configs(DEFAULTS),
-    # Per-layer compile without CUDA graphs (TORCH_COMPILE=layers; the default of sessions 11-13).
-    "layers": Config("loraship, TORCH_COMPILE=layers", "loraship", LAYERS),
-    "layers-real": Config("loraship, TORCH_COMPILE=layers, real lengths", "loraship", LAYERS, rows="real",
-                          grad_accum=4),
-    # The eager levers (TORCH_COMPILE=off), the defaults until session 10.
-    "eager": Config("loraship eager (TORCH_COMPILE=off)", "loraship", EAGER),
-    "eager-real": Config("loraship eager (TORCH_COMPILE=off), real lengths", "loraship", EAGER, rows="real",
-                         grad_accum=4),
-    # Each decoder layer compiled with CUDA graphs (TORCH_COMPILE=layers-cudagraphs); at real lengths, packed
-    # rows bucketed.
-    "layers-graphs": Config("loraship defaults, layers with CUDA graphs", "loraship",
-                            dataclasses.replace(LAYERS, compile_mode="layers-cudagraphs")),
-    "layers-graphs-real": Config("loraship defaults, layers with CUDA graphs, real lengths (bucketed)", "loraship",
-                                 dataclasses.replace(LAYERS, compile_mode="layers-cudagraphs"), rows="real",
-                                 grad_accum=4),
-    # One lever left out of today's defaults at a time.
-    "defaults-nofused": Config("loraship defaults without fused_lora", "loraship",
-                               dataclasses.replace(EAGER, fused_lora=False)),
-    "defaults-nostorage": Config("loraship defaults without bf16_storage", "loraship",
-                                 dataclasses.replace(EAGER, bf16_storage=False)),
-    "defaults+fused": Config("loraship defaults + fused_lora", "loraship", dataclasses.replace(EAGER, fused_lora=True)),
-    "defaults-noliger": Config("loraship defaults without liger", "loraship",
-                               dataclasses.replace(EAGER, liger_kernels=())),
-    "defaults-accum4-noliger": Config("loraship defaults without liger, 2x1024 x 4 accumulation", "loraship",
-                                      dataclasses.replace(EAGER, liger_kernels=()), grad_accum=4),
-    "morning": Config("loraship defaults before bf16_storage + fused_lora", "loraship", MORNING),
-    "morning-accum4": Config("loraship defaults before bf16_storage + fused_lora, 2x1024 x 4 accumulation", "loraship",
-                             MORNING, grad_accum=4),
-    # torch.compile on each decoder layer (train/speed.py compile_mode), on today's defaults.
-    "defaults+compile": Config("loraship defaults + compile", "loraship", dataclasses.replace(EAGER, compile_mode="layers")),
-    "defaults+compile-noliger": Config("loraship defaults + compile, no liger", "loraship",
-                                       dataclasses.replace(EAGER, compile_mode="layers", liger_kernels=())),
-    "defaults+compile-real-noliger": Config("loraship defaults + compile, no liger, real lengths", "loraship",
-                                            dataclasses.replace(EAGER, compile_mode="layers", liger_kernels=()),
-                                            rows="real", grad_accum=4),
-    "defaults+graphs": Config("loraship defaults + compile with CUDA graphs", "loraship",
-                              dataclasses.replace(EAGER, compile_mode="stack-cudagraphs")),
-    "defaults+graphs-noliger": Config("loraship defaults + compile with CUDA graphs, no liger", "loraship",
-                                      dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=())),
-    # CUDA graphs at real lengths: packed rows padded to a few lengths (data.bucket_length), one graph each.
-    "defaults+graphs-real-noliger": Config(
-        "loraship defaults + compile with CUDA graphs, no liger, real lengths (bucketed)", "loraship",
-        dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=()), rows="real", grad_accum=4),
-    # Session 7, call 2, before OPTIMIZER=auto meant the fused AdamW on CUDA (now the same as defaults+graphs-noliger).
-    "defaults+graphs-noliger-fusedadam": Config(
-        "loraship defaults + compile with CUDA graphs, no liger, fused torch AdamW", "loraship",
-        dataclasses.replace(EAGER, compile_mode="stack-cudagraphs", liger_kernels=()), optimizer="adamw_torch_fused"),
-    # The defaults with the optimizer OPTIMIZER=auto meant on CUDA before the fused AdamW.
-    "defaults-adam8bit": Config("loraship defaults, adamw_8bit", "loraship", EAGER, optimizer="adamw_8bit"),
-    # What TORCH_COMPILE=stack plans on CUDA (TORCH_COMPILE=true until session 10): the compiled stack, liger off.
-    "torch_compile": Config("loraship, TORCH_COMPILE=stack", "loraship", choose_levers(cuda=True, compile="stack")[0]),
-    "defaults+stack": Config("loraship defaults + compiled decoder stack", "loraship",
-                             dataclasses.replace(EAGER, compile_mode="stack")),
-    "defaults+stack-noliger": Config("loraship defaults + compiled decoder stack, no liger", "loraship",
-                                     dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=())),
-    "defaults+stack-accum4-noliger": Config(
-        "loraship defaults + compiled decoder stack, no liger, 2x1024 x 4 accumulation", "loraship",
-        dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=()), grad_accum=4),
-    "defaults+stack-real-noliger": Config("loraship defaults + compiled decoder stack, no liger, real lengths", "loraship",
-                                          dataclasses.replace(EAGER, compile_mode="stack", liger_kernels=()),
-                                          rows="real", grad_accum=4),
-    "defaults+compile-accum4": Config("loraship defaults + compile, 2x1024 x 4 accumulation", "loraship",
-                                      dataclasses.replace(EAGER, compile_mode="layers"), grad_accum=4),
-    "defaults+compile-real": Config("loraship defaults + compile, real lengths", "loraship",
-                                    dataclasses.replace(EAGER, compile_mode="layers"), rows="real", grad_accum=4),
-}
-GROUPS = {
-    "ladder": ["plain", "loraship-before", "+bf16-frozen", "+liger", "loraship"],
-    "extras": ["loraship-dropout0", "loraship-no-gc", "loraship-batch4"],
-    "r16": ["plain-r16", "loraship-r16"],
-    "real": ["plain-real", "loraship-real-packed", "loraship-real"],
-    "accum": ["plain-accum4", "loraship-accum4"],
-    "today": ["plain", "defaults", "plain-accum4", "defaults-accum4", "plain-real", "defaults-real"],
-    "fused": ["plain", "defaults", "defaults-nofused", "defaults-nostorage", "morning", "plain-accum4", "defaults-accum4",
-              "morning-accum4", "plain-real", "defaults-real"],
-    "compile": ["plain", "defaults", "defaults+compile", "defaults+compile-noliger", "defaults+graphs",
-                "defaults+graphs-noliger"],
-    "stack": ["plain", "defaults+compile-noliger", "defaults+stack-noliger", "defaults+graphs-noliger"],
-    # Where the compiled stack's memory goes (run with --memory-trace).
-    "stack-memory": ["plain", "defaults+stack-noliger"],
-    "stack-goals": ["plain", "defaults+stack-noliger", "plain-accum4", "defaults+stack-accum4-noliger", "plain-real",
-                    "defaults+stack-real-noliger"],
-}
-SEQ = 1024
-#: LOGGING_STEPS of loraship's runs: a log line (the loss, read back from the GPU) every step.
-LOGGING_STEPS = 1
-REAL_MAX = 2048
-#: ``--memory-trace``: record CUDA allocations after warm-up and report what is alive at the peak (bench/cuda_memory.py).
-MEMORY_TRACE = False
-#: ``--phases``: also synchronize before and after the optimizer step, and record where each step's wall
-#: time went (``phase_s``: logging and data before the step, forward + backward + clipping, the optimizer
-#: step, the rest). The extra synchronizations cost a little speed, so tok/s with it is not comparable.
-PHASES = False
-#: ``--pipelined``: time the steps as a real run goes, the CPU free to queue the next step while the GPU works:
-#: synchronize only at the end of warm-up and at the end of the run (each step's time is then the timed
-#: steps' mean), loraship's path logs every :data:`PIPELINED_LOGGING_STEPS` steps (``python -m train``'s
-#: default) and the plain loop keeps its losses on the GPU until the end.
-PIPELINED = False
-#: ``--recorded-real``: the timed steps of a real-length configuration take the rows of the first warm-up steps
-#: again, so every packed length they run has had its CUDA graphs recorded (a long run's steady state; without it
-#: some 9 s of 40 timed steps' 27-34 s on the 8B were recordings, session 22).
-RECORDED_REAL = False
-#: LOGGING_STEPS with ``--pipelined``: the default of ``python -m train`` (train/settings.py).
-PIPELINED_LOGGING_STEPS = 10
-LEARNING_RATE = 2e-3
+    def flags(self) -> list[str]:
+        """These options as command-line flags (what ``--isolate`` gives each process it starts)."""
+        flags = ["--warmup", str(self.warmup), "--timed", str(self.timed)]
+        for name in ("pipelined", "recorded_real", "symbolic_graph_lengths", "tiny"):
+            if getattr(self, name):
+                flags.append("--" + name.replace("_", "-"))
+        for key, value in self.settings.items():
+            flags += ["--set", f"{key}={value}"]
+        return flags
 
 
 # --------------------------------------------------------------------------
-# Data: the same rows for every stack
+# The rows: the same for both stacks
 # --------------------------------------------------------------------------
 
 
@@ -349,17 +144,16 @@ def real_rows(n: int, vocab: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def rows_for(config: Config, steps: int, vocab: int, seq: int, timed: int = 0) -> list[dict]:
-    """The rows of ``steps`` optimizer steps; with :data:`RECORDED_REAL`, the last ``timed`` steps of real lengths
-    repeat the first ``timed`` steps' rows (the warm-up's)."""
+def rows_for(config: Config, steps: int, vocab: int, options: Options) -> list[dict]:
+    """The rows of ``steps`` optimizer steps; with ``options.recorded_real`` the timed steps at real lengths repeat
+    the first warm-up steps' rows."""
     if config.rows == "real":
-        per_step = config.batch * config.grad_accum
-        if RECORDED_REAL:
-            warmup = real_rows((steps - timed) * per_step, vocab)
-            return warmup + warmup[:timed * per_step]
+        per_step = BATCH * config.grad_accum
+        if options.recorded_real:
+            warmup = real_rows((steps - options.timed) * per_step, vocab)
+            return warmup + warmup[:options.timed * per_step]
         return real_rows(steps * per_step, vocab)
-    # Fixed rows: the same batch every step (identical batches for every stack, and learnable).
-    return fixed_rows(config.batch * config.grad_accum, seq, vocab)
+    return fixed_rows(BATCH * config.grad_accum, options.seq, vocab)  # the same batch every step: learnable
 
 
 def padded(rows: list[dict], pad_id: int, device) -> dict:
@@ -378,42 +172,78 @@ def padded(rows: list[dict], pad_id: int, device) -> dict:
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
-# --------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------
-
-
-def build_base(shape: str, folder: Path, device: str) -> Path:
-    """Random-init bf16 weights of ``shape``, saved once (safetensors)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0, **SHAPES[shape])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model.save_pretrained(folder, safe_serialization=True)
-    del model
-    free_memory()
-    return folder
-
-
 def stub_tokenizer():
-    """A two-token tokenizer: the trainer needs a processing class with a pad id, nothing else."""
+    """A three-token tokenizer: the trainer needs a processing class with a pad id, nothing else."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(WordLevel({"<pad>": 0, "<s>": 1, "</s>": 2}, unk_token="<pad>"))
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+# --------------------------------------------------------------------------
+# Clocks and memory
+# --------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def waits(options: Options, steps: int):
+    """When a step clock waits for the GPU before reading the time (called with the steps done): at every step, or
+    with ``--pipelined`` only at the run's start, the warm-up's end and the last step."""
+    if not options.pipelined:
+        return lambda done: sync(options.device)
+    phase_ends = {0, options.warmup, steps}
+    return lambda done: sync(options.device) if done in phase_ends else None
+
+
+def phase_means(times: list[float], warmup: int) -> list[float]:
+    """``--pipelined``: each step's time is its phase's mean (the warm-up, the timed steps): only their ends waited
+    for the GPU, so only the phases' totals are the GPU's."""
+    phases = [times[:warmup], times[warmup:]]
+    return [sum(phase) / len(phase) for phase in phases for _ in phase]
+
+
+def reset_peak(device: str):
+    """Reset the peak-memory counter now; returns its reader (GiB, None on a CPU)."""
+    import torch
+
+    if device != "cuda":
+        return lambda: None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats()
+    return lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def peaks(warmup_peak, steady_peak) -> dict:
+    """The whole run's peak and the peak after warm-up (a compiled model's first steps include compiling)."""
+    if steady_peak is None:
+        return {"train_peak_gib": None, "steady_peak_gib": None}
+    return {"train_peak_gib": max(warmup_peak or 0.0, steady_peak), "steady_peak_gib": steady_peak}
+
+
+def peak_memory_callback(device: str, warmup: int):
+    """A Trainer callback that reads the peak GPU memory of the warm-up, then of the steps after it."""
+    from transformers import TrainerCallback
+
+    class PeakMemory(TrainerCallback):
+        def __init__(self):
+            self.warmup_peak, self.read = None, lambda: None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.read = reset_peak(device)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.warmup_peak, self.read = self.read(), reset_peak(device)
+
+    return PeakMemory()
 
 
 def free_memory() -> None:
@@ -425,8 +255,8 @@ def free_memory() -> None:
 
 
 class LlamaModuleState:
-    """liger-kernel replaces names in transformers' Llama module (RoPE, RMSNorm, MLP classes); put them back
-    after each configuration so that the next one (the plain stack included) loads the stock model."""
+    """liger-kernel replaces names in transformers' Llama module (RoPE, RMSNorm, MLP classes; loraship with
+    TORCH_COMPILE=off); put them back after each configuration, so the next one loads the stock model."""
 
     NAMES = ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")
 
@@ -450,12 +280,13 @@ class LlamaModuleState:
 # --------------------------------------------------------------------------
 
 
-def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: str, warmup: int = 0) -> dict:
+def run_plain(config: Config, base: Path, rows: list[dict], steps: int, options: Options) -> dict:
     """The seeds' stack by hand (what a notebook or the seeds' scripts do)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    device, warmup = options.device, options.warmup
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     kwargs = {"dtype": dtype}
@@ -466,65 +297,54 @@ def run_plain(config: Config, base: Path, rows: list[dict], steps: int, device: 
     model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     model.config.use_cache = False
     if cuda:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif config.gradient_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(0)
-    targets = "all-linear" if config.targets == ("all-linear",) else list(config.targets)
-    model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
-                                             target_modules=targets, bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=LORA_DROPOUT,
+                                             target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM"))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
-    per_step = config.batch * config.grad_accum
-    step_rows = [[rows[(s * per_step + m * config.batch) % len(rows):][: config.batch]
-                  for m in range(config.grad_accum)] for s in range(steps)]
+    per_step = BATCH * config.grad_accum
+    step_rows = [[rows[(s * per_step + m * BATCH) % len(rows):][:BATCH] for m in range(config.grad_accum)]
+                 for s in range(steps)]
     batches = [[padded(micro, 0, device) for micro in step] for step in step_rows]
     # Counted on the CPU from the rows: reading them off the GPU tensors would make the CPU wait every step.
     # The loss is a mean over the optimizer step's label tokens, as transformers' Trainer computes it.
     step_items = [sum(sum(label != -100 for label in r["labels"][1:]) for micro in step for r in micro)
                   for step in step_rows]
     step_tokens = [sum(len(r["input_ids"]) for micro in step for r in micro) for step in step_rows]
+    wait = waits(options, steps)
     train_peak = reset_peak(device)
     steady_peak, first_peak = train_peak, None
     times, losses = [], []
-    clock = PipelinedClock(device, warmup, steps) if PIPELINED else None
     for step in range(steps):
         if step == warmup:
             first_peak, steady_peak = train_peak(), reset_peak(device)
-            if MEMORY_TRACE and cuda:
-                cuda_memory.start()
-        if clock is None:
-            sync(device)
+        if step == 0 or not options.pipelined:  # pipelined: each step's time runs from the last one's end
+            wait(step)
             start = time.perf_counter()
-        else:
-            clock.begin()
-        micro = batches[step]
-        items = step_items[step]
         total = 0.0
-        for batch in micro:
+        for batch in batches[step]:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(**batch, num_items_in_batch=items).loss
+                loss = model(**batch, num_items_in_batch=step_items[step]).loss
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if clock is None:
-            losses.append(float(total))
-            sync(device)
-            times.append(time.perf_counter() - start)
-        else:
-            losses.append(total)  # a GPU tensor, read after the last step
-            clock.end()
-    memory = cuda_memory.summary() if MEMORY_TRACE and cuda else None
+        losses.append(total if options.pipelined else float(total))  # pipelined: read after the last step
+        wait(step + 1)
+        now = time.perf_counter()
+        times.append(now - start)
+        start = now
     del model, optimizer, batches
-    result = {"times": times, "tokens": step_tokens, "losses": [float(loss) for loss in losses],
-              **peaks(first_peak, steady_peak()), "memory_at_peak": memory}
-    if clock is not None:
+    result = {"times": times, "tokens": step_tokens, "losses": [float(loss) for loss in losses], "levers": [],
+              **peaks(first_peak, steady_peak())}
+    if options.pipelined:
         # The Trainer logs the mean loss of the steps since its last log line: the same windows here.
-        result.update(times=clock.times, step_losses=result["losses"],
+        result.update(times=phase_means(times, warmup), step_losses=result["losses"],
                       losses=window_means(result["losses"], PIPELINED_LOGGING_STEPS))
     return result
 
@@ -535,78 +355,79 @@ def window_means(values: list[float], size: int) -> list[float]:
     return [sum(values[i:i + size]) / size for i in range(0, len(values) - size + 1, size)]
 
 
-class PipelinedClock:
-    """``--pipelined``: the time of the warm-up steps and of the timed steps, synchronizing only at the end
-    of each; every step of a phase gets the phase's mean."""
-
-    def __init__(self, device: str, warmup: int, steps: int):
-        self.device, self.warmup, self.steps = device, warmup, steps
-        self.done, self.start, self.times = 0, None, []
-
-    def begin(self) -> None:
-        if self.start is None:
-            sync(self.device)
-            self.start = time.perf_counter()
-
-    def end(self) -> None:
-        self.done += 1
-        if self.done in (self.warmup, self.steps):
-            sync(self.device)
-            now = time.perf_counter()
-            n = self.done - len(self.times)
-            self.times += [(now - self.start) / n] * n
-            self.start = now
+def workload_settings(config: Config, base: Path, workdir: Path, steps: int, options: Options) -> dict:
+    """The train settings that make loraship's run the plain stack's workload, timed without interruption."""
+    return {"base_model": str(base), "output_dir": str(workdir), "batch_size": BATCH, "grad_accum": config.grad_accum,
+            "max_seq_length": REAL_MAX if config.rows == "real" else options.seq, "lora_r": LORA_R,
+            "lora_alpha": 2 * LORA_R, "lora_dropout": LORA_DROPOUT, "lora_target_modules": list(TARGETS),
+            "gradient_checkpointing": True, "learning_rate": LEARNING_RATE, "lr_scheduler": "constant",
+            "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "max_steps": steps,
+            "logging_steps": options.logging_steps, "save_steps": 10_000, "eval_fraction": 0.0, "seed": 0}
 
 
-def peaks(warmup_peak, steady_peak) -> dict:
-    """The whole run's peak and the peak after warm-up (a compiled stack's first steps include compiling)."""
-    if steady_peak is None:
-        return {"train_peak_gib": None, "steady_peak_gib": None}
-    return {"train_peak_gib": max(warmup_peak or 0.0, steady_peak), "steady_peak_gib": steady_peak}
+def train_settings(values: dict):
+    """TrainSettings of ``values`` and the defaults alone: nothing from the environment or a .env file, so that a
+    run is what its JSON says. Raises pydantic's ValidationError."""
+    from train.settings import TrainSettings
+
+    class GivenSettings(TrainSettings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, **environment_and_files):
+            return (init_settings,)
+
+    return GivenSettings(**values)
 
 
-def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, device: str, workdir: Path,
-                 warmup: int = 0, callbacks: tuple = ()) -> dict:
-    """``python -m train``'s own functions, the plan's levers set by ``config``; ``callbacks`` join the Trainer's
-    after the step clock (the profiler's stepper, the sync watch: bench/train_profile.py, bench/sync_points.py)."""
-    import torch
+def cuda_levers_on_a_cpu(settings):
+    """``--tiny``: the levers the settings get on a CUDA GPU (inductor compiles for a CPU too), less liger-kernel's
+    Triton kernels, so the CPU runs loraship's GPU path."""
+    from train import speed
+
+    supported, speed.compile_supported = speed.compile_supported, lambda: True
+    try:
+        levers, _ = speed.plan(settings, cuda=True)
+    finally:
+        speed.compile_supported = supported
+    return dataclasses.replace(levers, liger_kernels=())
+
+
+def run_loraship(config: Config, base: Path, rows: list[dict], steps: int, workdir: Path, options: Options,
+                 callbacks: tuple = ()) -> dict:
+    """``python -m train``'s own functions on the plan for this machine; ``callbacks`` join the Trainer's after the
+    step clock (bench/diagnostics/ uses them)."""
     from transformers import set_seed
 
     from train import data, model, run
-    from train.settings import TrainSettings
+    from train.throughput import StepClock
 
-    cuda = device == "cuda"
-    settings = TrainSettings(
-        _env_file=None, base_model=str(base), output_dir=str(workdir), batch_size=config.batch,
-        grad_accum=config.grad_accum, max_seq_length=REAL_MAX if config.rows == "real" else SEQ,
-        lora_r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=config.dropout,
-        lora_target_modules=list(config.targets), gradient_checkpointing=config.gradient_checkpointing,
-        learning_rate=LEARNING_RATE, lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=steps, logging_steps=PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS,
-        save_steps=10_000, eval_fraction=0.0, seed=0,
-        **({"optimizer": config.optimizer} if config.optimizer else {}),
-    )
-    plan = dataclasses.replace(model.plan_for(settings, cuda=cuda), levers=config.levers)
+    cuda = options.device == "cuda"
+    settings = train_settings({**workload_settings(config, base, workdir, steps, options),
+                               **{key.lower(): value for key, value in options.settings.items()}})
+    plan = model.plan_for(settings, cuda=cuda)
+    if not cuda:
+        plan = dataclasses.replace(plan, levers=cuda_levers_on_a_cpu(settings))
+    # Seeds torch as the plain stack does before adding its LoRA: loading the base draws no random numbers, so
+    # both adapters start alike.
     set_seed(settings.seed)
-    base_model = model.load_base_model(str(base), plan, gradient_checkpointing=config.gradient_checkpointing, echo=print)
-    torch.manual_seed(0)
-    peft_model = model.add_lora(base_model, settings, config.levers)
+    peft_model = model.load_for_training(str(base), plan, settings, echo=print)
     examples = [data.Example(r["input_ids"], r["labels"], f"row {i}") for i, r in enumerate(rows)]
-    clock = StepClock(device, warmup)
+    clock, memory = StepClock(wait=waits(options, steps)), peak_memory_callback(options.device, options.warmup)
     trainer = run.build_trainer(settings, plan, peft_model, stub_tokenizer(), examples, [], workdir / "checkpoints",
-                                print, callbacks=[clock, *callbacks])
+                                print, callbacks=[clock, memory, *callbacks])
     # Rows in their given order, so each optimizer step holds the same rows as the plain stack's.
     trainer.args.train_sampling_strategy = "sequential"
-    micro_losses = keep_micro_batch_losses(trainer) if PIPELINED else None
+    micro_losses = keep_micro_batch_losses(trainer) if options.pipelined else None
     trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    times = [seconds for _, seconds, _ in clock.steps]
     rows_per_micro_batch, micro_batches_per_step = run.micro_batching(settings, plan)
-    result = {"times": clock.times, "tokens": clock.tokens(trainer), "losses": losses, "phase_s": clock.phases,
+    result = {"times": phase_means(times, options.warmup) if options.pipelined else times,
+              "tokens": [tokens for _, _, tokens in clock.steps],
+              "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+              "levers": plan.levers.names(), "micro_batching": [rows_per_micro_batch, micro_batches_per_step],
               **({"step_losses": step_sums(micro_losses, micro_batches_per_step)} if micro_losses else {}),
-              "micro_batching": [rows_per_micro_batch, micro_batches_per_step],
-              **peaks(clock.warmup_peak, clock.train_peak()), "memory_at_peak": clock.memory}
+              **peaks(memory.warmup_peak, memory.read())}
     trainer.accelerator.free_memory()
-    del trainer, peft_model, base_model
+    del trainer, peft_model
     return result
 
 
@@ -633,219 +454,92 @@ def step_sums(micro_losses: list, per_step: int) -> list[float]:
     return [sum(values[i:i + per_step]) for i in range(0, len(values), per_step)]
 
 
-class StepClock:
-    """Wall time between consecutive optimizer steps (CUDA-synchronized), and tokens seen at each."""
-
-    def __new__(cls, device, warmup: int = 0):
-        from transformers import TrainerCallback
-
-        class _Clock(TrainerCallback):
-            def __init__(self):
-                self.device, self.times, self.seen, self.last = device, [], [], None
-                self.train_peak = lambda: None
-                self.warmup_peak = self.memory = None
-                self.phases, self.marks = [], {}
-
-            def mark(self, name):
-                if PHASES:
-                    sync(self.device)
-                    self.marks[name] = time.perf_counter()
-
-            def on_train_begin(self, args, state, control, **kwargs):
-                self.train_peak = reset_peak(self.device)
-                self.pipelined = PipelinedClock(self.device, warmup, state.max_steps)
-                if PIPELINED:
-                    self.times = self.pipelined.times  # the same list, filled at each phase's end
-
-            def on_step_begin(self, args, state, control, **kwargs):
-                if PIPELINED:
-                    self.pipelined.begin()
-                    return
-                if self.last is None:
-                    sync(self.device)
-                    self.last = time.perf_counter()
-                self.mark("begin")
-
-            def on_pre_optimizer_step(self, args, state, control, **kwargs):
-                self.mark("pre_optimizer")
-
-            def on_optimizer_step(self, args, state, control, **kwargs):
-                self.mark("optimizer")
-
-            def on_step_end(self, args, state, control, **kwargs):
-                self.seen.append(int(state.num_input_tokens_seen))
-                if PIPELINED:
-                    self.pipelined.end()
-                    if len(self.seen) == warmup:
-                        self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
-                    return
-                sync(self.device)
-                now = time.perf_counter()
-                if PHASES and len(self.marks) == 3:
-                    m = self.marks
-                    self.phases.append({"before_step": round(m["begin"] - self.last, 4),
-                                        "forward_backward_clip": round(m["pre_optimizer"] - m["begin"], 4),
-                                        "optimizer": round(m["optimizer"] - m["pre_optimizer"], 4),
-                                        "after_optimizer": round(now - m["optimizer"], 4)})
-                    self.marks = {}
-                self.times.append(now - self.last)
-                self.last = now
-                if len(self.times) == warmup:  # the peak so far includes compiling; measure the steady state apart
-                    self.warmup_peak, self.train_peak = self.train_peak(), reset_peak(self.device)
-                    if MEMORY_TRACE and self.device == "cuda":
-                        cuda_memory.start()
-
-            def on_train_end(self, args, state, control, **kwargs):
-                if MEMORY_TRACE and self.device == "cuda":
-                    self.memory = cuda_memory.summary()
-
-            def tokens(self, trainer):
-                return [b - a for a, b in zip([0, *self.seen[:-1]], self.seen)]
-
-        return _Clock()
-
-
-def reset_peak(device: str):
-    """Reset the peak-memory counter now (model loaded, training about to start); returns its reader (GiB)."""
-    import torch
-
-    if device != "cuda":
-        return lambda: None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats()
-    return lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)
-
-
-def sync(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # --------------------------------------------------------------------------
 # Measure, tabulate
 # --------------------------------------------------------------------------
 
 
-def measure(shape: str, key: str, base: Path, warmup: int, timed: int, device: str, seq: int) -> dict:
+def config_name(key: str, options: Options) -> str:
+    config = CONFIGS[key]
+    changed = [f"{name}={value}" for name, value in options.settings.items()] if config.stack == "loraship" else []
+    return ", ".join([config.stack, *changed, *(["real lengths"] if config.rows == "real" else [])])
+
+
+def measure(shape: str, key: str, base: Path, options: Options) -> dict:
     import torch
 
     config = CONFIGS[key]
-    steps = warmup + timed
-    rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], seq, timed)
+    cuda = options.device == "cuda"
+    steps = options.warmup + options.timed
+    rows = rows_for(config, steps, SHAPES[shape]["vocab_size"], options)
     free_memory()
     leftover = 0.0
-    if device == "cuda":
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
         # What earlier configurations of this process left allocated: not this one's, so not in its peak.
         leftover = round(torch.cuda.memory_allocated() / 2**30, 2)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, LlamaModuleState():
         if config.stack == "plain":
-            raw = run_plain(config, base, rows, steps, device, warmup)
+            raw = run_plain(config, base, rows, steps, options)
         else:
-            raw = run_loraship(config, base, rows, steps, device, Path(tmp), warmup)
+            raw = run_loraship(config, base, rows, steps, Path(tmp), options)
         free_memory()
     # What the allocator held, not only what tensors used: a CUDA graph's replays allocate nothing, so
     # max_memory_allocated misses the memory pool its recording reserved; max_memory_reserved does not.
-    reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
+    reserved = round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None
     wall = time.perf_counter() - started
-    times, tokens = raw["times"][warmup:], raw["tokens"][warmup:]
+    times, tokens = raw["times"][options.warmup:], raw["tokens"][options.warmup:]
     if config.rows == "real":
         tok_s = sum(tokens) / sum(times)
     else:
         tok_s = statistics.median(t / s for t, s in zip(tokens, times))
+    fixed = config.rows == "fixed"
     return {
-        "shape": shape, "config": key, "name": config.name, "stack": config.stack, "levers": config.levers.names(),
-        "rows": config.rows, "batch": config.batch, "grad_accum": config.grad_accum, "seq": seq if config.rows == "fixed" else None,
-        "lora_r": config.lora_r, "targets": list(config.targets), "lora_dropout": config.dropout,
-        "gradient_checkpointing": config.gradient_checkpointing, "micro_batching": raw.get("micro_batching"),
+        "shape": shape, "config": key, "name": config_name(key, options), "stack": config.stack,
+        "train_settings": options.settings if config.stack == "loraship" else {}, "levers": raw["levers"],
+        "rows": config.rows, "batch": BATCH, "grad_accum": config.grad_accum, "seq": options.seq if fixed else None,
+        "lora_r": LORA_R, "targets": list(TARGETS), "lora_dropout": LORA_DROPOUT, "gradient_checkpointing": True,
+        "micro_batching": raw.get("micro_batching"),
         "tokens_per_s": round(tok_s, 1), "step_s": [round(t, 4) for t in raw["times"]], "tokens_per_step": raw["tokens"],
         "timed_tokens": sum(tokens),
         "train_peak_gib": None if raw["train_peak_gib"] is None else round(raw["train_peak_gib"] - leftover, 2),
         "steady_peak_gib": None if raw["steady_peak_gib"] is None else round(raw["steady_peak_gib"] - leftover, 2),
         "leftover_gib": leftover, "train_peak_raw_gib": raw["train_peak_gib"], "reserved_peak_gib": reserved,
-
         "loss_first": round(raw["losses"][0], 4), "loss_last": round(raw["losses"][-1], 4), "losses": raw["losses"],
-        "steps": steps, "warmup": warmup, "wall_s": round(wall, 1), "memory_at_peak": raw.get("memory_at_peak"),
-        "pid": os.getpid(), "pipelined": PIPELINED,
-        **({"step_losses": raw["step_losses"]} if raw.get("step_losses") else {}),
-        **({"phase_s": raw["phase_s"], "phase_median_s": phase_medians(raw["phase_s"][warmup:])} if raw.get("phase_s") else {}),
+        "steps": steps, "warmup": options.warmup, "wall_s": round(wall, 1), "pid": os.getpid(),
+        "pipelined": options.pipelined, **({"step_losses": raw["step_losses"]} if raw.get("step_losses") else {}),
     }
 
 
-def phase_medians(phases: list[dict]) -> dict:
-    """The median of each phase over the timed steps (``--phases``)."""
-    return {name: round(statistics.median(p[name] for p in phases), 4) for name in phases[0]} if phases else {}
-
-
-#: Steps where the plain stack's loss is below this (nats) are left out of :func:`median_loss_gap`.
-MEMORIZED_LOSS = 1.0
-
-
-def median_loss_gap(losses: list[float], plain_losses: list[float]) -> float:
-    """The median over the steps both ran of ``(loss - plain) / plain``: parity that one loss spike, in
-    either run, does not decide (at the bench's constant learning rate a spike can come at any step).
-
-    Steps where the plain stack's loss is under :data:`MEMORIZED_LOSS` are left out: by step ~20 the
-    2x1024 runs have learnt their few rows by heart (loss ~0.007), and a relative gap between two such
-    losses is rounding, not parity (session 10: +3.13% that way for a run within 0.1% before it).
-    """
-    gaps = [(mine - theirs) / theirs for mine, theirs in zip(losses, plain_losses) if theirs >= MEMORIZED_LOSS]
-    return statistics.median(gaps) if gaps else float("nan")
-
-
 def table(results: list[dict]) -> str:
-    lines = ["| shape | config | batch | tok/s | × plain | train peak GiB | × plain | after warm-up GiB | × plain "
-             "| loss first → last | last vs plain | median step vs plain |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    plain = {}
+    """The results as a markdown table, each against the plain stack's run of its shape and rows."""
+    plain = {(r["shape"], r["rows"]): r for r in results if r["stack"] == "plain"}
+    lines = []
     for r in results:
-        if r["stack"] == "plain":
-            plain[(r["shape"], r["rows"], r["lora_r"], r["grad_accum"])] = r
-    for r in results:
-        p = plain.get((r["shape"], r["rows"], r["lora_r"], r["grad_accum"]))
+        p = plain.get((r["shape"], r["rows"]))
         speed = f"{r['tokens_per_s'] / p['tokens_per_s']:.2f}" if p else "-"
         mem = f"{r['train_peak_gib'] / p['train_peak_gib']:.2f}" if p and r["train_peak_gib"] and p["train_peak_gib"] else "-"
         steady = r.get("steady_peak_gib")
         steady_ratio = f"{steady / p['steady_peak_gib']:.2f}" if p and steady and p.get("steady_peak_gib") else "-"
         loss = f"{(r['loss_last'] - p['loss_last']) / p['loss_last']:+.2%}" if p else "-"
         gap = median_loss_gap(r["losses"], p["losses"]) if p else float("nan")
-        gap = "-" if math.isnan(gap) else f"{gap:+.2%}"
         batch = f"{r['batch']}x{r['seq']}" if r["rows"] == "fixed" else f"{r['batch']} rows"
         batch += f" x{r['grad_accum']} acc" if r["grad_accum"] > 1 else ""
-        lines.append(f"| {r['shape']} | {r['name']} | {batch} | {r['tokens_per_s']:,.0f} | {speed} | {r['train_peak_gib']} | {mem} "
-                     f"| {steady} | {steady_ratio} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | {loss} | {gap} |")
-    return "\n".join(lines)
+        lines.append([r["shape"], r["name"], batch, f"{r['tokens_per_s']:,.0f}", speed, r["train_peak_gib"], mem,
+                      steady, steady_ratio, f"{r['loss_first']:.3f} → {r['loss_last']:.3f}", loss,
+                      "-" if math.isnan(gap) else f"{gap:+.2%}"])
+    return markdown_table(["shape", "config", "batch", "tok/s", "× plain", "train peak GiB", "× plain",
+                           "after warm-up GiB", "× plain", "loss first → last", "last vs plain",
+                           "median step vs plain"], lines)
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "liger-kernel", "triton", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def measure_in_child(shape: str, key: str, workdir: Path, argv: list[str]) -> dict:
+def measure_in_child(shape: str, key: str, workdir: Path, options: Options) -> dict:
     """:func:`measure` of one configuration in a fresh process of this script (``--isolate``); its result."""
-    keep, skip = [], False
-    for arg in argv:  # this run's flags, less what the child is given apart
-        if skip:
-            skip = False
-        elif arg in ("--configs", "--shapes", "--out", "--workdir"):
-            skip = True
-        elif arg != "--isolate" and not arg.startswith(("--configs=", "--shapes=", "--out=", "--workdir=")):
-            keep.append(arg)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "one.json"
-        command = [sys.executable, str(Path(__file__).resolve()), *keep, "--shapes", shape, "--configs", key,
-                   "--workdir", str(workdir), "--out", str(out)]
+        command = [sys.executable, str(Path(__file__).resolve()), *options.flags(), "--shapes", shape, "--configs",
+                   key, "--workdir", str(workdir), "--out", str(out)]
         done = subprocess.run(command)
         results = json.loads(out.read_text())["results"] if out.is_file() else []
     if not results:
@@ -853,81 +547,109 @@ def measure_in_child(shape: str, key: str, workdir: Path, argv: list[str]) -> di
     return results[0]
 
 
+def parse_settings(items: list[str], parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``--set KEY=VALUE`` items: train settings, none of those the bench sets to match the plain stack."""
+    fixed = {name.upper() for name in workload_settings(CONFIGS["loraship"], Path(), Path(), 1, Options())}
+    settings = {}
+    for item in items:
+        key, equals, value = item.partition("=")
+        key = key.strip().upper()
+        if not equals or not key:
+            parser.error(f"--set {item}: give KEY=VALUE, a train setting (e.g. TORCH_COMPILE=layers)")
+        if key in fixed:
+            parser.error(f"--set {key}: the bench sets it, the same for both stacks (it sets {', '.join(sorted(fixed))})")
+        settings[key] = value
+    from pydantic import ValidationError
+
+    from loraship.envsettings import format_validation_error
+    from train.settings import TrainSettings
+
+    unknown = [key for key in settings if key.lower() not in TrainSettings.model_fields]
+    if unknown:
+        parser.error(f"--set {unknown[0]}: not a train setting (python -m train --help lists them)")
+    try:
+        train_settings({key.lower(): value for key, value in settings.items()})
+    except ValidationError as err:
+        parser.error("--set " + "; ".join(format_validation_error(TrainSettings, err)))
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b", help=f"comma-separated: {', '.join(SHAPES)}")
-    parser.add_argument("--configs", default="ladder,r16,real",
-                        help=f"comma-separated groups ({', '.join(GROUPS)}) or configs ({', '.join(CONFIGS)}); "
-                        "SHAPE:CONFIG limits one to a shape")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--timed", type=int, default=8)
-    parser.add_argument("--workdir", default=None, help="where the random-init bases are saved (default: a temp dir)")
+    parser.add_argument("--shapes", default="llama-3-8b", help="comma-separated: llama-3-8b, llama-3.2-1b")
+    parser.add_argument("--configs", default="plain,loraship",
+                        help=f"comma-separated, of {', '.join(CONFIGS)}; SHAPE:CONFIG limits one to a shape")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a train setting for loraship's runs (repeatable), e.g. TORCH_COMPILE=layers")
+    parser.add_argument("--warmup", type=int, default=2, help="optimizer steps before the timed ones")
+    parser.add_argument("--timed", type=int, default=8, help="optimizer steps timed")
+    parser.add_argument("--workdir", default=None,
+                        help="where the random-init bases are saved, and found again (default: a temporary folder)")
     parser.add_argument("--out", default=None, help="JSON results file")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny shape, float32, no bitsandbytes")
-    parser.add_argument("--memory-trace", action="store_true",
-                        help="CUDA: record allocations after warm-up; the JSON gets what is alive at the peak, by source line")
-    parser.add_argument("--phases", action="store_true",
-                        help="loraship's path: time each step's forward+backward, optimizer step and the rest apart "
-                        "(extra synchronizations: tok/s not comparable)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke test: a tiny Llama, float32, no bitsandbytes, loraship with the levers of CUDA "
+                        "less liger-kernel")
     parser.add_argument("--pipelined", action="store_true",
                         help="time the steps as a real run goes: synchronize only at the end of warm-up and of the run "
                         f"(step times are means), loraship logs every {PIPELINED_LOGGING_STEPS} steps (train's default), "
                         "the plain loop reads its losses at the end")
+    parser.add_argument("--recorded-real", action="store_true",
+                        help="real lengths: the timed steps repeat the first warm-up steps' rows, so their packed "
+                        "lengths' CUDA graphs are recorded (a long run's steady state); needs --timed <= --warmup")
     parser.add_argument("--symbolic-graph-lengths", action="store_true",
                         help="per-layer CUDA graphs with a symbolic packed length even where this torch cannot "
                         "(before 2.13: bench/symbolic_graph_lengths.py works around its partitioner)")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each configuration in a process of its own (nothing one leaves behind, "
                         "a patched module, a compiled graph, an allocator's cache, reaches the next)")
-    parser.add_argument("--recorded-real", action="store_true",
-                        help="real lengths: the timed steps repeat the first warm-up steps' rows, so their packed "
-                        "lengths' CUDA graphs are recorded (a long run's steady state); needs --timed <= --warmup")
     args = parser.parse_args(argv)
-    global MEMORY_TRACE, PHASES, PIPELINED, RECORDED_REAL
-    MEMORY_TRACE = args.memory_trace
-    PHASES = args.phases
-    PIPELINED = args.pipelined
-    RECORDED_REAL = args.recorded_real
-    if RECORDED_REAL and args.timed > args.warmup:
+    if args.recorded_real and args.timed > args.warmup:
         parser.error(f"--recorded-real repeats warm-up rows: --timed ({args.timed}) must not exceed --warmup "
                      f"({args.warmup})")
-    if PIPELINED and (PHASES or MEMORY_TRACE):
-        parser.error("--pipelined times whole phases of the run: it cannot time inside a step (--phases) "
-                     "or record allocations from the warm-up's end (--memory-trace)")
+    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
+    wanted = []
+    for item in args.configs.split(","):
+        only, _, key = item.rpartition(":")
+        if key not in CONFIGS:
+            parser.error(f"unknown config {key!r}: give some of {', '.join(CONFIGS)}")
+        if only and only not in SHAPES:
+            parser.error(f"unknown shape {only!r} in {item!r}")
+        wanted.append((only or None, key))
+    unknown = [shape for shape in shapes if shape not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shape {unknown[0]!r}: give llama-3-8b or llama-3.2-1b")
+    settings = parse_settings(args.set, parser)
 
     import torch
 
     if args.symbolic_graph_lengths:
-        plan_symbolic_graph_lengths()
-    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
-    shapes = ["tiny"] if args.tiny else args.shapes.split(",")
-    seq = 64 if args.tiny else SEQ
-    wanted = []
-    for item in args.configs.split(","):
-        only, _, item = item.rpartition(":")
-        for key in GROUPS.get(item, [item]):
-            if key not in CONFIGS:
-                parser.error(f"unknown config {key!r}")
-            wanted.append((only or None, key))
-    if device == "cpu":
-        # No Triton on a CPU: the fused kernels are a GPU-only lever.
-        for key, config in list(CONFIGS.items()):
-            CONFIGS[key] = dataclasses.replace(config, levers=dataclasses.replace(config.levers, liger_kernels=()))
+        from bench import symbolic_graph_lengths
+
+        print(symbolic_graph_lengths.enable(), flush=True)
+    options = Options(device="cuda" if torch.cuda.is_available() and not args.tiny else "cpu", warmup=args.warmup,
+                      timed=args.timed, pipelined=args.pipelined, recorded_real=args.recorded_real,
+                      symbolic_graph_lengths=args.symbolic_graph_lengths, tiny=args.tiny, settings=settings)
     if args.workdir:
-        return run_configs(args, argv, wanted, shapes, device, seq, Path(args.workdir))
+        return run_configs(options, wanted, shapes, Path(args.workdir), args.out, args.isolate)
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:  # no --workdir: nothing left behind
-        return run_configs(args, argv, wanted, shapes, device, seq, Path(tmp))
+        return run_configs(options, wanted, shapes, Path(tmp), args.out, args.isolate)
 
 
-def run_configs(args, argv, wanted, shapes, device, seq, workdir: Path) -> int:
-    """Build each shape's base in ``workdir``, measure the configurations ``wanted`` and print and write the report."""
+def run_configs(options: Options, wanted: list[tuple[str | None, str]], shapes: list[str], workdir: Path,
+                out: str | None, isolate: bool) -> int:
+    """Build each shape's base in ``workdir``, measure the configurations ``wanted``, print and write the report."""
     import torch
 
-    report = {"machine": {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+    from loraship.atomic import write_json
+
+    cuda = options.device == "cuda"
+    report = {"machine": {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
                           "versions": versions()},
-              "settings": {"warmup": args.warmup, "timed": args.timed, "seq": seq, "learning_rate": LEARNING_RATE,
-                           "pipelined": PIPELINED, "recorded_real": RECORDED_REAL,
-                           "logging_steps": PIPELINED_LOGGING_STEPS if PIPELINED else LOGGING_STEPS,
+              "settings": {"warmup": options.warmup, "timed": options.timed, "seq": options.seq,
+                           "learning_rate": LEARNING_RATE, "pipelined": options.pipelined,
+                           "recorded_real": options.recorded_real,
+                           "symbolic_graph_lengths": options.symbolic_graph_lengths,
+                           "logging_steps": options.logging_steps, "train_settings": options.settings,
                            "real_lengths_first_40": real_lengths(40)},
               "results": [], "base_build_s": {}}
     print(json.dumps(report["machine"]), flush=True)
@@ -937,15 +659,12 @@ def run_configs(args, argv, wanted, shapes, device, seq, workdir: Path) -> int:
         if not keys:
             continue
         started = time.perf_counter()
-        base = build_base(shape, workdir / shape, device)
+        base = build_llama_on_device(workdir / shape, shape, options.device)
         report["base_build_s"][shape] = round(time.perf_counter() - started, 1)
         print(f"{shape}: base built in {report['base_build_s'][shape]} s", flush=True)
         for key in keys:
             try:
-                if args.isolate:
-                    result = measure_in_child(shape, key, workdir, argv if argv is not None else sys.argv[1:])
-                else:
-                    result = measure(shape, key, base, args.warmup, args.timed, device, seq)
+                result = measure_in_child(shape, key, workdir, options) if isolate else measure(shape, key, base, options)
             except Exception as err:  # one failing configuration must not lose the others' numbers
                 import traceback
 
@@ -955,9 +674,8 @@ def run_configs(args, argv, wanted, shapes, device, seq, workdir: Path) -> int:
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if k not in ("losses", "step_s", "tokens_per_step")}),
                   flush=True)
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=1))
+            if out:
+                write_json(out, report)
     print(table([r for r in results if "error" not in r]))
     for r in results:
         if "error" in r:

@@ -1,29 +1,24 @@
-"""What a compiled, checkpointed decoder stack keeps for its backward pass, and what that costs in memory.
+"""What a compiled, checkpointed decoder keeps for its backward pass, and what that costs in memory.
 
-torch.compile splits the joint forward+backward graph in two (AOTAutograd's min-cut partitioner):
-whatever the backward needs is either saved by the forward or recomputed from what is saved. With
-gradient checkpointing inside the graph, the ops of each checkpointed layer are tagged "recompute",
-so only the layer inputs should be saved. This script shows what is actually saved, by op, for one
-variant per process (the partitioner's choice), and the step's steady peak memory:
+torch.compile splits the joint forward+backward graph in two (AOTAutograd's min-cut partitioner): whatever the
+backward needs is either saved by the forward or recomputed from what is saved. With gradient checkpointing inside
+the graph, the ops of each checkpointed layer are tagged "recompute", so only the layer inputs should be saved.
+This shows what each variant's graphs actually save, by op, and a step's steady peak memory, one process each:
 
-    python3 bench/compile_partition.py --variant stack --out /tmp/p.json
-    python3 bench/compile_partition.py --variants eager,stack,stack-dropout0 --out /tmp/p.json  # one process each
+    python3 bench/diagnostics/compile_partition.py --variants eager,layers,layers-cudagraphs,stack --out p.json
+    python3 bench/diagnostics/compile_partition.py --variant stack --out stack.json      # this process only
 
-Variants: ``eager`` (no compile); ``stack`` (train.speed.compile_model's compile_mode=stack, LoRA dropout
-0.05: with the selective-checkpoint policy that recomputes bitsandbytes' ops, speed.checkpoint_kwargs);
-``stack-dropout0``; ``stack-unselective`` (plain checkpointing inside the compiled stack, as before that
-policy); ``stack-nographsafe`` (plain checkpointing, torch._functorch.config.graphsafe_rng_functionalization
-off). A random-init Llama with the 8B's widths and ``--layers`` layers, NF4 4-bit, LoRA r8 on q,k,v,o.
-
-Session 5's first run of this script (a version before its first commit, when ``stack`` meant plain
-checkpointing and ``stack-sac`` the policy) is bench/results/compile_partition-call2.json.
+Variants: ``eager`` (no compile); ``layers``, ``layers-cudagraphs``, ``stack`` (train.speed.compiled's compile
+modes, LoRA dropout 0.05); ``stack-dropout0``; ``stack-unselective`` (plain checkpointing inside the compiled stack,
+without checkpoint_kwargs' selective policy that recomputes bitsandbytes' ops); ``stack-nographsafe`` (that, with
+torch._functorch.config.graphsafe_rng_functionalization off). A random-init Llama with the 8B's widths and
+``--layers`` layers, NF4 4-bit, LoRA r8 on q,k,v,o, 2 rows of ``--seq`` tokens. Needs CUDA (bitsandbytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import subprocess
 import sys
@@ -31,9 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-VARIANTS = ("eager", "stack", "stack-dropout0", "stack-unselective", "stack-nographsafe")
+from tests.fixtures.partitions import partitions  # noqa: E402  (what the compile tests read, the same spy)
+
+VARIANTS = ("eager", "layers", "layers-cudagraphs", "stack", "stack-dropout0", "stack-unselective",
+            "stack-nographsafe")
 WIDTHS = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
               vocab_size=32000, tie_word_embeddings=False)
 
@@ -50,43 +48,6 @@ def build(folder: Path, layers: int, device: str) -> Path:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
-
-
-@contextlib.contextmanager
-def partitions():
-    """Each graph torch.compile splits while this is open (AOTAutograd's min-cut partitioner): the
-    recompute tags of its bitsandbytes 4-bit matmuls, what its forward saves for the backward as
-    ``(op, bytes or None)``, weights and inputs left out, and the ops its backward runs (``backward``:
-    each call's target, in order). Also used by tests/train/test_compile.py."""
-    import torch._functorch.partitioners as partitioners
-    import torch._inductor.compile_fx as compile_fx
-
-    graphs: list[dict] = []
-    original = partitioners.min_cut_rematerialization_partition
-
-    def spy(joint_module, joint_inputs, **kwargs):
-        tags = [node.meta.get("recompute") for node in joint_module.graph.nodes
-                if node.op == "call_function" and "gemm_4bit" in str(node.target)]
-        forward, backward = original(joint_module, joint_inputs, **kwargs)
-        saved = []
-        for node in list(forward.graph.nodes)[-1].args[0]:
-            if getattr(node, "op", "placeholder") == "placeholder":
-                continue
-            value = node.meta.get("val")
-            try:
-                size = int(value.numel()) * value.element_size()
-            except Exception:  # not a tensor, or symbolic sizes
-                size = None
-            saved.append((str(node.target), size))
-        graphs.append({"tags": tags, "saved": saved, "backward": [str(node.target) for node in backward.graph.nodes
-                                                                  if node.op == "call_function"]})
-        return forward, backward
-
-    partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = spy
-    try:
-        yield graphs
-    finally:
-        partitioners.min_cut_rematerialization_partition = compile_fx.min_cut_rematerialization_partition = original
 
 
 def summary(graphs: list[dict]) -> list[dict]:
@@ -107,23 +68,24 @@ def run_variant(variant: str, base: Path, device: str, seq: int, steps: int) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from train import speed
+    from train.speed import compiled, frozen
 
     record: dict = {"variant": variant}
     if variant == "stack-nographsafe":
         torch._functorch.config.graphsafe_rng_functionalization = False
     if variant in ("stack-unselective", "stack-nographsafe"):
-        speed.checkpoint_kwargs = lambda compile_mode="", save_attention=False: {"use_reentrant": False}
+        compiled.checkpoint_kwargs = lambda *args, **kwargs: {"use_reentrant": False}
     dropout = 0.0 if variant.endswith("dropout0") else 0.05
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=quant,
                                                  device_map={"": device})
-    model = speed.prepare_frozen_base(model, gradient_checkpointing=True)
+    mode = "" if variant == "eager" else variant if variant.startswith("layers") else "stack"
+    model = frozen.prepare_frozen_base(model, gradient_checkpointing=True, compile_mode=mode)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    if variant.startswith("stack"):
-        speed.compile_model(model, "stack")
+    if mode:
+        compiled.compile_model(model, mode)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     generator = torch.Generator().manual_seed(0)
@@ -176,8 +138,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="compile-partition-"))
     base = build(workdir / f"base-{args.layers}", args.layers, device)
     if args.variant:
-        record = run_variant(args.variant, base, device, args.seq, args.steps)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        from loraship.atomic import write_json
+
+        write_json(args.out, run_variant(args.variant, base, device, args.seq, args.steps))
         return
     names = [v for v in args.variants.split(",") if v]
     children = []
@@ -193,23 +156,23 @@ def main() -> None:
     for name, child, out in children:
         child.wait()
         results.append(json.loads(out.read_text()) if out.is_file() else {"variant": name, "error": child.returncode})
-    Path(args.out).write_text(json.dumps({"layers": args.layers, "seq": args.seq, "device": device,
-                                          "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                                          "results": results}, indent=1))
-    print("| variant | steady peak GiB | above floor GiB | step s | gemm_4bit tags | saved (count, MiB) |")
-    print("|---|---|---|---|---|---|")
+    from bench.common import markdown_table, versions
+    from loraship.atomic import write_json
+
+    write_json(args.out, {"layers": args.layers, "seq": args.seq, "device": device,
+                          "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "versions": versions(),
+                          "results": results})
+    rows = []
     for r in results:
-        graphs = r.get("graphs", [])
-        tags = collections.Counter()
-        saved = collections.Counter()
-        for g in graphs:
+        tags, saved = collections.Counter(), collections.Counter()
+        for g in r.get("graphs", []):
             tags.update(g["gemm_4bit_tags"])
             for k, v in g["saved"].items():
                 saved[k] += v["mib"]
-        top = ", ".join(f"{k} {v:.0f}" for k, v in saved.most_common(5))
-        print(f"| {r['variant']} | {r.get('steady_peak_gib', '-')} | {r.get('steady_peak_above_floor_gib', '-')} | "
-              f"{r.get('step_s', ['-'])[-1]} | {dict(tags)} | {top} |")
-
+        rows.append([r["variant"], r.get("steady_peak_gib", "-"), r.get("steady_peak_above_floor_gib", "-"),
+                     r.get("step_s", ["-"])[-1], dict(tags), ", ".join(f"{k} {v:.0f}" for k, v in saved.most_common(5))])
+    print(markdown_table(["variant", "steady peak GiB", "above floor GiB", "step s", "gemm_4bit tags",
+                          "saved (count, MiB)"], rows))
 
 if __name__ == "__main__":
     main()
