@@ -18,8 +18,9 @@ intermediate 8192, vocab 128256, tied embeddings, bf16 safetensors (2.47 GB);
 SmolLM2's tokenizer (the converter pads the vocabulary). Adapter: LoRA r=16 on
 q/k/v/o with random non-zero B, in PEFT format.
 
-Usage: ``python bench/export_memory.py [--workdir DIR] [--keep]``; prints a
-table and writes ``bench/results/export_memory.json``.
+Usage: ``python bench/export_memory.py [--workdir DIR] [--keep]`` (``make bench-export``); prints a
+table and writes ``bench/results/export_memory-1b.json`` (``--ladder true``: ``export_memory-1b-ladder.json``;
+``--smoke``: ``export_memory-smoke.json`` in the work folder's parent).
 """
 
 from __future__ import annotations
@@ -260,12 +261,14 @@ def main() -> None:
         print(f"{r['path']:<14}{r['wall_s']:>8}{r['peak_rss_gib']:>14}{r['peak_anon_rss_gib']:>15}"
               f"{r['max_single_process_rss_gib']:>16}  {steps}")
     print(json.dumps(result["goals"], indent=2))
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     from loraship.atomic import write_json
 
-    name = "export_memory_smoke" if args.smoke else "export_memory" if args.ladder == "false" else "export_memory-ladder"
-    write_json(results / f"{name}.json", result)
+    if args.smoke:  # checks the script, measures nothing: not a result
+        target = work.parent / "export_memory-smoke.json"
+    else:
+        target = ROOT / "bench" / "results" / f"export_memory-1b{'-ladder' if args.ladder == 'true' else ''}.json"
+    write_json(target, result)
+    print(f"wrote {target}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

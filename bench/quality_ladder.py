@@ -12,7 +12,8 @@ LOAD_IN_4BIT=true``) on the embedded SmolLM2-135M-Instruct, then runs
 
 Usage: ``python bench/quality_ladder.py [--adapter DIR] [--base MODEL] [--quant-types T,..]
 [--workdir DIR] [--max-steps N] [--tag NAME] [--identity]``; prints the ladder and the merge-base
-comparison and writes ``bench/results/quality_ladder[-TAG].json``.
+comparison and writes ``bench/results/quality_ladder-TAG.json`` (``--tag`` default: ``embedded``, the
+embedded SmolLM2's demo adapter).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--quant-types", default="Q8_0,Q5_K_M,Q4_K_M")
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-ladder")
     parser.add_argument("--max-steps", type=int, help="MAX_STEPS for the demo training (default: the recipe's)")
-    parser.add_argument("--tag", help="suffix of the result file (e.g. llama-1b)")
+    parser.add_argument("--tag", default="embedded", help="suffix of the result file (e.g. llama-1b-shaped)")
     parser.add_argument("--identity", action="store_true",
                         help="also export into each merge base and ask the held-out Quokka identity questions (Q8_0)")
     parser.add_argument("--heldout", type=Path, default=ROOT / "data" / "quokka" / "heldout.jsonl")
@@ -135,11 +136,9 @@ def main() -> None:
         "merge_base": merge_base,
         "identity_by_merge_base": identity,
     }
-    results = ROOT / "bench" / "results"
-    results.mkdir(parents=True, exist_ok=True)
     from loraship.atomic import write_json
 
-    target = results / (f"quality_ladder-{args.tag}.json" if args.tag else "quality_ladder.json")
+    target = ROOT / "bench" / "results" / f"quality_ladder-{args.tag}.json"
     write_json(target, result)
     print(f"wrote {target}")
 

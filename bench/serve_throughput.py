@@ -2,9 +2,10 @@
 API versus llama_cpp called directly (same GGUF, same threads, one run), and 16
 concurrent chats: all complete, none mixed, p50/p95 latency.
 
-    python bench/serve_throughput.py [--model PATH] [--threads 2] [--runs 5]
+    python bench/serve_throughput.py [--model PATH] [--threads 2] [--runs 5]     # make bench-serve
 
-Prints a table and writes bench/results/serve_throughput-<UTC time>.json.
+Prints a table and writes bench/results/serve_throughput-embedded.json (with ``--model``:
+serve_throughput-<the GGUF's name>.json), or ``--out``.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="single-stream runs per path (interleaved)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrent-max-tokens", type=int, default=48)
+    parser.add_argument("--out", type=Path, help="JSON results file (default: bench/results/serve_throughput-*.json)")
     args = parser.parse_args()
     model = (args.model or embedded_gguf_path()).resolve()
 
@@ -220,9 +222,9 @@ def main() -> None:
     print(f"{c['chats']} concurrent chats: {c['completed']} completed, {c['unmixed']} identical to their answer alone; "
           f"latency p50 {c['latency_p50_s']:.2f} s, p95 {c['latency_p95_s']:.2f} s, wall {c['wall_s']:.1f} s")
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} (2 cores)")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = write_json(ROOT / "bench" / "results" / f"serve_throughput-{stamp}.json", report)
-    print(f"wrote {out.relative_to(ROOT)}")
+    name = model.stem if args.model else "embedded"
+    out = write_json(args.out or ROOT / "bench" / "results" / f"serve_throughput-{name}.json", report)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
