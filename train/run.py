@@ -8,7 +8,7 @@
    masks are exactly what trains), eval every EVAL_STEPS, checkpoints for resuming;
 5. the best checkpoint by eval loss becomes ``OUTPUT_DIR/adapter/`` (written atomically) with
    tokenizer, chat template, model card and manifest; loss.png and train_summary.json beside it;
-6. push to the Hub when HUB_REPO is set.
+6. push to the Hub when HUB_REPO is set: the adapter, with the run's logs under ``logs/``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
 from loraship.manifest import build_manifest, write_manifest
-from train import card, data, launch, model, speed
+from train import card, data, launch, model, run_logs, speed
 from train.report import write_data_report
 from train.checkpoints import (
     CHECKPOINTS_DIR, RUN_SETTINGS, AlreadyTrained, MirrorToHub, Preempted, StopOnSigterm, last_checkpoint,
@@ -140,6 +140,7 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
         raise Preempted("stopped by SIGTERM")
     if not main_process:
         return None
+    finish_wandb_run(settings)
     runtime = time.time() - started
 
     # 5. The adapter folder, the summary and the plot (each written whole or not at all).
@@ -151,12 +152,12 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
     card.plot_losses(train_curve, eval_curve, output_dir / "loss.png", summary["best_step"])
 
-    # 6. Publish.
+    # 6. Publish: the adapter and the run's record in one commit.
     if settings.hub_repo:
-        from loraship.hub import push_folder
-
-        summary["hub_commit"] = push_folder(adapter_dir, settings.hub_repo, token=token, private=settings.hub_private)
-        echo(f"hub: pushed {adapter_dir} to {settings.hub_repo} ({'private' if settings.hub_private else 'public'})")
+        summary["hub_commit"] = run_logs.push_adapter_and_logs(adapter_dir, output_dir, summary, settings.hub_repo,
+                                                               token=token, private=settings.hub_private)
+        echo(f"hub: pushed {adapter_dir} and the run's logs ({run_logs.LOGS_DIR}/) to {settings.hub_repo} "
+             f"({'private' if settings.hub_private else 'public'})")
     # Written last: its presence says the run is finished.
     write_json(output_dir / "train_summary.json", summary)
     pace = summary["throughput"]
@@ -177,6 +178,15 @@ def fetch_hub_checkpoints(settings: TrainSettings, token: str | None, echo: Call
         pulled = pull_checkpoints(output_dir, settings.hub_repo, token=token)
         if pulled is not None:
             echo(f"resume: fetched checkpoints up to step {step_of(pulled)} from {settings.hub_repo}/{CHECKPOINTS_DIR}")
+
+
+def finish_wandb_run(settings: TrainSettings) -> None:
+    """transformers leaves the W&B run open until the process exits: close it, so its record is whole now."""
+    if "wandb" in settings.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def load_final_weights(trainer) -> None:
@@ -210,7 +220,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
     has_eval = bool(eval_examples)
     fast = speed_options(settings, plan)
     # TensorBoard event files go to OUTPUT_DIR/runs (transformers reads this variable).
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(settings.output_dir) / "runs")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(settings.output_dir) / run_logs.TENSORBOARD_DIR)
     args = SFTConfig(
         output_dir=str(checkpoints),
         max_steps=settings.max_steps or -1,
@@ -242,7 +252,7 @@ def build_trainer(settings, plan, peft_model, tokenizer, train_examples, eval_ex
         # except where its arguments cannot carry the model's settings.
         gradient_checkpointing=fast.trainer_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        report_to=["tensorboard"],
+        report_to=settings.report_to,
         seed=settings.seed,
         data_seed=settings.seed,
         include_num_input_tokens_seen=fast.tokens_seen,

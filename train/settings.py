@@ -9,11 +9,13 @@ loaded: field checks come from pydantic, cross-field checks from
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from loraship.envsettings import CommaList, EmptyIsNone, SettingsError, load_settings
@@ -29,6 +31,9 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 GPU_DEFAULT_BASE = "meta-llama/Llama-3.2-1B-Instruct"
 #: Optimizers whose bitsandbytes kernels exist only for CUDA.
 CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit")
+#: REPORT_TO's trackers: the module each one's client is imported as, and the extra that installs it.
+TRACKERS = {"tensorboard": ("tensorboard", "train"), "wandb": ("wandb", "tracking"), "mlflow": ("mlflow", "tracking"),
+            "trackio": ("trackio", "tracking")}
 #: Recipes sized for a CPU; every other recipe needs a CUDA GPU and is refused without one.
 CPU_RECIPES = ("demo",)
 
@@ -64,6 +69,37 @@ def _compile_choice(value: object) -> object:
     if value in ("false", "0", "no"):
         return "off"
     return "auto" if value == "" else value
+
+
+def _distinct_lower(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(value.lower() for value in values))
+
+
+def report_to_problem(trackers: list[str]) -> str | None:
+    """What is wrong with REPORT_TO, checked here because each client fails only once training starts."""
+    shown = f"REPORT_TO={','.join(trackers)!r}"
+    unknown = [name for name in trackers if name != "none" and name not in TRACKERS]
+    if unknown or not trackers:
+        return (f"{shown}: {'unknown tracker ' + ', '.join(map(repr, unknown)) if unknown else 'no tracker named'}; "
+                f"choose from {', '.join(TRACKERS)} (comma-separated), or none")
+    if "none" in trackers and len(trackers) > 1:
+        return f"{shown}: none turns every tracker off; give it alone, or list only the trackers"
+    for name in trackers:
+        module, extra = TRACKERS.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            return f"{shown}: the {name} client is not installed; pip install 'loraship[{extra}]', or leave {name} out"
+    if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI") and not _installed("mlflow"):
+        return (f"{shown}: MLFLOW_TRACKING_URI is not set, and mlflow-skinny keeps no local store; set it to your "
+                "MLflow server, or to file:FOLDER with MLFLOW_ALLOW_FILE_STORE=true")
+    return None
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def base_model_problem(value: str) -> str | None:
@@ -192,6 +228,12 @@ class TrainSettings(BaseSettings):
     )
     eval_average_window: int = Field(3, ge=1, le=100, description="Evaluations in the logged moving average of eval loss.")
     logging_steps: int = Field(10, ge=1, description="Log the train loss every N steps.")
+    report_to: Annotated[CommaList, AfterValidator(_distinct_lower)] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Where the run's metrics go, comma-separated: tensorboard (OUTPUT_DIR/runs, pushed with the "
+        "adapter), wandb, mlflow, trackio, or none. Each client reads its own variables (WANDB_API_KEY, "
+        "MLFLOW_TRACKING_URI...).",
+    )
     save_total_limit: int = Field(3, ge=1, description="Checkpoints kept on disk (the best one is always kept).")
     output_dir: Path = Field(
         Path("outputs/train"),
@@ -200,7 +242,8 @@ class TrainSettings(BaseSettings):
 
     # --- publishing ----------------------------------------------------------
     hub_repo: Annotated[str | None, EmptyIsNone] = Field(
-        None, description="Push the adapter folder to this Hub repo (owner/name) at the end."
+        None,
+        description="Push the adapter folder, and the run's logs under logs/, to this Hub repo (owner/name) at the end.",
     )
     hub_private: bool = Field(True, description="Create the Hub repo as private.")
     hf_token: Annotated[SecretStr | None, EmptyIsNone] = Field(
@@ -274,6 +317,9 @@ def cross_field_problems(s: TrainSettings, *, cuda: bool, skip: frozenset[str] =
         problems.append(f"HUB_REPO={s.hub_repo!r}: must be a Hub repo id, owner/name")
     if ok("lora_target_modules") and not s.lora_target_modules:
         problems.append("LORA_TARGET_MODULES='': name at least one module, e.g. q_proj,v_proj")
+    problem = report_to_problem(s.report_to) if ok("report_to") else None
+    if problem:
+        problems.append(problem)
     return problems
 
 

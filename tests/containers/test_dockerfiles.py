@@ -116,7 +116,7 @@ def test_embedded_model_is_the_pinned_version_without_its_cli(name):
     assert install and all("--no-deps" in run for run in install)
 
 
-@pytest.mark.parametrize(("name", "extras"), [(SERVE, "[serve]"), (TRAIN, "[train,export]")])
+@pytest.mark.parametrize(("name", "extras"), [(SERVE, "[serve]"), (TRAIN, "[train,export,tracking]")])
 def test_project_dependencies_install_through_the_constraints_file(name, extras):
     runs = parse(name).stages[0].values("RUN")
     installs = [run for run in runs if "pip install" in run and extras in run]

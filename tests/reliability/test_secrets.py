@@ -1,9 +1,11 @@
-"""HF_TOKEN is used, never kept: a real train and export that push to the stand-in Hub with a
-known token leave it in no log line, no written file and no pushed file.
+"""HF_TOKEN and the trackers' keys are used, never kept: a real train (reporting to W&B and MLflow too)
+and export that push to the stand-in Hub with known keys in the environment leave them in no log line,
+no written file and no pushed file.
 
 The test is not vacuous: it checks the token did reach the Hub as ``Bearer``, and that the
 kinds of file a leak would hide in (manifest, model card, summary, TensorBoard events, saved
-settings, checkpoint state and arguments) were all written and scanned.
+settings, checkpoint state and arguments, the pushed logs, the trackers' own files) were all
+written and scanned.
 """
 
 from __future__ import annotations
@@ -18,21 +20,32 @@ from tests.bad_inputs.corpus import base_env, run_stage
 
 # Shaped like a token, but with dashes, so no secret scanner takes it for a real one.
 TOKEN = "hf_loraship-test-secret-not-real"
+#: The keys REPORT_TO's clients read from the environment (loraship never reads them).
+TRACKER_KEYS = {"WANDB_API_KEY": "wandb-loraship-test-secret-key", "MLFLOW_TRACKING_PASSWORD":
+                "mlflow-loraship-test-secret-password", "MLFLOW_TRACKING_TOKEN": "mlflow-loraship-test-secret-token"}
 # A leak may be partial (cut, wrapped or masked at the edges): look for the middle too.
-NEEDLES = (TOKEN.encode(), b"loraship-test-secret")
+NEEDLES = (TOKEN.encode(), b"loraship-test-secret", *(key.encode() for key in TRACKER_KEYS.values()))
 TRAIN_REPO = "stub-user/secret-check-adapter"
 EXPORT_REPO = "stub-user/secret-check-gguf"
 
 
 def hub_env(hub_url: str) -> dict[str, str]:
-    """The subprocess environment: offline mode off, the stand-in Hub, its own cache, the token."""
+    """The subprocess environment: offline mode off, the stand-in Hub, its own cache, the token and tracker keys."""
     env = base_env()
     env.pop("HF_HUB_OFFLINE")
-    env.update(HF_ENDPOINT=hub_url, HF_TOKEN=TOKEN)
+    env.update(HF_ENDPOINT=hub_url, HF_TOKEN=TOKEN, **TRACKER_KEYS)
     for var in ("HF_HUB_CACHE", "HF_HOME"):
         if var in os.environ:
             env[var] = os.environ[var]
     return env
+
+
+def tracker_stores(root: Path) -> dict[str, str]:
+    """W&B offline and an MLflow file store, with every file of theirs under ``root`` (and so scanned)."""
+    folders = (("WANDB_DIR", "runs"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+               ("WANDB_DATA_DIR", "data"))
+    return dict({var: str(root / "wandb" / name) for var, name in folders}, WANDB_MODE="offline",
+                MLFLOW_TRACKING_URI=(root / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
 
 
 def leaks_in_files(root: Path) -> list[str]:
@@ -49,7 +62,7 @@ def leaks_in_text(name: str, text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_hf_token_is_sent_to_the_hub_and_written_nowhere(hub_server, tiny_llama_dir, tmp_path):
+def test_hf_token_is_sent_to_the_hub_and_no_key_is_written_anywhere(hub_server, tiny_llama_dir, tmp_path):
     env = hub_env(hub_server.url)
     data = tmp_path / "rows.jsonl"
     rows = Path(__file__).resolve().parents[2].joinpath("data/quokka/train.jsonl").read_text().splitlines()[:12]
@@ -60,6 +73,7 @@ def test_hf_token_is_sent_to_the_hub_and_written_nowhere(hub_server, tiny_llama_
         env, BASE_MODEL=str(tiny_llama_dir), DATASET=str(data), OUTPUT_DIR=str(train_out), MAX_STEPS="2",
         BATCH_SIZE="2", GRAD_ACCUM="1", EVAL_SIZE="2", EVAL_STEPS="1", SAVE_STEPS="1", LOGGING_STEPS="1",
         MAX_SEQ_LENGTH="256", LORA_R="4", LOAD_IN_4BIT="false", HUB_REPO=TRAIN_REPO,
+        REPORT_TO="tensorboard,wandb,mlflow", **tracker_stores(tmp_path),
     ), tmp_path)
     assert train.exit == 0, train.stderr[-4000:]
     export = run_stage("export", [], dict(
@@ -80,12 +94,14 @@ def test_hf_token_is_sent_to_the_hub_and_written_nowhere(hub_server, tiny_llama_
                     "train/run_settings.json", "train/runs/*events.out.tfevents*",
                     "train/checkpoints/checkpoint-*/trainer_state.json",
                     "train/checkpoints/checkpoint-*/training_args.bin",
+                    "wandb/runs/wandb/offline-run-*/run-*.wandb", "mlruns/*/*/metrics/loss", "mlruns/*/*/params/*",
                     "export/manifest.json", "export/README.md", "export/*Q4_K_M.gguf"):
         assert any(Path(name).match(pattern) or _glob_match(name, pattern) for name in written), (
             f"nothing written matches {pattern}; written: {sorted(written)}"
         )
     pushed = {**hub_server.repo_files(TRAIN_REPO), **{f"gguf/{k}": v for k, v in hub_server.repo_files(EXPORT_REPO).items()}}
-    assert "adapter_model.safetensors" in pushed and "manifest.json" in pushed
+    assert {"adapter_model.safetensors", "manifest.json", "logs/train_summary.json"} <= set(pushed)
+    assert any(name.startswith("logs/runs/events.out.tfevents.") for name in pushed)
     assert any(name.endswith("Q4_K_M.gguf") for name in pushed)
 
     # Nowhere: not in a log line, a file on disk (outputs, Hub cache, everything under tmp), nor on the Hub.
@@ -93,7 +109,7 @@ def test_hf_token_is_sent_to_the_hub_and_written_nowhere(hub_server, tiny_llama_
     leaks += leaks_in_text("export stdout", export.stdout) + leaks_in_text("export stderr", export.stderr)
     leaks += leaks_in_files(tmp_path)
     leaks += [f"hub: {name}" for name, blob in pushed.items() if any(needle in blob for needle in NEEDLES)]
-    assert not leaks, "HF_TOKEN found in:\n" + "\n".join(leaks)
+    assert not leaks, "HF_TOKEN or a tracker key found in:\n" + "\n".join(leaks)
     # The settings were saved, just without the secret.
     saved = json.loads((train_out / "adapter" / "manifest.json").read_text())
     assert "HF_TOKEN" not in json.dumps(saved.get("settings", {}))
