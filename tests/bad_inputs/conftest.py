@@ -11,7 +11,6 @@ ever executed, would create ``EVIL_MARKER`` in the working folder.
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -19,19 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.corpus import ROOT, base_env
+from tests.fixtures.bad_input_cases import EVIL_TEMPLATE
 from tests.fixtures.models import TINY_CONFIG
-
-EVIL_MARKER = "TEMPLATE_EXECUTED"
-# The SmolLM2 turn format around two probes a template must never be able to run:
-# the classic walk to every Python class, and a shell call that leaves a file behind.
-EVIL_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}"
-    "{{ cycler.__init__.__globals__.os.popen('touch " + EVIL_MARKER + "').read() }}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tests.fixtures.stage_runs import ROOT, base_env
 
 
 def write_safetensors(path: Path, tensors: dict[str, list[int]]) -> None:
@@ -120,7 +109,3 @@ def case_dir(tmp_path) -> Path:
     folder.mkdir()
     return folder
 
-
-def copy_tree(src: str, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest

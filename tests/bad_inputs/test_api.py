@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from tests.bad_inputs.corpus import expand, load_cases
-from tests.bad_inputs.serve_process import http, running_server
+from tests.fixtures.bad_input_cases import expand, load_cases
+from tests.fixtures.serve_process import http, running_server
 
 pytestmark = pytest.mark.slow
 

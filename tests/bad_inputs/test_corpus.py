@@ -1,27 +1,25 @@
 """Every CLI case of ``cases.yaml``: the stage refuses the input with the promised exit status,
 says on stderr which variable, file or row is wrong, and leaves no file behind.
 
-Cases that expose a stage bug are strict xfails naming the bug (see ``corpus.py``).
+Cases that expose a stage bug are strict xfails naming the bug (see ``tests/fixtures/bad_input_cases.py``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tests.bad_inputs.corpus import (
+from tests.fixtures.bad_input_cases import (
     FAST_CPU_SECONDS,
     FAST_WALL_SECONDS,
     RUN_RECORDS,
-    RUN_TIMEOUT,
     STAGE_DEFAULTS,
     expand,
-    files_under,
     load_cases,
     placeholders,
-    run_stage,
     stage_env,
     write_files,
 )
+from tests.fixtures.stage_runs import RUN_TIMEOUT, files_under, run_stage
 
 CLI_CASES = load_cases(lambda stage: stage != "api")
 

@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from tests.bad_inputs.conftest import EVIL_MARKER
-from tests.bad_inputs.corpus import base_env, run_stage
-from tests.bad_inputs.serve_process import ServerExited, http, running_server
+from tests.fixtures.bad_input_cases import EVIL_MARKER, EVIL_TEMPLATE
+from tests.fixtures.serve_process import ServerExited, http, running_server
+from tests.fixtures.stage_runs import base_env, run_stage
 
 LEAKS = ("<class '", "subprocess.Popen", "os._wrap_close")
 
@@ -47,8 +47,6 @@ def test_the_server_refuses_the_template_or_answers_4xx_and_keeps_serving(evil_g
 def test_the_probe_is_live_outside_a_sandbox(tmp_path, monkeypatch):
     """So the tests above are not vacuous: plain Jinja runs the shell call and leaks classes."""
     import jinja2
-
-    from tests.bad_inputs.conftest import EVIL_TEMPLATE
 
     monkeypatch.chdir(tmp_path)
     shown = jinja2.Environment().from_string(EVIL_TEMPLATE).render(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from dockerfile_parse import DockerfileParser
 
-from tests.containers.conftest import REPO
+from tests.fixtures.containers import REPO
 from train.cuda_check import FLAVOUR_ENV, FLAVOURS
 
 

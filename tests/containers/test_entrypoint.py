@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.containers.conftest import REPO
+from tests.fixtures.containers import REPO
 from train.cuda_check import PROC_DRIVER_VERSION
 
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.containers.conftest import REPO
+from tests.fixtures.containers import REPO
 
 
 def hadolint() -> str:

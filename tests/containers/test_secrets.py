@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.containers.conftest import DEBIAN_BASE, REPO, SERVE_IMAGE, TRAIN_IMAGE
-from tests.containers.leaks import dockerfile_token_mentions, image_token_mentions
+from tests.fixtures.containers import DEBIAN_BASE, REPO, SERVE_IMAGE, TRAIN_IMAGE
+from tests.fixtures.token_leaks import dockerfile_token_mentions, image_token_mentions
 
 DOCKERFILES = ["Dockerfile.serve", "Dockerfile.train"]
 

@@ -1,21 +1,13 @@
-"""Fixtures for the export tests: adapters made here with peft, and a way to run `python -m export`."""
+"""Fixtures for the export tests: a clean environment, a tiny train output, the embedded base, the converter."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from tests.export.helpers import make_train_output
-
-# Settings a developer's shell might hold; every export test starts without them.
-EXPORT_VARS = (
-    "ADAPTER", "BASE_MODEL", "QUANT_TYPES", "OUTPUT_DIR", "HUB_REPO", "HF_TOKEN", "EXPORT_LORA_GGUF",
-    "EVAL_TEXT", "EVAL_CTX", "EVAL_TOKENS", "THREADS", "MODEL_NAME", "STOP_CHECK", "STOP_PROMPTS", "STOP_MAX_TOKENS", "MERGE_BASE",
-    "LADDER", "LADDER_TOKENS", "LADDER_MAX_NLL_RISE", "LADDER_MAX_KL_RISE", "LADDER_MAX_QUANT_NLL_RISE", "LADDER_MAX_QUANT_KL_RISE",
-)
+from tests.fixtures.adapters import make_train_output
+from tests.fixtures.export_runs import EXPORT_VARS
 
 
 @pytest.fixture
@@ -25,28 +17,6 @@ def export_env(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     return monkeypatch
-
-
-def run_export_cli(env: dict[str, str]):
-    """Invoke ``python -m export`` in-process with ``env`` (other export settings unset, no .env file).
-
-    Returns click's Result (exit_code, stdout, stderr).
-    """
-    from export.__main__ import main
-
-    full: dict[str, str | None] = {var: None for var in EXPORT_VARS}
-    full.update({k: str(v) for k, v in env.items()})
-    if full.get("THREADS") is None:
-        full["THREADS"] = threads()
-    runner = CliRunner()
-    return runner.invoke(main, ["--env-file", "/nonexistent/.env"], env=full, catch_exceptions=False)
-
-
-def final_files(folder: Path) -> list[str]:
-    """Entries at final paths (anything but the .tmp-* scratch names)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tmp-"))
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +48,3 @@ def converter_dir() -> Path:
             pytest.skip("llama.cpp converter not installed and no llama-cpp-python sdist in .cache/sdist")
         return install(found[-1])
 
-
-def threads() -> str:
-    return str(min(2, os.cpu_count() or 1))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loraship.manifest import read_manifest, verify_files
-from tests.export.conftest import final_files, run_export_cli
-from tests.export.helpers import make_train_output
+from tests.fixtures.export_runs import final_files, run_export_cli
+from tests.fixtures.adapters import make_train_output
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from loraship.manifest import read_manifest, sha256_file, verify_files
-from tests.export.conftest import final_files, run_export_cli
+from tests.fixtures.export_runs import final_files, run_export_cli
 
 pytestmark = pytest.mark.slow
 NAME = "tiny-quokka"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.export.conftest import final_files, run_export_cli
+from tests.fixtures.export_runs import final_files, run_export_cli
 
 
 def test_settings_problems_are_reported_together_before_anything_loads(export_env, tmp_path):

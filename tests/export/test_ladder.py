@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.export.helpers import make_adapter
+from tests.fixtures.adapters import make_adapter
 
 from export.ladder import FULL_PRECISION, LadderError, Limits, RungScore, check_rung
 from export.metrics import kl_divergence, log_softmax, score_windows, top1_matches

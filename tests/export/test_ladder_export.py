@@ -15,8 +15,8 @@ import pytest
 
 from export.merge_base import merge_base_record
 from loraship.manifest import read_manifest, verify_files
-from tests.export.conftest import final_files, run_export_cli
-from tests.export.helpers import make_train_output, mark_trained_in_4bit
+from tests.fixtures.export_runs import final_files, run_export_cli
+from tests.fixtures.adapters import make_train_output, mark_trained_in_4bit
 
 NAME = "ladder"
 DROPPED = "model.layers.1.self_attn.o_proj.weight"
@@ -28,7 +28,7 @@ def qlora_train_output(tiny_llama_dir, tmp_path_factory):
     """A train OUTPUT_DIR for a sharpened tiny Llama whose manifest says load_in_4bit=true."""
     from safetensors.torch import load_file, save_file
 
-    from tests.export.helpers import copy_model
+    from tests.fixtures.models import copy_model
 
     root = tmp_path_factory.mktemp("ladder")
     base = copy_model(tiny_llama_dir, root / "base")

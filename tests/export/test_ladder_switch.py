@@ -13,8 +13,8 @@ import pytest
 
 from export.merge_base import unmeasured_merge_base
 from loraship.manifest import read_manifest, verify_files
-from tests.export.conftest import final_files, run_export_cli
-from tests.export.helpers import make_adapter, make_train_output, mark_trained_in_4bit
+from tests.fixtures.export_runs import final_files, run_export_cli
+from tests.fixtures.adapters import make_adapter, make_train_output, mark_trained_in_4bit
 
 NAME = "switch"
 SETTINGS = {"STOP_CHECK": "eos_token", "EVAL_CTX": "64", "LADDER_TOKENS": "128", "MODEL_NAME": NAME}

@@ -8,7 +8,7 @@ import pytest
 
 from export.merge import check_compatible, load_adapter, merge_into_folder
 from export.safetensors_stream import read_safetensors_header
-from tests.export.helpers import make_adapter
+from tests.fixtures.adapters import make_adapter
 
 
 def _state(folder):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.export.conftest import final_files, run_export_cli
+from tests.fixtures.export_runs import final_files, run_export_cli
 
 pytestmark = pytest.mark.slow
 

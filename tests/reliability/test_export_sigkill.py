@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from loraship.manifest import verify_files
-from tests.export.conftest import final_files
-from tests.export.helpers import make_train_output
+from tests.fixtures.adapters import make_train_output
+from tests.fixtures.export_runs import final_files
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

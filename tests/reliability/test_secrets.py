@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bad_inputs.corpus import base_env, run_stage
+from tests.fixtures.stage_runs import base_env, run_stage
 
 # Shaped like a token, but with dashes, so no secret scanner takes it for a real one.
 TOKEN = "hf_loraship-test-secret-not-real"

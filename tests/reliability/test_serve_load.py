@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.bad_inputs.serve_process import http, running_server
+from tests.fixtures.serve_process import http, running_server
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 16

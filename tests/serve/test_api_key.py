@@ -13,7 +13,7 @@ import pytest
 
 from loraship.embedded import embedded_gguf_path
 from serve.app import bearer_problem
-from tests.bad_inputs.serve_process import running_server
+from tests.fixtures.serve_process import running_server
 
 KEY = "sk-loraship-test-5f1c0ffee"
 

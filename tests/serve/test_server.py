@@ -19,7 +19,7 @@ import pytest
 
 from loraship.embedded import embedded_gguf_path
 from serve.app import MESSAGE_PLACEHOLDER
-from tests.bad_inputs.serve_process import running_server
+from tests.fixtures.serve_process import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
