@@ -24,6 +24,8 @@ class AdapterSource:
     load_in_4bit: bool | None = None
     #: The 4-bit settings the train manifest records (``inputs.quantization``), if any.
     quantization: dict | None = None
+    #: The train manifest names a local base folder (by its name only: the manifest is pushed).
+    base_is_local: bool = False
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ExportInputs:
     name: str
     eval_path: Path
     texts: list[str]
+    #: The train run's eval split as trained (loraship.heldout); None when the adapter folder carries none.
+    heldout_rows: list[tuple[list[int], list[int]]] | None = None
 
 
 def resolve_inputs(settings: ExportSettings, token: str | None) -> ExportInputs:
@@ -49,7 +53,19 @@ def resolve_inputs(settings: ExportSettings, token: str | None) -> ExportInputs:
     eval_path = settings.eval_text or DEFAULT_EVAL_TEXT
     return ExportInputs(converter_dir=converter_dir, source=source, adapter=adapter, base_name=base_name,
                         base_dir=base_dir, name=settings.model_name or default_name(base_name),
-                        eval_path=eval_path, texts=read_eval_texts(eval_path))
+                        eval_path=eval_path, texts=read_eval_texts(eval_path),
+                        heldout_rows=read_adapter_heldout_rows(source.folder))
+
+
+def read_adapter_heldout_rows(folder: Path) -> list[tuple[list[int], list[int]]] | None:
+    """The held-out rows train wrote beside the adapter (loraship.heldout), or None."""
+    from loraship.heldout import HELDOUT_ROWS, read_heldout_rows
+
+    try:
+        return read_heldout_rows(folder)
+    except ValueError as err:
+        raise ExportError(f"ADAPTER: {err}; delete {folder / HELDOUT_ROWS} to export without the fine-tune's "
+                          "held-out rows, or train again") from err
 
 
 def resolve_adapter(value: str, token: str | None) -> AdapterSource:
@@ -64,6 +80,7 @@ def resolve_adapter(value: str, token: str | None) -> AdapterSource:
     if not (folder / "adapter_config.json").is_file():
         raise ExportError(f"ADAPTER={value!r}: no adapter_config.json in it or in its adapter/ folder")
     base = load_in_4bit = quantization = None
+    base_is_local = False
     for candidate in (folder, folder.parent):
         manifest = read_manifest(candidate) if candidate.is_dir() else None
         if manifest and manifest.get("inputs", {}).get("base_model"):
@@ -72,13 +89,33 @@ def resolve_adapter(value: str, token: str | None) -> AdapterSource:
                 load_in_4bit = bool(manifest["inputs"]["load_in_4bit"])
             if isinstance(manifest["inputs"].get("quantization"), dict):
                 quantization = manifest["inputs"]["quantization"]
+            if manifest["inputs"].get("base_model_is_local"):
+                base, base_is_local = local_base_of_train_run(folder, base), True
             break
     if base is None:
         from export.merge import read_adapter_config
 
         base = read_adapter_config(folder).get("base_model_name_or_path") or None
     return AdapterSource(folder=folder, given=value, base_model=base, load_in_4bit=load_in_4bit,
-                         quantization=quantization)
+                         quantization=quantization, base_is_local=base_is_local)
+
+
+def local_base_of_train_run(adapter_folder: Path, name: str) -> str:
+    """A base folder the train manifest names by folder name only (it is pushed): the path its run used.
+
+    train_summary.json beside ``adapter/`` is the run's local record and keeps the path as BASE_MODEL gave it;
+    an adapter without it (downloaded from the Hub) keeps the name, which BASE_MODEL must then replace.
+    """
+    import json
+
+    summary = adapter_folder.parent / "train_summary.json"
+    if not summary.is_file():
+        return name
+    record = json.loads(summary.read_text(encoding="utf-8"))
+    for given in (record.get("base_model_resolved"), record.get("base_model")):
+        if given and Path(str(given)).expanduser().name == name:
+            return str(given)
+    return name
 
 
 def resolve_base(value: str, token: str | None) -> Path:
@@ -130,6 +167,9 @@ def check_inputs(settings: ExportSettings, token: str | None):
         try:
             base_dir = resolve_base(base_name, token)
         except UserError as err:
+            if settings.base_model is None and source and source.base_is_local and not Path(base_name).is_absolute():
+                err = ExportError(f"ADAPTER={settings.adapter!r}: was trained on a local base folder named "
+                                  f"{base_name!r}, which is not here; set BASE_MODEL to that folder")
             problems.append(str(err))
     if adapter is not None and base_dir is not None:
         try:

@@ -20,6 +20,18 @@ def loss_curves(log_history: Sequence[dict[str, Any]]) -> tuple[list[tuple[int, 
     return train, evaluation
 
 
+def final_train_loss(log_history: Sequence[dict[str, Any]]) -> float | None:
+    """The last train loss the trainer logged: the last step's ``loss``, else the run's mean ``train_loss``.
+
+    A run shorter than LOGGING_STEPS logs no step loss; the trainer's closing entry still holds ``train_loss``.
+    """
+    steps = [float(e["loss"]) for e in log_history if "loss" in e]
+    if steps:
+        return steps[-1]
+    closing = [float(e["train_loss"]) for e in log_history if "train_loss" in e]
+    return closing[-1] if closing else None
+
+
 def moving_average(values: Sequence[float], window: int) -> float:
     tail = list(values)[-window:]
     return sum(tail) / len(tail)
@@ -59,8 +71,18 @@ def _yaml_scalar(value: Any) -> str:
 
 
 def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
-    """README.md for the adapter: YAML metadata the Hub indexes, then what was done and measured."""
+    """README.md for the adapter: YAML metadata the Hub indexes, then what was done and measured.
+
+    It is pushed as it is: the base and dataset appear by Hub id or file name, never by a local path.
+    """
+    from loraship.embedded import EMBEDDED
+    from loraship.public import public_name
+
     settings = summary["settings"]
+    base = public_name(summary["base_model"])
+    dataset = settings["DATASET"] if dataset_is_hub else public_name(settings["DATASET"])
+    embedded = " (loraship's embedded copy, dequantized from its Q4_1 GGUF)" if summary["base_model"] == EMBEDDED else ""
+    loss = summary["final_train_loss"]
     front = ["---", "library_name: peft", "pipeline_tag: text-generation", "tags:", "  - lora", "  - loraship"]
     if summary["load_in_4bit"]:
         front.append("  - qlora")
@@ -77,8 +99,7 @@ def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
             front.append(f"  {key.lower()}: {_yaml_scalar(value)}")
     front.append(f"  load_in_4bit: {_yaml_scalar(summary['load_in_4bit'])}")
     if summary.get("best_eval_loss") is not None:
-        # A local file's path means nothing on the Hub: cite its name only.
-        dataset_name = settings["DATASET"] if dataset_is_hub else Path(settings["DATASET"]).name
+        dataset_name = dataset
         front += [
             "model-index:",
             f"  - name: {_yaml_scalar(summary.get('hub_repo') or 'loraship-adapter')}",
@@ -99,17 +120,17 @@ def model_card(summary: dict[str, Any], *, dataset_is_hub: bool) -> str:
         else "No eval split: this adapter is the last step's."
     )
     body = f"""
-# LoRA adapter for {summary.get('base_model_hub_id') or summary['base_model']}
+# LoRA adapter for {summary.get('base_model_hub_id') or base}
 
 Trained with loraship's `python -m train`: supervised fine-tuning with
 {'QLoRA (4-bit NF4 base, double quantization)' if summary['load_in_4bit'] else 'LoRA on a full-precision base'},
 loss on {'assistant tokens only' if settings.get('ASSISTANT_ONLY_LOSS') else 'every token'}.
 
-- Base model: `{summary['base_model']}` (resolved to `{summary['base_model_resolved']}`)
-- Dataset: `{settings['DATASET']}` ({summary['data']['format']} format), {summary['data']['train_rows']} train rows,
+- Base model: `{base}`{embedded}
+- Dataset: `{dataset}` ({summary['data']['format']} format), {summary['data']['train_rows']} train rows,
   {summary['data']['eval_rows']} eval rows, {summary['data']['train_tokens']} train tokens
 - Steps: {summary['global_step']}, runtime {summary['runtime_s']:.0f} s on {summary['device']}
-- Final train loss: {summary['final_train_loss'] if summary['final_train_loss'] is not None else 'n/a'}
+- Final train loss: {f'{loss:.4f}' if loss is not None else 'n/a (the trainer logged none)'}
 - {eval_line}
 
 | setting | value |
@@ -121,8 +142,8 @@ loss on {'assistant tokens only' if settings.get('ASSISTANT_ONLY_LOSS') else 'ev
 ```python
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
-model = AutoPeftModelForCausalLM.from_pretrained("PATH_OR_REPO")
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")  # carries the chat template used in training
+model = AutoPeftModelForCausalLM.from_pretrained("{summary.get('hub_repo') or 'PATH_OR_REPO'}")
+tokenizer = AutoTokenizer.from_pretrained("{summary.get('hub_repo') or 'PATH_OR_REPO'}")  # the training chat template
 ```
 
 `manifest.json` lists the inputs, settings (no secrets), library versions and the sha256 of every file.

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from loraship.atomic import atomic_path, remove_stale_temporaries, write_json
 from loraship.envsettings import public_settings
+from loraship.heldout import write_heldout_rows
 from loraship.manifest import build_manifest, write_manifest
 from train import card, data, launch, model, run_logs, speed
 from train.report import write_data_report
@@ -147,7 +148,8 @@ def _train(settings: TrainSettings, dry_run: bool, echo: Callable[[str], None], 
     summary = summarize(settings, plan, trainer, report, runtime, resumed_from, model_path)
     summary.update(processes=processes, global_batch_size=global_batch,
                    throughput=steady_throughput(clock.steps, clock.warmup_until(trainer.state.max_steps), global_batch))
-    adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary)
+    adapter_dir = write_adapter(output_dir / ADAPTER_DIR, trainer.model, tokenizer, settings, plan, summary,
+                                heldout=eval_examples)
     echo(f"adapter: {adapter_dir}")
     train_curve, eval_curve = card.loss_curves(trainer.state.log_history)
     card.plot_losses(train_curve, eval_curve, output_dir / "loss.png", summary["best_step"])
@@ -383,7 +385,7 @@ def summarize(settings, plan, trainer, report, runtime: float, resumed_from: int
         "max_steps": state.max_steps,
         "resumed_from_step": resumed_from,
         "runtime_s": round(runtime, 2),
-        "final_train_loss": train_curve[-1][1] if train_curve else None,
+        "final_train_loss": card.final_train_loss(state.log_history),
         "best_step": best_step,
         "best_eval_loss": best_loss,
         "train_losses": train_curve,
@@ -414,11 +416,21 @@ def _gpu_name() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def write_adapter(final: Path, peft_model, tokenizer, settings, plan, summary) -> Path:
-    """PEFT adapter + tokenizer (with its chat template) + model card + manifest, all or nothing."""
+def write_adapter(final: Path, peft_model, tokenizer, settings, plan, summary, heldout=()) -> Path:
+    """PEFT adapter + tokenizer (with its chat template) + model card + manifest, all or nothing.
+
+    The folder is pushed as it is, so nothing in it names a local path: the base and the dataset appear by
+    Hub id or name (export finds a local base again through train_summary.json, which stays here).
+    """
+    from loraship.public import public_name, without_local_paths
+
+    base = plan.base_model_resolved
     with atomic_path(final) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
+        name_base_in_adapter_config(tmp, public_name(base))
         tokenizer.save_pretrained(tmp)
+        # The eval split as trained (ids and labels): export scores the files it ships on it.
+        heldout_rows = write_heldout_rows(tmp, ((e.input_ids, e.labels) for e in heldout)) if heldout else None
         dataset_is_hub = not Path(settings.dataset).expanduser().exists()
         (tmp / "README.md").write_text(card.model_card(summary, dataset_is_hub=dataset_is_hub), encoding="utf-8")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
@@ -428,21 +440,32 @@ def write_adapter(final: Path, peft_model, tokenizer, settings, plan, summary) -
             folder=tmp,
             files=files,
             inputs={
-                "base_model": plan.base_model,
-                "base_model_resolved": summary["base_model_resolved"],
+                # The base trained on (BASE_MODEL=auto decided): `embedded` and Hub ids as they are, for export
+                # to resolve; a local folder by its name.
+                "base_model": base if base == "embedded" else public_name(base),
+                "base_model_is_local": Path(base).expanduser().is_dir(),
                 "base_model_hub_id": summary["base_model_hub_id"],
-                "dataset": settings.dataset,
+                "dataset": settings.dataset if dataset_is_hub else public_name(settings.dataset),
                 "load_in_4bit": plan.load_in_4bit,
             },
-            settings=public_settings(settings),
+            settings=without_local_paths(public_settings(settings)),
             libraries=LIBRARIES,
             extra={
                 "global_step": summary["global_step"],
                 "best_step": summary["best_step"],
                 "best_eval_loss": summary["best_eval_loss"],
                 "final_train_loss": summary["final_train_loss"],
+                "heldout_rows": heldout_rows,
                 "chat_template_from": "base model" if not settings.chat_template else f"CHAT_TEMPLATE={settings.chat_template} (if the base had none)",
             },
         )
         write_manifest(tmp, manifest)
     return final
+
+
+def name_base_in_adapter_config(adapter_dir: Path, base: str) -> None:
+    """peft records the base's local folder; the pushed adapter names it by Hub id (or folder name) instead."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

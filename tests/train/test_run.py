@@ -42,7 +42,7 @@ def trained(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_adapter_folder_has_the_peft_layout_tokenizer_card_and_manifest(trained):
+def test_adapter_folder_has_the_peft_layout_tokenizer_card_and_manifest(trained, tiny_llama_dir):
     out, summary, _ = trained
     adapter = out / "adapter"
     names = {p.name for p in adapter.iterdir()}
@@ -60,9 +60,12 @@ def test_adapter_folder_has_the_peft_layout_tokenizer_card_and_manifest(trained)
 
     manifest = read_manifest(adapter)
     assert manifest["kind"] == "adapter" and manifest["stage"] == "train"
-    assert manifest["inputs"]["base_model"] == summary["base_model"]
-    assert manifest["inputs"]["base_model_resolved"] == summary["base_model_resolved"]
-    assert manifest["inputs"]["dataset"] == str(QUOKKA)
+    # The folder is pushed as it is: the local base and dataset appear by name (train_summary.json keeps the paths).
+    assert summary["base_model"] == str(tiny_llama_dir)
+    assert manifest["inputs"]["base_model"] == config["base_model_name_or_path"] == tiny_llama_dir.name
+    assert manifest["inputs"]["base_model_is_local"] is True
+    assert manifest["inputs"]["dataset"] == QUOKKA.name
+    assert manifest["settings"]["DATASET"] == QUOKKA.name and manifest["settings"]["OUTPUT_DIR"] == out.name
     assert manifest["settings"]["LORA_R"] == 8 and "HF_TOKEN" not in manifest["settings"]
     assert verify_files(adapter) == []
     assert {f["name"] for f in manifest["files"]} == names - {"manifest.json"}
@@ -80,6 +83,8 @@ def test_model_card_carries_hub_metadata_and_the_eval_loss(trained):
     assert front["hyperparameters"]["optimizer"] == "adamw_torch"
     metric = front["model-index"][0]["results"][0]["metrics"][0]
     assert metric["value"] == pytest.approx(summary["best_eval_loss"], abs=1e-4)
+    assert f"- Final train loss: {summary['train_losses'][-1][1]:.4f}" in text
+    assert str(out.parent) not in text and str(QUOKKA) not in text
 
 
 @pytest.mark.slow
