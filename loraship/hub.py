@@ -28,8 +28,21 @@ def looks_like_repo_id(value: str) -> bool:
     return len(parts) == 2 and all(parts) and not value.startswith((".", "/", "~"))
 
 
+def _request_errors() -> tuple[type, ...]:
+    """The connection errors of huggingface_hub's HTTP client: httpx2's (huggingface_hub 2), httpx's (1.x, the train
+    image's)."""
+    import importlib
+
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).RequestError)
+        except ImportError:
+            pass
+    return tuple(found)
+
+
 def _explain(err: Exception, what: str, setting: str) -> HubError:
-    import httpx2  # huggingface_hub's HTTP client
     from huggingface_hub import constants
     from huggingface_hub import errors as hf_errors
 
@@ -53,7 +66,7 @@ def _explain(err: Exception, what: str, setting: str) -> HubError:
         hint = f"the Hub refused the request (HTTP {_status(err)}): set HF_TOKEN to a token with write access"
     elif isinstance(err, hf_errors.HfHubHTTPError):
         hint = f"the Hub answered: {_first_line(err)}"
-    elif isinstance(err, (httpx2.RequestError, OSError)):
+    elif isinstance(err, (*_request_errors(), OSError)):
         hint = f"the Hub at {endpoint} could not be reached ({type(err).__name__}: {_first_line(err)})"
     else:
         # Raised by huggingface_hub before talking to the Hub (bad argument, bad README metadata...).
