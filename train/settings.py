@@ -182,7 +182,7 @@ class TrainSettings(BaseSettings):
                              BeforeValidator(_compile_choice)] = Field(
         "auto",
         description="CUDA: what torch.compile covers. 'auto': each decoder layer, with CUDA graphs "
-        "('layers-cudagraphs') where they apply (torch 2.13+, one process, one micro-batch a step), else 'layers' "
+        "('layers-cudagraphs') where they apply (torch 2.11/2.13+, one process, one micro-batch a step), else 'layers' "
         "(no graphs); 'stack': the whole stack; 'off': eager.",
     )
     saved_mlp_mib: int = Field(

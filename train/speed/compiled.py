@@ -227,6 +227,8 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
     if checkpoint is not None and checkpoint_in_graph:
         target = functools.partial(checkpointed, module._call_impl, **checkpoint)
     static = checkpoint_in_graph and not symbolic_lengths_in_graph()
+    if checkpoint_in_graph and not static and torch_version().startswith("2.11."):
+        keep_length_for_backward()
     compiled = torch.compile(target, mode=mode, dynamic=False if static else None)
     keeping_compiled, keeps = None, None
     if keeping is not None and checkpoint_in_graph:
@@ -257,12 +259,41 @@ def compile_for_training(module, mode: str | None = None, checkpoint: dict | Non
 
 
 def symbolic_lengths_in_graph() -> bool:
-    """Whether this torch compiles a graph with a checkpoint inside it for a symbolic packed length: torch 2.13
-    does; torch 2.11's partitioner drops the length from the backward graph's inputs and inductor fails."""
+    """Whether a graph with a checkpoint inside it compiles for a symbolic packed length on this torch: 2.13 does,
+    2.11 does with :func:`keep_length_for_backward`; 2.12 is untried."""
+    major, minor = (int(part) for part in torch_version().split(".")[:2])
+    return (major, minor) >= (2, 13) or (major, minor) == (2, 11)
+
+
+def torch_version() -> str:
     import torch
 
-    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 13)
+    return torch.__version__
+
+
+def keep_length_for_backward() -> None:
+    """torch 2.11 only: make the partitioner save a graph's symbolic sizes for its backward graph.
+
+    With the checkpoint inside the graph, torch 2.11 leaves the packed length (a SymInt input) out of the backward
+    graph's inputs and inductor fails ("Node add_N was invalid, but is output"); torch 2.13 saves it itself. The
+    partitioner drops any saved size the backward does not use. Idempotent.
+    """
+    import torch
+    import torch._functorch.partitioners as partitioners
+
+    extract = partitioners._extract_fwd_bwd_modules
+    if getattr(extract, "keeps_length", False):
+        return
+
+    def extract_keeping_sizes(joint_module, saved_values, saved_sym_nodes, **kwargs):
+        have = set(saved_sym_nodes)
+        saved_sym_nodes.extend(  # in place: the caller counts the saved sizes from this list
+            node for node in joint_module.graph.find_nodes(op="placeholder")
+            if partitioners._is_primal(node) and isinstance(node.meta.get("val"), torch.SymInt) and node not in have)
+        return extract(joint_module, saved_values, saved_sym_nodes, **kwargs)
+
+    extract_keeping_sizes.keeps_length = True
+    partitioners._extract_fwd_bwd_modules = extract_keeping_sizes
 
 
 def compile_failed(err: Exception, graphs: bool = False) -> Exception:
