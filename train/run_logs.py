@@ -1,8 +1,7 @@
 """The run's record that goes to the Hub with the adapter, so it outlives the rented machine.
 
 The adapter's commit also holds ``logs/``: the TensorBoard event files (OUTPUT_DIR/runs), loss.png and
-train_summary.json. The pushed copies carry no local absolute path: on the Hub a path only tells the
-machine's layout, so each one becomes ``<local>/NAME`` (the model card cites local files the same way).
+train_summary.json. Like the adapter's own files, the pushed copies name no local path (loraship/public.py).
 """
 
 from __future__ import annotations
@@ -10,26 +9,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 from loraship.atomic import TMP_PREFIX, write_json
+from loraship.public import without_local_paths
 
 #: Where the pushed logs go in the adapter repo; the TensorBoard folder in OUTPUT_DIR (and under logs/).
 LOGS_DIR = "logs"
 TENSORBOARD_DIR = "runs"
-LOCAL = "<local>"
-
-
-def without_local_paths(value: Any) -> Any:
-    """A copy of JSON-like ``value`` whose absolute local path strings are ``<local>/NAME``."""
-    if isinstance(value, dict):
-        return {key: without_local_paths(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_local_paths(item) for item in value]
-    if isinstance(value, str) and value.startswith(("/", "~")):
-        return f"{LOCAL}/{PurePath(value).name}"
-    return value
 
 
 def copy_tensorboard_events(source: Path, target: Path) -> list[Path]:

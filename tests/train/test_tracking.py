@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from loraship.envsettings import SettingsError
+from loraship.public import without_local_paths
 from tests.fixtures.hub import running_stub_hub
 from tests.train.test_run import tiny_settings
-from train.run_logs import without_local_paths
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_REPO = "me/tracked-adapter"
@@ -111,7 +111,7 @@ def test_the_pushed_summary_is_the_local_one_without_its_commit_and_local_paths(
     assert local["hub_commit"] == tracked.summary["hub_commit"]  # written after the push it names
     pushed = json.loads(tracked.pushed["logs/train_summary.json"])
     assert pushed == without_local_paths({key: value for key, value in local.items() if key != "hub_commit"})
-    assert pushed["settings"]["OUTPUT_DIR"] == "<local>/out" and pushed["settings"]["REPORT_TO"][1] == "wandb"
+    assert pushed["settings"]["OUTPUT_DIR"] == "out" and pushed["settings"]["REPORT_TO"][1] == "wandb"
 
 
 @pytest.mark.slow
@@ -130,12 +130,6 @@ def test_a_later_push_replaces_the_logs_of_an_earlier_run(hub_server, tmp_path):
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     push_adapter_and_logs(tmp_path / "adapter", tmp_path, {"global_step": 2}, HUB_REPO, token="hf_x", private=True)
     assert set(hub_server.repo_files(HUB_REPO)) == {"adapter_config.json", "logs/train_summary.json"}
-
-
-def test_without_local_paths_keeps_only_the_name_of_an_absolute_path():
-    value = {"a": "/data/cache/model", "b": ["~/rows.jsonl", "outputs/train", "<|im_end|>"], "c": 3}
-    assert without_local_paths(value) == {"a": "<local>/model", "b": ["<local>/rows.jsonl", "outputs/train",
-                                                                      "<|im_end|>"], "c": 3}
 
 
 # --- mistakes in REPORT_TO, refused with the settings -------------------------------------------------
