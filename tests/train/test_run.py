@@ -9,28 +9,12 @@ test_preemption.py).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from loraship.manifest import read_manifest, verify_files
+from tests.fixtures.train_runs import QUOKKA, SECRET, tiny_settings
 from train.run import build_trainer, train
-from train.settings import TrainSettings
-
-REPO = Path(__file__).resolve().parents[2]
-QUOKKA = REPO / "data" / "quokka" / "train.jsonl"
-SECRET = "hf_never_written_anywhere"
-
-
-def tiny_settings(model_dir: Path, output_dir: Path, **overrides) -> TrainSettings:
-    values = dict(
-        base_model=str(model_dir), dataset=str(QUOKKA), output_dir=output_dir, max_samples=48, eval_size=8,
-        max_seq_length=128, max_steps=4, eval_steps=2, save_steps=2, batch_size=4, grad_accum=1,
-        learning_rate=5e-3, warmup_steps=0, logging_steps=1, gradient_checkpointing=False, lora_r=8,
-        lora_alpha=16, hf_token=SECRET, seed=7,
-    )
-    values.update(overrides)
-    return TrainSettings(**values)
 
 
 @pytest.fixture(scope="module")

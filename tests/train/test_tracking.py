@@ -17,7 +17,7 @@ import pytest
 from loraship.envsettings import SettingsError
 from loraship.public import without_local_paths
 from tests.fixtures.hub import running_stub_hub
-from tests.train.test_run import tiny_settings
+from tests.fixtures.train_runs import tiny_settings
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_REPO = "me/tracked-adapter"
