@@ -1,4 +1,4 @@
-"""The Hugging Face token never becomes part of an image (Dockerfiles and built images)."""
+"""The Hugging Face token and the trackers' keys never become part of an image (Dockerfiles and built images)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def test_dockerfile_never_names_the_token_outside_comments(name):
         "ENV HF_TOKEN=abc",
         "ENV PORT=7860 HUGGING_FACE_HUB_TOKEN=abc",
         "ENV HF_TOKEN abc",
+        "ENV WANDB_API_KEY=abc",
+        "ARG MLFLOW_TRACKING_TOKEN",
         'RUN echo "$HF_TOKEN" > /root/token',
         # Built at run time so that no token-shaped string is committed.
         "LABEL token=hf_" + "a" * 34,
