@@ -13,13 +13,14 @@
 #   ADAPTER    the adapter to export          (default: train's OUTPUT_DIR, recipe included)
 #   EXPORT_DIR where the GGUF files go        (default: outputs/export)
 #   GGUF_REPO  the Hub repo for the GGUF      (default: HUB_REPO + "-GGUF"; unset HUB_REPO: no push)
+#   MERGED_REPO with MERGED=1, the merged model's repo (default: HUB_REPO + "-merged")
 # Relative paths are under /data, the working directory. all and train first check
 # that torch starts CUDA; when it does not, they exit 2 saying which driver or
 # TORCH_CUDA build fixes it (RECIPE=demo, made for a CPU, is not checked).
 set -eu
 
 usage() {
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 check_data_writable() {
@@ -64,8 +65,17 @@ run_export() {
     if [ -z "$gguf_repo" ] && [ -n "$train_repo" ]; then
         gguf_repo="${train_repo}-GGUF"
     fi
+    # The merged model's repo sits beside the adapter's, not under the GGUF repo's name.
+    merged_repo=${MERGED_REPO:-}
+    case "${MERGED:-false}" in
+        1|true|True|TRUE|yes|on)
+            if [ -z "$merged_repo" ] && [ -n "$train_repo" ] && [ -n "$gguf_repo" ]; then
+                merged_repo="${train_repo}-merged"
+            fi
+            ;;
+    esac
     ADAPTER=${ADAPTER:-$train_dir} OUTPUT_DIR=${EXPORT_DIR:-outputs/export} HUB_REPO=$gguf_repo \
-        python -m export "$@"
+        MERGED_REPO=$merged_repo python -m export "$@"
 }
 
 stage=${1:-all}

@@ -63,7 +63,7 @@ NO_DRIVER = "Found no NVIDIA driver on your system."
 RECORD_STAGE = """import json, os, sys
 stage = sys.argv[2] if sys.argv[1:2] == ["-m"] else " ".join(sys.argv[1:])
 record = {"stage": stage, "args": sys.argv[3:]}
-for name in ("ADAPTER", "OUTPUT_DIR", "HUB_REPO", "RECIPE", "HF_TOKEN"):
+for name in ("ADAPTER", "OUTPUT_DIR", "HUB_REPO", "RECIPE", "HF_TOKEN", "MERGED_REPO"):
     if name in os.environ:
         record[name] = os.environ[name]
 with open(os.environ["CALLS"], "a") as fh:
@@ -126,6 +126,16 @@ def test_export_1_exports_the_fresh_adapter_in_the_same_run(container):
     assert export["OUTPUT_DIR"] == "outputs/export"
     assert export["HUB_REPO"] == "me/adapter-GGUF"
     assert export["HF_TOKEN"] == "t"
+
+
+def test_merged_1_puts_the_merged_model_beside_the_adapters_repo(container):
+    result, calls = container(RECIPE="r", HUB_REPO="me/adapter", EXPORT="1", MERGED="1")
+    assert result.returncode == 0, result.stderr
+    assert (calls[1]["HUB_REPO"], calls[1]["MERGED_REPO"]) == ("me/adapter-GGUF", "me/adapter-merged")
+    _, calls = container(RECIPE="r", HUB_REPO="me/adapter", EXPORT="1", MERGED="1", MERGED_REPO="me/full")
+    assert calls[1]["MERGED_REPO"] == "me/full"
+    _, calls = container(RECIPE="r", HUB_REPO="me/adapter", EXPORT="1")
+    assert calls[1]["MERGED_REPO"] == ""  # empty is unset to export
 
 
 def test_export_follows_a_custom_train_output_dir_and_names(container):
@@ -194,7 +204,7 @@ def test_any_other_command_runs_as_given(container):
 def test_help_describes_the_variables(container):
     result, calls = container("help")
     assert result.returncode == 0 and calls == []
-    for name in ("EXPORT", "ADAPTER", "EXPORT_DIR", "GGUF_REPO"):
+    for name in ("EXPORT", "ADAPTER", "EXPORT_DIR", "GGUF_REPO", "MERGED_REPO"):
         assert name in result.stdout
 
 
