@@ -111,6 +111,21 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def as_template_takes(tokenizer, messages: list[dict[str, str]], what: str) -> list[dict[str, str]]:
+    """``messages`` as the training template takes them: where it refuses a system turn (Gemma-2's), the system
+    text opens the first user turn instead, as Gemma-3's template puts it."""
+    from jinja2 import TemplateError
+
+    try:
+        training_tokens(tokenizer, messages)
+        return messages
+    except TemplateError as err:
+        if messages[0]["role"] != "system" or messages[1]["role"] != "user":
+            raise VerifyError(f"{what}: the training chat template refuses it ({err})") from None
+    system, user, *rest = messages
+    return [{"role": "user", "content": f"{system['content']}\n\n{user['content']}"}, *rest]
+
+
 def check_template_parity(llm, tokenizer, name: str) -> int:
     """Raise :class:`VerifyError` at the first token where llama.cpp and training disagree.
 
@@ -118,6 +133,7 @@ def check_template_parity(llm, tokenizer, name: str) -> int:
     """
     compared = 0
     for n, messages in enumerate(PARITY_CONVERSATIONS, 1):
+        messages = as_template_takes(tokenizer, messages, f"{name}: chat template parity, conversation {n}")
         ours = llama_cpp_tokens(llm, messages)
         theirs = training_tokens(tokenizer, messages)
         pos = first_difference(ours, theirs)
@@ -207,11 +223,12 @@ def check_end_of_turn(llm, tokenizer, name: str) -> int:
 
 
 def end_of_generation_ids(llm) -> list[int]:
-    ids = {llm.token_eos()}
-    eot = llm.metadata.get("tokenizer.ggml.eot_token_id")
-    if eot is not None:
-        ids.add(int(eot))
-    return sorted(i for i in ids if i >= 0)
+    """Every token llama.cpp ends a generation on: EOS and the end-of-turn tokens it knows by their text
+    (Llama-3's ``<|eot_id|>`` and Phi-3's ``<|end|>`` beside an ``<|end_of_text|>`` EOS)."""
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
 
 
 def check_stop(llm, tokenizer, name: str, mode: str, *, prompts: int = 1, budget: int = STOP_BUDGET,
