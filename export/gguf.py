@@ -34,10 +34,28 @@ def _tail(text: str, lines: int = 8) -> str:
     return "\n".join(kept[-lines:])
 
 
+#: Families whose tokenization llama.cpp settles by the GGUF's general.name (llama-vocab.cpp): Phi-3's special tokens
+#: take the whitespace after them, as its tokenizer.json says, only where the name contains one of these.
+FAMILY_IN_NAME = {"phi3": ("phi3", "phi-3")}
+
+
+def gguf_name(name: str, model_dir: Path) -> str:
+    """general.name for the GGUF of ``model_dir``: ``name``, with the family added where llama.cpp reads it there."""
+    config = model_dir / "config.json"
+    model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+    marks = FAMILY_IN_NAME.get(model_type, ())
+    if marks and not any(mark in name.lower() for mark in marks):
+        return f"{name} ({marks[0]})"
+    return name
+
+
 def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, converter_dir: Path) -> Path:
-    """Run ``convert_hf_to_gguf.py`` on a merged HF folder; ``outtype`` is ``f16`` or ``bf16``."""
+    """Run ``convert_hf_to_gguf.py`` on a merged HF folder; ``outtype`` is ``f16`` or ``bf16``. The GGUF is named
+    as its file is (``NAME-F16.gguf``: NAME), not after the merged folder."""
+    name = gguf_name(out_path.stem.removesuffix(f"-{outtype.upper()}"), model_dir)
     cmd = converter_command(
         "convert_hf_to_gguf.py", converter_dir, str(model_dir), "--outfile", str(out_path), "--outtype", outtype,
+        "--model-name", name,
     )
     result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
     if result.returncode != 0 or not out_path.is_file():

@@ -33,6 +33,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
+SENTENCEPIECE_MODEL = "tokenizer.model"
 CONFIG_FILES = ("config.json", "generation_config.json")
 TIED_INPUT = "model.embed_tokens.weight"
 TIED_OUTPUT = "lm_head.weight"
@@ -369,6 +370,10 @@ def copy_model_files(base_dir: Path, out_dir: Path, tokenizer_dir: str | os.Path
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, out_dir / name)
+    # transformers 5 saves no sentencepiece model with a trained tokenizer; llama.cpp's converter reads the base's
+    # for sentencepiece families (Gemma and Phi-3 need it; Llama-2 and Mistral tokenize differently without it).
+    if not (out_dir / SENTENCEPIECE_MODEL).is_file() and (base_dir / SENTENCEPIECE_MODEL).is_file():
+        shutil.copy2(base_dir / SENTENCEPIECE_MODEL, out_dir / SENTENCEPIECE_MODEL)
 
 
 def has_tokenizer(folder: Path) -> bool:
