@@ -126,7 +126,6 @@ def load_for_training(model_path: str, plan: Plan, settings: TrainSettings, *, t
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    config = lora_config(settings)  # checked before the weights load
     dtype = getattr(torch, plan.compute_dtype)
     kwargs: dict[str, Any] = {"dtype": dtype, "token": token}
     if plan.load_in_4bit:
@@ -148,37 +147,61 @@ def load_for_training(model_path: str, plan: Plan, settings: TrainSettings, *, t
             f"BASE_MODEL={model_path!r}: could not load the model ({str(err).splitlines()[0]})"
         ) from err
     model.config.use_cache = False  # the cache is useless in training and conflicts with checkpointing
-    check_target_modules(model, settings.lora_target_modules)
+    config = lora_config(settings, model)
+    if echo and settings.lora_target_modules == ["attention"]:
+        echo(f"lora: LORA_TARGET_MODULES=attention is {','.join(sorted(config.target_modules))} in this "
+             f"{model.config.model_type} model")
     return speed.make_fast(model, config, plan.levers, load_in_4bit=plan.load_in_4bit,
                            gradient_checkpointing=settings.gradient_checkpointing, echo=echo)
 
 
-def lora_config(settings: TrainSettings):
+def lora_config(settings: TrainSettings, model):
+    """The adapter's settings for ``model`` (LORA_TARGET_MODULES looked up in it)."""
     from peft import LoraConfig
 
-    targets = settings.lora_target_modules
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules=target_modules(model, settings.lora_target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def check_target_modules(model, targets: list[str]) -> None:
-    """LORA_TARGET_MODULES must name modules this model has."""
+def target_modules(model, targets: list[str]) -> list[str] | str:
+    """What LORA_TARGET_MODULES means for this model: its attention projections for ``attention``, peft's
+    ``all-linear``, or the names given (each must be a module of this model)."""
     if targets == ["all-linear"]:
-        return
+        return "all-linear"
+    if targets == ["attention"]:
+        return attention_projections(model)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
         found = sorted(n for n in names if n.endswith("proj")) or sorted(names)[:12]
         raise TrainError(
             f"LORA_TARGET_MODULES={','.join(targets)!r}: {', '.join(missing)} not in this model; "
-            f"its projection modules are {', '.join(found)}"
+            f"its projection modules are {', '.join(found)}; LORA_TARGET_MODULES=attention finds them itself"
         )
+    return list(targets)
+
+
+def attention_projections(model) -> list[str]:
+    """The linear layers of the model's attention blocks (``self_attn`` in every transformers decoder): q, k, v and
+    o_proj in Llama, Mistral, Qwen and Gemma; Phi-3's fused qkv_proj and o_proj."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "self_attn":
+            found = sorted(child for child, sub in module.named_children() if isinstance(sub, torch.nn.Linear))
+            if found:
+                return found
+    model_type = getattr(model.config, "model_type", "?")
+    raise TrainError(
+        f"LORA_TARGET_MODULES=attention: no attention block with linear projections (self_attn) in this "
+        f"{model_type!r} model; name the modules (comma-separated), or use all-linear"
+    )
 
 
 def keep_adapter_float32(model) -> None:

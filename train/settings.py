@@ -34,6 +34,8 @@ CUDA_ONLY_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit")
 #: REPORT_TO's trackers: the module each one's client is imported as, and the extra that installs it.
 TRACKERS = {"tensorboard": ("tensorboard", "train"), "wandb": ("wandb", "tracking"), "mlflow": ("mlflow", "tracking"),
             "trackio": ("trackio", "tracking")}
+#: LORA_TARGET_MODULES's names for a set of modules, found in the model at load (train/model.py).
+TARGET_CHOICES = ("attention", "all-linear")
 #: Recipes sized for a CPU; every other recipe needs a CUDA GPU and is refused without one.
 CPU_RECIPES = ("demo",)
 
@@ -169,8 +171,9 @@ class TrainSettings(BaseSettings):
     lora_alpha: float = Field(32, gt=0, description="LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_target_modules: CommaList = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Modules that get LoRA adapters, comma-separated ('all-linear' for every linear layer).",
+        default_factory=lambda: ["attention"],
+        description="Modules that get LoRA adapters: 'attention' (the family's attention projections: q,k,v,o_proj; "
+        "Phi-3's qkv_proj,o_proj), 'all-linear' (every linear layer), or module names, comma-separated.",
     )
     load_in_4bit: Annotated[Literal["auto", "true", "false"], BeforeValidator(_lower)] = Field(
         "auto",
@@ -316,7 +319,11 @@ def cross_field_problems(s: TrainSettings, *, cuda: bool, skip: frozenset[str] =
     if s.hub_repo is not None and ok("hub_repo") and not looks_like_repo_id(s.hub_repo):
         problems.append(f"HUB_REPO={s.hub_repo!r}: must be a Hub repo id, owner/name")
     if ok("lora_target_modules") and not s.lora_target_modules:
-        problems.append("LORA_TARGET_MODULES='': name at least one module, e.g. q_proj,v_proj")
+        problems.append("LORA_TARGET_MODULES='': name at least one module, e.g. q_proj,v_proj, or attention")
+    chosen = [name for name in s.lora_target_modules if name in TARGET_CHOICES]
+    if ok("lora_target_modules") and chosen and len(s.lora_target_modules) > 1:
+        problems.append(f"LORA_TARGET_MODULES={','.join(s.lora_target_modules)!r}: {chosen[0]} stands alone; "
+                        f"give it alone, or list module names only")
     problem = report_to_problem(s.report_to) if ok("report_to") else None
     if problem:
         problems.append(problem)

@@ -30,7 +30,7 @@ def with_lora(base):
 
     settings = TrainSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, model.lora_config(settings))
+    peft_model = get_peft_model(base, model.lora_config(settings, base))
     generator = torch.Generator().manual_seed(1)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:  # non-zero, so the adapter's gradients flow through the whole stack
