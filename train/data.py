@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from jinja2 import TemplateError
+
 from train.settings import TrainError
 from train.sources import SourceRow, read_rows  # noqa: F401 (read_rows: data.read_rows, as the stage reads it)
 
@@ -229,6 +231,23 @@ def end_of_turn_token(tokenizer: Any) -> str | None:
     return min(found)[2] if found else None
 
 
+def check_template_ends_turns(tokenizer: Any, base_model: str) -> str:
+    """The chat template must close an assistant answer with a special token, or the model never learns to stop:
+    checked once, before any row is read. Returns that token."""
+    token = end_of_turn_token(tokenizer)
+    if token is None:
+        messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        after = text[text.rfind(_PROBE) + len(_PROBE):]
+        raise TrainError(
+            f"BASE_MODEL={base_model!r}: its chat template ends an assistant answer without a special token "
+            f"(after it: {after!r}; EOS is {tokenizer.eos_token!r}), so a model trained on it never learns to stop; "
+            "give the template an end-of-turn token (chat_template in tokenizer_config.json), or CHAT_TEMPLATE for a "
+            "base without one"
+        )
+    return token
+
+
 def end_of_turn_problem(example: "Example", token_id: int) -> str | None:
     """Why ``example``'s last answer does not teach the model to stop (None when it does).
 
@@ -369,12 +388,14 @@ def build_examples(
     for source in rows:
         try:
             messages = to_conversation(source.row, fmt)
+            rendered = render_conversation(tokenizer, messages)
         except RowError as err:
             problems.append(f"{source.where}: {err} (DATASET_FORMAT={fmt})")
             continue
-        input_ids, labels = tokenize_conversation(
-            tokenizer, render_conversation(tokenizer, messages), assistant_only=assistant_only
-        )
+        except TemplateError as err:  # Gemma's template refuses a system turn, Mistral's unalternating roles
+            problems.append(f"{source.where}: the chat template refuses this conversation ({err})")
+            continue
+        input_ids, labels = tokenize_conversation(tokenizer, rendered, assistant_only=assistant_only)
         if len(input_ids) > max_seq_length:
             if long_rows == "drop":
                 report.dropped_long += 1
@@ -422,6 +443,7 @@ def split_examples(
 
 def prepare_data(settings: Any, tokenizer: Any, token: str | None = None) -> tuple[list[Example], list[Example], DataReport]:
     """Everything from DATASET to the tokenized train and eval examples, with counts."""
+    check_template_ends_turns(tokenizer, settings.base_model)
     rows = read_rows(
         settings.dataset, config=settings.dataset_config, split=settings.dataset_split,
         max_samples=settings.max_samples, token=token,
