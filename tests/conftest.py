@@ -2,6 +2,7 @@
 
 Each fixture module under tests/fixtures/ is owned by what it serves:
 ``models`` (the embedded tokenizer and a tiny random-init Llama),
+``families`` (a tiny random-init model of each family users bring, with its real tokenizer),
 ``hub`` (a stand-in Hugging Face Hub server on loopback).
 """
 
@@ -17,7 +18,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.fixtures.models", "tests.fixtures.hub"]
+pytest_plugins = ["tests.fixtures.models", "tests.fixtures.families", "tests.fixtures.hub"]
 
 
 def _has_cuda() -> bool:

@@ -169,8 +169,10 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Rende
     Each assistant turn is located by rendering the conversation up to it (with
     the generation prompt) and up to and including it: the difference is what
     the model must produce, the end-of-turn token included so that it learns to
-    stop. This works for any template that renders earlier turns identically
-    when later turns are appended, which every chat template we ship or know does.
+    stop. Where the template renders earlier turns differently once later ones
+    follow (Qwen3 drops an answer's empty think block, Phi-3 closes only the last
+    turn with EOS, Mistral's moves the system text to the last question), each
+    answer is found by its text instead, through the end-of-turn token after it.
     """
 
     def render(part: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -184,12 +186,32 @@ def render_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Rende
         before = render(messages[:i], True) if i else ""
         through = render(messages[: i + 1], False)
         if not (text.startswith(through) and through.startswith(before)):
-            raise TrainError(
-                "the chat template renders earlier turns differently once later ones are added, so assistant "
-                "turns cannot be located; set ASSISTANT_ONLY_LOSS=false or CHAT_TEMPLATE to a prefix-stable template"
-            )
+            return RenderedConversation(text=text, assistant_spans=answers_by_text(tokenizer, messages, text))
         spans.append((len(before), len(through)))
     return RenderedConversation(text=text, assistant_spans=tuple(spans))
+
+
+def answers_by_text(tokenizer: Any, messages: list[dict[str, str]], text: str) -> tuple[tuple[int, int], ...]:
+    """Each answer's span in ``text``: found after the turns before it, through the next end-of-turn token."""
+    end_of_turn = end_of_turn_token(tokenizer) or tokenizer.eos_token
+    spans, cursor = [], 0
+    for message in messages:
+        if message["role"] == "system":  # some templates move it (Mistral's: into the last question)
+            continue
+        content = message["content"].strip()
+        start = text.find(content, cursor)
+        closed = text.find(end_of_turn, start + len(content)) if start >= 0 else -1
+        if start < 0 or (message["role"] == "assistant" and closed < 0):
+            raise TrainError(
+                "the chat template renders earlier turns differently once later ones are added, and an answer's "
+                "text is not in the rendered conversation as written, so assistant turns cannot be located; set "
+                "ASSISTANT_ONLY_LOSS=false or CHAT_TEMPLATE to a prefix-stable template"
+            )
+        cursor = start + len(content)
+        if message["role"] == "assistant":
+            cursor = closed + len(end_of_turn)
+            spans.append((start, cursor))
+    return tuple(spans)
 
 
 def label_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:

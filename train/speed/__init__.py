@@ -11,11 +11,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from train.speed import compiled
-from train.speed.frozen import LIGER_KERNELS, liger_installed
+from train.speed.frozen import LIGER_FAMILIES, LIGER_KERNELS, liger_installed
 
 #: MiB of the MLP's gate and up outputs a micro-batch keeps rather than compute again, with per-layer CUDA graphs
 #: (SAVED_MLP_MIB's default; docs/benchmarks.md).
 SAVED_MLP_MIB = 1344
+#: Model families whose LM head is a plain projection (no logit scale or soft-capping), measured with the
+#: collator's label positions (``trainer.score_label_positions``).
+PLAIN_HEAD_FAMILIES = ("llama", "mistral")
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,53 @@ def choose_levers(*, cuda: bool, compile: str = "auto", can_compile: bool = True
     return SpeedLevers(bf16_storage=True, liger_kernels=kernels, packing=True, fold_accumulation=True), tuple(notices)
 
 
+def fit_to_model(levers: SpeedLevers, model) -> tuple[SpeedLevers, tuple[str, ...]]:
+    """The planned levers that apply to ``model``, and a one-line notice naming its family for each that does not."""
+    import dataclasses
+
+    from train.speed import host_embedding
+
+    config = model.config
+    family = getattr(config, "model_type", "unknown")
+    off: dict = {}
+    notices = []
+    if levers.liger_kernels and family not in LIGER_FAMILIES:
+        off["liger_kernels"] = ()
+        notices.append(f"speed: liger-kernel is applied to {', '.join(LIGER_FAMILIES)} models, not {family}: "
+                       "RMSNorm/SwiGLU/RoPE run unfused")
+    if levers.label_positions and not plain_head(config):
+        off["label_positions"] = False
+        notices.append(f"speed: the LM head of a {family} model scores every position (label positions are "
+                       f"measured on the plain heads of {', '.join(PLAIN_HEAD_FAMILIES)})")
+    if levers.compile_mode and not compiled.decoder_stack(model)[1]:
+        off.update(compile_mode="", save_attention=False, saved_mlp_mib=0, host_embedding=False)
+        notices.append(f"speed: torch.compile found no decoder layers in this {family} model; they run eagerly")
+    elif levers.saved_mlp_mib and not gated_mlp(compiled.decoder_stack(model)[1][0]):
+        off.update(saved_mlp_mib=0, host_embedding=False)
+        notices.append(f"speed: SAVED_MLP_MIB keeps nothing in a {family} model, whose MLP has no separate "
+                       "gate_proj and up_proj; the token embedding stays in GPU memory")
+    if levers.save_attention and "save_attention" not in off and getattr(config, "_attn_implementation", "") == "eager":
+        off["save_attention"] = False
+        notices.append(f"speed: a {family} model runs eager attention here, so no attention kernel output is kept "
+                       "for the backward pass")
+    why_not = host_embedding.movable(model) if levers.host_embedding and "host_embedding" not in off else None
+    if why_not:
+        off["host_embedding"] = False
+        notices.append(f"speed: the token embedding of a {family} model stays in GPU memory: {why_not}")
+    return dataclasses.replace(levers, **off), tuple(notices)
+
+
+def plain_head(config) -> bool:
+    """Whether the LM head is one of :data:`PLAIN_HEAD_FAMILIES`' (and not soft-capped)."""
+    return config.model_type in PLAIN_HEAD_FAMILIES and not getattr(config, "final_logit_softcapping", None)
+
+
+def gated_mlp(layer) -> bool:
+    """Whether a decoder layer's MLP has the separate gate and up projections whose outputs SAVED_MLP_MIB keeps."""
+    mlp = getattr(layer, "mlp", None)
+    return all(hasattr(mlp, name) for name in ("gate_proj", "up_proj"))
+
+
 def make_fast(model, lora_config, levers: SpeedLevers, *, load_in_4bit: bool, gradient_checkpointing: bool,
               echo: Callable[[str], None] | None = None):
     """The loaded base ``model`` with the levers applied and LoRA (``lora_config``) added: the peft model to train.
@@ -170,6 +220,9 @@ def make_fast(model, lora_config, levers: SpeedLevers, *, load_in_4bit: bool, gr
     from train.speed import frozen
 
     say = echo or (lambda line: None)
+    levers, notices = fit_to_model(levers, model)
+    for notice in notices:
+        say(f"note: {notice}")
     if levers.host_embedding:
         keep_embedding_in_host_memory(model, say)
     if levers.liger_kernels:

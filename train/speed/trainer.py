@@ -14,11 +14,8 @@ from collections import defaultdict
 import torch
 from trl import SFTTrainer
 
+from train.speed import plain_head
 from train.speed.packing import LABEL_POSITIONS, REAL_TOKENS, real_tokens
-
-#: Model families whose LM head is a plain projection (no logit scale or soft-capping), which
-#: :func:`score_label_positions` scores as trl does.
-PLAIN_HEAD_FAMILIES = ("llama", "mistral")
 
 
 class Trainer(SFTTrainer):
@@ -104,10 +101,9 @@ def score_label_positions(causal_lm) -> bool:
     backbone as trl's does, gathers the scored hidden states and their next-token labels by index, and scores
     them with trl's ``ChunkedLogProbFunction`` as trl does: the same per-token log-probabilities, entropies and
     top-1 hits, compact (one per position), without the boolean mask. Without them, trl's forward runs. Only
-    for :data:`PLAIN_HEAD_FAMILIES` with trl's kernel importable; otherwise nothing changes.
+    for :data:`train.speed.PLAIN_HEAD_FAMILIES` with trl's kernel importable; otherwise nothing changes.
     """
-    config = causal_lm.config
-    if config.model_type not in PLAIN_HEAD_FAMILIES or getattr(config, "final_logit_softcapping", None):
+    if not plain_head(causal_lm.config):
         return False
     try:
         from trl.kernels import ChunkedLogProbFunction
