@@ -41,6 +41,8 @@ class ExportInputs:
     name: str
     eval_path: Path
     texts: list[str]
+    #: The train run's eval split as trained (loraship.heldout); None when the adapter folder carries none.
+    heldout_rows: list[tuple[list[int], list[int]]] | None = None
 
 
 def resolve_inputs(settings: ExportSettings, token: str | None) -> ExportInputs:
@@ -51,7 +53,19 @@ def resolve_inputs(settings: ExportSettings, token: str | None) -> ExportInputs:
     eval_path = settings.eval_text or DEFAULT_EVAL_TEXT
     return ExportInputs(converter_dir=converter_dir, source=source, adapter=adapter, base_name=base_name,
                         base_dir=base_dir, name=settings.model_name or default_name(base_name),
-                        eval_path=eval_path, texts=read_eval_texts(eval_path))
+                        eval_path=eval_path, texts=read_eval_texts(eval_path),
+                        heldout_rows=read_adapter_heldout_rows(source.folder))
+
+
+def read_adapter_heldout_rows(folder: Path) -> list[tuple[list[int], list[int]]] | None:
+    """The held-out rows train wrote beside the adapter (loraship.heldout), or None."""
+    from loraship.heldout import HELDOUT_ROWS, read_heldout_rows
+
+    try:
+        return read_heldout_rows(folder)
+    except ValueError as err:
+        raise ExportError(f"ADAPTER: {err}; delete {folder / HELDOUT_ROWS} to export without the fine-tune's "
+                          "held-out rows, or train again") from err
 
 
 def resolve_adapter(value: str, token: str | None) -> AdapterSource:

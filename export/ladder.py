@@ -1,8 +1,10 @@
-"""The quality ladder: one held-out eval set scored at every hand-off of the export, against rung 1.
+"""The quality ladder: two held-out texts scored at every hand-off of the export, against rung 1.
 
 Rungs: ``adapter`` (the base as training loaded it + the unmerged adapter: the reference), ``merged``,
-``F16`` and each quantized GGUF. Every rung scores the same token ids, so a loss shows as a number; a
-rung that loses more than LADDER_MAX_* against its parent stops the export.
+``F16`` and each quantized GGUF. The texts: the fine-tune's own held-out rows (the train run's eval
+split, loss on the tokens training put in the loss) and general prose (EVAL_TEXT). Every rung scores
+the same token ids, so a loss shows as a number; a rung that loses more than LADDER_MAX_* against its
+parent fails.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from export.inputs import ExportError
 from export.metrics import Reference, score_windows
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 
 FULL_PRECISION = "full precision"
 QUANTIZED = "quantized"
+#: The two texts every rung is scored on, in the order the manifest and the card show them.
+HELDOUT = "heldout"
+GENERAL = "general"
 
 
 class LadderError(ExportError):
@@ -53,19 +58,19 @@ class MemoryNeed:
 
     def explain(self, ladder_tokens: int) -> str:
         return (f"{self.model_bytes / GIB:.1f} GiB for the merged model in float32 ({self.parameters:,} parameters "
-                f"x 4 bytes), {self.logp_bytes / GIB:.2f} GiB for rung 1's log-probs ({ladder_tokens} LADDER_TOKENS "
-                f"x {self.vocab:,} vocabulary x 4 bytes), {self.margin_bytes / GIB:.1f} GiB margin")
+                f"x 4 bytes), {self.logp_bytes / GIB:.2f} GiB for rung 1's log-probs (2 texts x {ladder_tokens} "
+                f"LADDER_TOKENS x {self.vocab:,} vocabulary x 4 bytes), {self.margin_bytes / GIB:.1f} GiB margin")
 
 
 def ladder_memory_need(base_dir: Path, ladder_tokens: int) -> MemoryNeed:
-    """One merged model in float32, rung 1's log-probs and a margin: rung 1's model is freed before the merge."""
+    """One merged model in float32, rung 1's log-probs on both texts and a margin (rung 1's model is freed first)."""
     from export.merge import base_weight_shapes, read_base_config
 
     parameters = sum(math.prod(shape) for shape, _ in base_weight_shapes(base_dir).values())
     config = read_base_config(base_dir)
     vocab = int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0)
     model_bytes = 4 * parameters
-    return MemoryNeed(parameters=parameters, vocab=vocab, model_bytes=model_bytes, logp_bytes=4 * ladder_tokens * vocab,
+    return MemoryNeed(parameters=parameters, vocab=vocab, model_bytes=model_bytes, logp_bytes=2 * 4 * ladder_tokens * vocab,
                       margin_bytes=BASE_MARGIN + int(MODEL_MARGIN * model_bytes))
 
 
@@ -85,11 +90,43 @@ class EvalSet:
 
     windows: list[list[int]]
     vocab: int
+    #: Per window, the rows scored (row ``i`` predicts token ``i + 1``); None: every row.
+    scored: list[list[int]] | None = None
 
     @property
     def positions(self) -> int:
-        """Predicted tokens: every window's tokens but its first."""
+        """Predicted tokens scored: every window's tokens but its first, or the ``scored`` rows."""
+        if self.scored is not None:
+            return sum(len(rows) for rows in self.scored)
         return sum(len(w) - 1 for w in self.windows)
+
+    @property
+    def longest(self) -> int:
+        return max(len(w) for w in self.windows)
+
+
+def build_heldout_eval_set(rows: Iterable[tuple[list[int], list[int]]], vocab: int,
+                           max_positions: int) -> EvalSet | None:
+    """The train run's held-out rows, scored where training's labels are (None: no row has one).
+
+    Each row is one window, as training saw it; it stops at its last scored token, and the rows stop at
+    ``max_positions`` scored predictions.
+    """
+    from loraship.heldout import IGNORE_INDEX
+
+    windows: list[list[int]] = []
+    scored: list[list[int]] = []
+    left = max_positions
+    for input_ids, labels in rows:
+        picked = [i for i in range(len(input_ids) - 1) if labels[i + 1] != IGNORE_INDEX][:left]
+        if not picked:
+            continue
+        windows.append(list(input_ids[: picked[-1] + 2]))
+        scored.append(picked)
+        left -= len(picked)
+        if left <= 0:
+            break
+    return EvalSet(windows=windows, vocab=vocab, scored=scored) if windows else None
 
 
 def build_eval_set(tokenizer, texts: Iterable[str], n_ctx: int, max_positions: int) -> EvalSet:
@@ -117,48 +154,73 @@ def build_eval_set(tokenizer, texts: Iterable[str], n_ctx: int, max_positions: i
 
 
 @dataclass
-class RungScore:
-    """One rung of the ladder (a row of the table)."""
+class TextScore:
+    """One rung on one text: mean NLL, and how far its next-token distributions are from rung 1's."""
 
-    rung: str
-    what: str
-    parent: str | None
-    kind: str
     tokens: int
     nll: float
     perplexity: float
     kl: float
     top1: float
-    seconds: float
 
     def to_json(self) -> dict:
         data = asdict(self)
         for key in ("nll", "perplexity", "kl", "top1"):
             data[key] = float(f"{data[key]:.7g}")  # significant digits: a KL of 3e-6 must not print as 0
-        data["seconds"] = round(self.seconds, 2)
         return data
 
 
+@dataclass
+class RungScore:
+    """One rung of the ladder (a row of the table), on each text (``heldout``, ``general``)."""
+
+    rung: str
+    what: str
+    parent: str | None
+    kind: str
+    texts: dict[str, TextScore]
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"rung": self.rung, "what": self.what, "parent": self.parent, "kind": self.kind,
+                **{name: score.to_json() for name, score in self.texts.items()}, "seconds": round(self.seconds, 2)}
+
+
 def score_rung(
-    rung: str, what: str, parent: str | None, kind: str,
-    logits_per_window: Iterable["np.ndarray"], eval_set: EvalSet, reference: Reference | None,
-) -> tuple[RungScore, Reference | None]:
+    rung: str, what: str, parent: str | None, kind: str, logits: Callable[[list[list[int]]], Iterable["np.ndarray"]],
+    eval_sets: dict[str, EvalSet], references: dict[str, Reference] | None,
+) -> tuple[RungScore, dict[str, Reference] | None]:
+    """Score ``logits(windows)`` on every text; rung 1 (no ``references``) returns the references it makes."""
     started = time.perf_counter()
-    nll, kl, top1, made = score_windows(logits_per_window, eval_set.windows, eval_set.vocab, reference)
-    score = RungScore(rung=rung, what=what, parent=parent, kind=kind, tokens=eval_set.positions, nll=nll,
-                      perplexity=math.exp(nll), kl=kl, top1=top1, seconds=time.perf_counter() - started)
-    return score, made
+    texts, made = {}, {}
+    for name, eval_set in eval_sets.items():
+        nll, kl, top1, made[name] = score_windows(logits(eval_set.windows), eval_set.windows, eval_set.vocab,
+                                                  None if references is None else references[name], eval_set.scored)
+        texts[name] = TextScore(tokens=eval_set.positions, nll=nll, perplexity=math.exp(nll), kl=kl, top1=top1)
+    score = RungScore(rung=rung, what=what, parent=parent, kind=kind, texts=texts,
+                      seconds=time.perf_counter() - started)
+    return score, (made if references is None else None)
 
 
-def score_hf(rung: str, what: str, parent: str | None, model, eval_set: EvalSet,
-             reference: Reference | None) -> tuple[RungScore, Reference | None]:
-    return score_rung(rung, what, parent, FULL_PRECISION, hf_logits(model, eval_set.windows), eval_set, reference)
+def score_hf(rung: str, what: str, parent: str | None, model, eval_sets: dict[str, EvalSet],
+             references: dict[str, Reference] | None) -> tuple[RungScore, dict[str, Reference] | None]:
+    return score_rung(rung, what, parent, FULL_PRECISION, lambda windows: hf_logits(model, windows), eval_sets,
+                      references)
 
 
-def score_gguf(rung: str, path: Path, parent: str, eval_set: EvalSet, reference: Reference, *,
-               n_ctx: int, threads: int = 0, quantized: bool) -> RungScore:
-    score, _ = score_rung(rung, f"{path.name} (llama.cpp)", parent, QUANTIZED if quantized else FULL_PRECISION,
-                          gguf_logits(path, eval_set.windows, n_ctx, threads), eval_set, reference)
+def score_gguf(rung: str, path: Path, parent: str, eval_sets: dict[str, EvalSet], references: dict[str, Reference],
+               *, n_ctx: int, threads: int = 0, quantized: bool) -> RungScore:
+    """One llama.cpp load scores every text; its context fits the longest window (a held-out row may be long)."""
+    from llama_cpp import Llama
+
+    n_ctx = max(n_ctx, *(s.longest for s in eval_sets.values()))
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                n_threads=threads or os.cpu_count() or 1, verbose=False)
+    try:
+        score, _ = score_rung(rung, f"{path.name} (llama.cpp)", parent, QUANTIZED if quantized else FULL_PRECISION,
+                              lambda windows: gguf_logits(llm, windows), eval_sets, references)
+    finally:
+        llm.close()
     return score
 
 
@@ -174,20 +236,14 @@ def hf_logits(model, windows: list[list[int]]) -> Iterator["np.ndarray"]:
             yield model(torch.tensor([window])).logits[0].float().numpy()
 
 
-def gguf_logits(path: Path, windows: list[list[int]], n_ctx: int, threads: int = 0) -> Iterator["np.ndarray"]:
+def gguf_logits(llm, windows: list[list[int]]) -> Iterator["np.ndarray"]:
     """llama.cpp's logits for each window, fed as token ids so every rung scores the same tokens."""
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                n_threads=threads or os.cpu_count() or 1, verbose=False)
-    try:
-        for window in windows:
-            llm.reset()
-            llm.eval(window)
-            yield np.array(llm.scores[: len(window)], dtype=np.float32)
-    finally:
-        llm.close()
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        yield np.array(llm.scores[: len(window)], dtype=np.float32)
 
 
 def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
@@ -279,17 +335,28 @@ class Limits:
     kl_setting: str
 
 
-def check_rung(score: RungScore, parent: RungScore, limits: Limits) -> None:
-    """Raise :class:`LadderError` naming the rung and the number when it lost more than ``limits`` allow."""
-    nll_rise = score.nll - parent.nll
-    kl_rise = score.kl - parent.kl
+#: How messages name each text.
+TEXT_NAMES = {HELDOUT: "the fine-tune's held-out rows", GENERAL: "the general text"}
+
+
+def check_rung(score: RungScore, parent: RungScore, limits: Limits, *, kl_limited: bool = True) -> None:
+    """Raise :class:`LadderError` naming the rung, the text and the number when it lost more than ``limits`` allow.
+
+    ``kl_limited=False`` checks the NLL only: merged into another base than training's (the original base of a
+    4-bit adapter), the KL from the model as trained measures the NF4 rounding the merge removes on purpose.
+    """
     problems = []
-    if nll_rise > limits.nll_rise:
-        problems.append(f"mean NLL rose by {nll_rise:.4f} nats/token ({parent.nll:.4f} -> {score.nll:.4f}; "
-                        f"allowed {limits.nll_rise:g}, {limits.nll_setting})")
-    if kl_rise > limits.kl_rise:
-        problems.append(f"KL from the trained model grew by {kl_rise:.4f} nats/token ({parent.kl:.4f} -> "
-                        f"{score.kl:.4f}; allowed {limits.kl_rise:g}, {limits.kl_setting})")
+    for name, text in score.texts.items():
+        before = parent.texts.get(name)
+        if before is None:
+            continue
+        nll_rise, kl_rise = text.nll - before.nll, text.kl - before.kl
+        if nll_rise > limits.nll_rise:
+            problems.append(f"on {TEXT_NAMES[name]} the mean NLL rose by {nll_rise:.4f} nats/token ({before.nll:.4f} "
+                            f"-> {text.nll:.4f}; allowed {limits.nll_rise:g}, {limits.nll_setting})")
+        if kl_limited and kl_rise > limits.kl_rise:
+            problems.append(f"on {TEXT_NAMES[name]} the KL from the trained model grew by {kl_rise:.4f} nats/token "
+                            f"({before.kl:.4f} -> {text.kl:.4f}; allowed {limits.kl_rise:g}, {limits.kl_setting})")
     if problems:
         raise LadderError(
             f"quality ladder: rung {score.rung!r} ({score.what}) lost too much against {parent.rung!r}: "

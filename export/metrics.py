@@ -65,11 +65,13 @@ class Reference:
 
 def score_windows(
     logits_per_window: Iterable["np.ndarray"], windows: list[list[int]], vocab: int, reference: Reference | None,
+    scored: list[list[int]] | None = None,
 ) -> tuple[float, float, float, Reference | None]:
     """Mean NLL, mean KL from the reference, top-1 agreement; and a new Reference when none was given.
 
     ``logits_per_window`` yields, per window, at least ``len(window) - 1`` rows of logits (row ``i``
     predicts token ``i + 1``); only the first ``vocab`` columns count, so vocabulary padding drops out.
+    ``scored`` names, per window, the rows that count (default: all); the Reference keeps only those.
     """
     import numpy as np
 
@@ -77,9 +79,12 @@ def score_windows(
     nll = kl = 0.0
     agree = count = 0
     for n, (window, logits) in enumerate(zip(windows, logits_per_window, strict=True)):
-        rows = len(window) - 1
-        logits = logits[:rows, :vocab]
-        targets = window[1:]
+        if scored is None:
+            rows, targets = len(window) - 1, window[1:]
+            logits = logits[:rows, :vocab]
+        else:
+            rows, targets = len(scored[n]), [window[i + 1] for i in scored[n]]
+            logits = np.asarray(logits)[np.asarray(scored[n], dtype=np.int64), :vocab]
         kept = []
         for start in range(0, rows, ROW_CHUNK):
             logp = log_softmax(logits[start : start + ROW_CHUNK])

@@ -172,32 +172,10 @@ The adapter alone, as a LoRA GGUF for the base model's GGUF: `{lora_file}`
 
 
 def quality_section(ladder: dict, merge_base: dict | None, eval_text: str) -> str:
-    """The card's quality ladder: what each hand-off cost, measured on the same tokens."""
-    from export.ladder_report import ladder_markdown
+    """The card's quality ladder and merge-base choice (export/ladder_report.py writes both)."""
+    from export.ladder_report import quality_markdown
 
-    text = f"""
-## Quality ladder
-
-The same {ladder['eval_positions']} held-out tokens ({eval_text}, identical token ids at every rung)
-scored by the model as trained (rung 1), the merged model, and each GGUF. KL is the mean
-KL(rung 1 || rung) of the next-token distributions in nats per token; top-1 agreement is how
-often the rung's most likely next token is rung 1's. These are up to `LADDER_TOKENS` tokens of
-the training tokenizer; the table above scores up to `EVAL_TOKENS` tokens as llama.cpp tokenizes
-the text. The two tables' perplexities therefore differ: compare within a table.
-
-{ladder_markdown(ladder['rungs'])}
-"""
-    if merge_base:
-        rows = [f"| {c} | {v['nll']:.4f} | {v['kl']:.5f} | {100 * v['top1']:.2f}% |"
-                for c, v in merge_base["candidates"].items()]
-        text += f"""
-Merge base: {merge_base['reason']}.
-
-| merge base | mean NLL | KL vs rung 1 | top-1 agreement |
-|---|---|---|---|
-{chr(10).join(rows)}
-"""
-    return text
+    return quality_markdown(ladder, merge_base, eval_text)
 
 
 def ollama_modelfile(gguf_name: str, stop_tokens: list[str]) -> str:

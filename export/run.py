@@ -1,8 +1,10 @@
 """The export, top to bottom: adapter -> merged HF folder -> GGUFs -> verified -> published.
 
-The quality ladder (export/ladder.py) scores one eval set at every hand-off and stops the export at
-the first that lost more than LADDER_MAX_* allow. Everything is built in a ``.tmp-export-*`` folder
-inside OUTPUT_DIR and renamed into place, the manifest last: a failed export leaves no final file.
+The quality ladder (export/ladder.py) scores the fine-tune's held-out rows and a general text at every
+hand-off. Each candidate merge base is taken to the shipped type and checked; MERGE_BASE=auto keeps the
+one the rule in export/merge_base.py picks, and tries the next when one fails. Everything is built in a
+``.tmp-export-*`` folder inside OUTPUT_DIR and renamed into place, the manifest last: a failed export
+leaves no final file (what passed is kept under OUTPUT_DIR/incomplete/).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from export.inputs import ExportError, ExportInputs, resolve_inputs
-from export.merge_base import merge_base_record, merge_candidates, unmeasured_merge_base
+from export.merge_base import (Candidate, merge_base_record, merge_candidates, rank_candidates, shipped_type,
+                                unmeasured_order)
 from export.settings import CONVERTER_TYPES, ExportSettings
 
 if TYPE_CHECKING:
@@ -44,14 +47,12 @@ def run_export(settings: ExportSettings) -> Path:
     with disk_errors(out), work_folder(out) as work:
         tokenizer = load_training_tokenizer(inputs)
         ladder = score_model_as_trained(settings, inputs, tokenizer, timings)
-        merged, merge_record = merge_adapter(settings, inputs, ladder, work, timings)
-        memory = {"merge_peak_rss_mib": peak_rss_mib()}
-        files = convert_merged_folder(settings, inputs, merged, work, timings)
-        files += quantize_files(settings, inputs.name, files[0], work, timings)
+        memory: dict = {}
+        chosen, merge_record = build_and_choose(settings, inputs, tokenizer, ladder, work, timings, memory)
+        merged, files = take_chosen_files(chosen, inputs.name, work)
         lora_name = write_lora_gguf(settings, inputs, work)
         shutil.rmtree(merged)
-        verify_files(settings, inputs, files, tokenizer, ladder, timings)
-        ladder_table = ladder_record(ladder, timings)
+        ladder_table = ladder_record(ladder, chosen, timings)
         extra_files = write_card_and_modelfile(inputs, files, tokenizer, lora_name, ladder_table, merge_record, work)
         timings["total_s"] = time.perf_counter() - started
         memory.update(export_process_peak_rss_mib=peak_rss_mib(), largest_child_peak_rss_mib=peak_rss_mib(children=True))
@@ -60,6 +61,9 @@ def run_export(settings: ExportSettings) -> Path:
         finals = [f.name for f in files] + extra_files
         move_into_place(work, out, finals)
     log(f"wrote {', '.join(finals)} and {MANIFEST_NAME} to {out}")
+    if (out / INCOMPLETE).is_dir():
+        shutil.rmtree(out / INCOMPLETE)
+        log(f"removed {out / INCOMPLETE}/ (an earlier failed export's files; this export supersedes them)")
 
     if settings.hub_repo:
         publish(out, finals, settings.hub_repo, token)
@@ -71,17 +75,17 @@ def run_export(settings: ExportSettings) -> Path:
 
 @dataclass
 class LadderRun:
-    """The quality ladder through one export: its eval set, rung 1's log-probs, the rungs scored so far."""
+    """The quality ladder through one export: its texts, rung 1's log-probs on each, rung 1's score."""
 
-    eval_set: EvalSet
-    reference: Reference
+    #: ``heldout`` (the fine-tune's own eval rows, when the adapter carries them) and ``general`` (EVAL_TEXT).
+    eval_sets: dict[str, EvalSet]
+    references: dict[str, Reference]
     limits: dict
     #: How bitsandbytes stored each 4-bit weight of the trained model (the NF4 merge base repeats it).
     nf4_specs: dict
-    rungs: list[RungScore] = field(default_factory=list)
-    merged_scores: dict[str, RungScore] = field(default_factory=dict)
-    gguf_by_type: dict[str, RungScore] = field(default_factory=dict)
-    gguf_seconds: float = 0.0
+    trained: RungScore
+    trained_4bit: bool
+    scoring_seconds: float = 0.0
 
 
 def ladder_limits(settings: ExportSettings) -> dict:
@@ -109,6 +113,7 @@ def score_model_as_trained(settings: ExportSettings, inputs: ExportInputs, token
                            timings: dict[str, float]) -> LadderRun | None:
     """Ladder rung 1, the reference of every other rung: the base as training loaded it + the unmerged adapter."""
     from export import ladder as scoring
+    from export.ladder import TEXT_NAMES
     from export.ladder_report import log_line
 
     if not settings.ladder:
@@ -116,65 +121,248 @@ def score_model_as_trained(settings: ExportSettings, inputs: ExportInputs, token
         return None
     t = time.perf_counter()
     trained_4bit = bool(inputs.source.load_in_4bit)
-    eval_set = scoring.build_eval_set(tokenizer, inputs.texts, settings.eval_ctx, settings.ladder_tokens)
+    eval_sets = {}
+    heldout = (scoring.build_heldout_eval_set(inputs.heldout_rows, len(tokenizer), settings.ladder_tokens)
+               if inputs.heldout_rows else None)
+    if heldout is not None:
+        eval_sets[scoring.HELDOUT] = heldout
+    else:
+        log("ladder: the adapter folder carries no held-out rows (heldout_rows.jsonl, written by train since "
+            "this version): every rung is scored on the general text only")
+    eval_sets[scoring.GENERAL] = scoring.build_eval_set(tokenizer, inputs.texts, settings.eval_ctx,
+                                                        settings.ladder_tokens)
     log(f"ladder: scoring the model as trained ({'4-bit NF4' if trained_4bit else 'full-precision'} base + "
-        f"adapter) on {eval_set.positions} tokens")
+        f"adapter) on " + " and ".join(f"{s.positions} tokens of {TEXT_NAMES[name]}" for name, s in eval_sets.items()))
     model, nf4_specs = scoring.trained_model(inputs.base_dir, inputs.source.folder, trained_4bit)
-    rung1, reference = scoring.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
-                                       + (" [NF4]" if trained_4bit else ""), None, model, eval_set, None)
+    rung1, references = scoring.score_hf("adapter", "base as trained + adapter (peft, unmerged)"
+                                         + (" [NF4]" if trained_4bit else ""), None, model, eval_sets, None)
     del model
     gc.collect()  # the base leaves memory before the streamed merge starts
     log(log_line(rung1))
     timings["ladder_trained_s"] = time.perf_counter() - t
-    return LadderRun(eval_set=eval_set, reference=reference, limits=ladder_limits(settings), nf4_specs=nf4_specs,
-                     rungs=[rung1])
+    return LadderRun(eval_sets=eval_sets, references=references, limits=ladder_limits(settings),
+                     nf4_specs=nf4_specs, trained=rung1, trained_4bit=trained_4bit)
 
 
-def merge_adapter(settings: ExportSettings, inputs: ExportInputs, ladder: LadderRun | None, work: Path,
-                  timings: dict[str, float]) -> tuple[Path, dict]:
-    """The merged HF folder at ``work/NAME``, and the manifest's record of which base it was merged into."""
-    t = time.perf_counter()
-    if ladder is not None:
-        chosen, record = merge_and_score_candidates(settings, inputs, ladder, work)
+def build_and_choose(settings: ExportSettings, inputs: ExportInputs, tokenizer, ladder: LadderRun | None,
+                     work: Path, timings: dict[str, float], memory: dict) -> tuple[Candidate, dict]:
+    """The merge base kept, with its files made and checked, and the manifest's record of the choice.
+
+    With the ladder, every candidate is taken to the shipped type first and the rule ranks those that
+    passed; without it, the candidates are tried in a fixed order. Either way the next candidate is tried
+    when one fails; when all fail, :func:`fail_with_what_passed` keeps what passed and says what would pass.
+    """
+    shipped = shipped_type(settings.quant_types)
+    if ladder is None:
+        order = unmeasured_order(settings.merge_base, inputs.source.load_in_4bit)
     else:
+        order = merge_candidates(settings.merge_base, bool(inputs.source.load_in_4bit))
+    candidates = [Candidate(base=base, folder=work / base) for base in order]
+    if ladder is not None:
+        for candidate in candidates:
+            build_candidate(settings, inputs, tokenizer, ladder, candidate, shipped, timings, memory)
+        ranked = rank_candidates(candidates, shipped)
+    else:
+        ranked = candidates
+    for candidate in ranked:
+        if not candidate.built:
+            build_candidate(settings, inputs, tokenizer, ladder, candidate, shipped, timings, memory)
+        if candidate.passed:
+            finish_candidate(settings, inputs, tokenizer, ladder, candidate, shipped, timings)
+        if candidate.passed:
+            record = merge_base_record(settings.merge_base, inputs.source.load_in_4bit, shipped, candidates,
+                                       candidate, measured=ladder is not None)
+            log(f"merge base: {record['reason']}")
+            for other in candidates:
+                if other is not candidate:
+                    shutil.rmtree(other.folder, ignore_errors=True)
+            inputs.adapter = None  # its tensors leave memory before anything else runs
+            return candidate, record
+    fail_with_what_passed(settings, inputs, tokenizer, ladder, candidates, shipped, work, timings)
+    raise AssertionError("unreachable")  # fail_with_what_passed always raises
+
+
+def build_candidate(settings: ExportSettings, inputs: ExportInputs, tokenizer, ladder: LadderRun | None,
+                    candidate: Candidate, shipped: str, timings: dict[str, float], memory: dict) -> None:
+    """Merge into one base, convert, quantize to the shipped type; check and score each step.
+
+    A failed check is recorded on the candidate (the file that failed is deleted), not raised.
+    """
+    from export.ladder import LadderError
+    from export.verify import VerifyError
+
+    candidate.folder.mkdir(parents=True, exist_ok=True)
+    candidate.built = True
+    t = time.perf_counter()
+    nf4 = None
+    if candidate.base == "nf4":
         from export.ladder import nf4_specs_as_trained
 
-        record = unmeasured_merge_base(settings.merge_base, inputs.source.load_in_4bit)
-        chosen = record["chosen"]
-        nf4 = nf4_specs_as_trained(inputs.base_dir, inputs.source.quantization) if chosen == "nf4" else None
-        merge_into(settings, inputs, chosen, nf4, work)
-    inputs.adapter = None  # its tensors leave memory before the converter starts
-    log(f"merge base: {record['reason']}")
-    merged = (work / f"merged-{chosen}").rename(work / inputs.name)
-    timings["merge_s"] = time.perf_counter() - t
-    return merged, record
+        nf4 = ladder.nf4_specs if ladder else nf4_specs_as_trained(inputs.base_dir, inputs.source.quantization)
+    merged = merge_into(settings, inputs, candidate.base, nf4, candidate.folder)
+    timings["merge_s"] = timings.get("merge_s", 0.0) + time.perf_counter() - t
+    try:
+        if ladder is not None:
+            candidate.failed_at = "merged"
+            score_merged_rung(inputs, ladder, candidate, merged)
+        memory["merge_peak_rss_mib"] = peak_rss_mib()
+        for f in convert_merged_folder(settings, inputs, merged, candidate.folder, timings):
+            candidate.failed_at = f.quant_type
+            check_file(settings, inputs, f, tokenizer, ladder, candidate, timings)
+        if shipped not in CONVERTER_TYPES:
+            candidate.failed_at = shipped
+            [f] = quantize_files(settings, inputs.name, candidate.file("F16"), candidate.folder, timings, [shipped])
+            check_file(settings, inputs, f, tokenizer, ladder, candidate, timings)
+        candidate.failed_at = None
+    except (VerifyError, LadderError) as err:
+        candidate.failure = str(err)
+        log(f"merge base {candidate.base}: {candidate.failed_at} failed: {err}")
 
 
-def merge_and_score_candidates(settings: ExportSettings, inputs: ExportInputs, ladder: LadderRun,
-                               work: Path) -> tuple[str, dict]:
-    """Ladder rung 2: merge into each candidate base, score each, keep the one closest to the model as trained."""
+def finish_candidate(settings: ExportSettings, inputs: ExportInputs, tokenizer, ladder: LadderRun | None,
+                     candidate: Candidate, shipped: str, timings: dict[str, float]) -> None:
+    """The candidate's other quantized types, each checked; the first failure is recorded on the candidate."""
+    from export.ladder import LadderError
+    from export.verify import VerifyError
+
+    for quant in settings.quant_types:
+        if quant in CONVERTER_TYPES or candidate.file(quant) is not None:
+            continue
+        try:
+            candidate.failed_at = quant
+            [f] = quantize_files(settings, inputs.name, candidate.file("F16"), candidate.folder, timings, [quant])
+            check_file(settings, inputs, f, tokenizer, ladder, candidate, timings)
+        except (VerifyError, LadderError) as err:
+            candidate.failure = str(err)
+            log(f"merge base {candidate.base}: {quant} failed: {err}")
+            return
+    candidate.failed_at = None
+
+
+def score_merged_rung(inputs: ExportInputs, ladder: LadderRun, candidate: Candidate, merged: Path) -> None:
+    """Ladder rung 2: the merged model in float32 against the model as trained.
+
+    Merged into another base than training's (the original base of a 4-bit adapter) only the NLL is held to
+    LADDER_MAX_NLL_RISE: its KL measures the NF4 rounding that merge removes on purpose.
+    """
     from export import ladder as scoring
     from export.ladder_report import log_line
 
-    candidates = merge_candidates(settings.merge_base, bool(inputs.source.load_in_4bit))
-    scores = ladder.merged_scores
-    for candidate in candidates:
-        folder = merge_into(settings, inputs, candidate, ladder.nf4_specs if candidate == "nf4" else None, work)
-        model = scoring.merged_model(folder)
-        scores[candidate], _ = scoring.score_hf(
-            "merged", f"merged into the {candidate} base (transformers, fp32)", "adapter", model, ladder.eval_set,
-            ladder.reference)
-        del model
-        gc.collect()
-        log(log_line(scores[candidate]))
-    chosen = min(candidates, key=lambda c: scores[c].kl)
-    record = merge_base_record(settings.merge_base, inputs.source.load_in_4bit, candidates, scores, chosen)
-    for candidate in candidates:
-        if candidate != chosen:
-            shutil.rmtree(work / f"merged-{candidate}")
-    ladder.rungs.append(scores[chosen])
-    scoring.check_rung(scores[chosen], ladder.rungs[0], ladder.limits[scoring.FULL_PRECISION])
-    return chosen, record
+    model = scoring.merged_model(merged)
+    score, _ = scoring.score_hf("merged", f"merged into the {candidate.base} base (transformers, fp32)", "adapter",
+                               model, ladder.eval_sets, ladder.references)
+    del model
+    gc.collect()
+    ladder.scoring_seconds += score.seconds
+    candidate.scores["merged"] = score
+    log(f"[{candidate.base}] " + log_line(score))
+    same_base = (candidate.base == "nf4") == ladder.trained_4bit
+    scoring.check_rung(score, ladder.trained, ladder.limits[scoring.FULL_PRECISION], kl_limited=same_base)
+
+
+#: Where the files that passed go when no merge base passes every check (never a final path).
+INCOMPLETE = "incomplete"
+#: Tried in this order, where F16 passed, when every candidate failed at a quantized type: the first to pass is named.
+HIGHER_TYPES = ("Q5_K_M", "Q6_K", "Q8_0")
+
+
+def fail_with_what_passed(settings: ExportSettings, inputs: ExportInputs, tokenizer, ladder: LadderRun | None,
+                          candidates: list[Candidate], shipped: str, work: Path, timings: dict[str, float]) -> None:
+    """Every candidate failed: find a higher-bit type that passes, keep every file that passed, raise naming both."""
+    found = probe_higher_types(settings, inputs, tokenizer, ladder, candidates, timings)
+    kept = settings.output_dir / INCOMPLETE
+    message = all_failed_message(settings, inputs, candidates, found, kept)
+    if not keep_passing_files(kept, candidates, shipped, message):
+        message = message.replace(f"; the files that passed are kept in {kept}/", "")
+    raise ExportError(message)
+
+
+def probe_higher_types(settings: ExportSettings, inputs: ExportInputs, tokenizer, ladder: LadderRun | None,
+                       candidates: list[Candidate], timings: dict[str, float]) -> tuple[Candidate, str] | None:
+    """The first (candidate, type) of HIGHER_TYPES above the type that failed whose file passes every check."""
+    from export.ladder import LadderError
+    from export.settings import QUANTIZED_TYPES
+    from export.verify import VerifyError
+
+    bits_order = list(QUANTIZED_TYPES)  # most bits first
+    with_f16 = [c for c in candidates if c.file("F16") is not None]
+    if ladder is not None:  # the rule's order, on the F16 files
+        with_f16 = rank_candidates(with_f16, "F16", passed_only=False)
+    for candidate in with_f16:
+        if candidate.file("F16") is None or candidate.failed_at not in QUANTIZED_TYPES:
+            continue
+        for quant in HIGHER_TYPES:
+            if bits_order.index(quant) >= bits_order.index(candidate.failed_at) or candidate.file(quant):
+                continue
+            log(f"merge base {candidate.base}: trying {quant}, to name a type that passes")
+            try:
+                [f] = quantize_files(settings, inputs.name, candidate.file("F16"), candidate.folder, timings, [quant])
+                check_file(settings, inputs, f, tokenizer, ladder, candidate, timings)
+                return candidate, quant
+            except (VerifyError, LadderError) as err:
+                log(f"merge base {candidate.base}: {quant} failed too: {err}")
+    return None
+
+
+def all_failed_message(settings: ExportSettings, inputs: ExportInputs, candidates: list[Candidate],
+                       found: tuple[Candidate, str] | None, kept: Path) -> str:
+    """One line: what failed on each base, what would pass, where the files that passed are."""
+    failures = "; ".join(f"[{c.base} base] {c.failure}" for c in candidates)
+    if found is not None:
+        candidate, quant = found
+        fix = (f"{quant} merged into the {candidate.base} base passes every check: set QUANT_TYPES={quant} "
+               f"MERGE_BASE={candidate.base}")
+    else:
+        with_f16 = [c for c in candidates if c.file("F16") is not None]
+        fix = (f"only F16 passes (merged into the {with_f16[0].base} base; no type up to Q8_0 did): set "
+               f"QUANT_TYPES=F16 MERGE_BASE={with_f16[0].base}" if with_f16 else
+               "no file passed, not even F16: the failures above are the merged model's own")
+    if settings.merge_base != "auto" and inputs.source.load_in_4bit:
+        other = "original" if settings.merge_base == "nf4" else "nf4"
+        fix += f" (the {other} base was not tried: MERGE_BASE=auto tries both)"
+    return (f"QUANT_TYPES={','.join(settings.quant_types)}: no merge base passed every check ({failures}). "
+            f"What passes: {fix}; the files that passed are kept in {kept}/, nothing was written at a final path")
+
+
+def keep_passing_files(kept: Path, candidates: list[Candidate], shipped: str, message: str) -> bool:
+    """Move every file that passed into ``kept/BASE/``, with a README and report.json saying it is no export."""
+    from loraship.atomic import atomic_path, write_json
+    from loraship.manifest import describe_file
+
+    from export.merge_base import candidate_json
+
+    if not any(c.files for c in candidates):
+        return False
+    with atomic_path(kept) as tmp:
+        report = {"error": message, "shipped_type": shipped, "candidates": {}}
+        for c in candidates:
+            entry = candidate_json(c, shipped)
+            if c.files:
+                (tmp / c.base).mkdir(parents=True)
+                for f in c.files:
+                    f.path = f.path.replace(tmp / c.base / f.name)
+                entry["files"] = {f.name: {**describe_file(f.path), "quant_type": f.quant_type,
+                                           "perplexity": f.perplexity, "verification": f.verification}
+                                  for f in c.files}
+            report["candidates"][c.base] = entry
+        write_json(tmp / "report.json", report)
+        (tmp / "README.md").write_text(
+            "# Not an export: the files that passed when the export failed\n\n"
+            "The export stopped because no merge base passed every check at the requested types "
+            "(report.json has the error, each base's scores and each file's sha256). Each file here passed "
+            "every check on its own; the files that failed were deleted. Re-run the export with the fix the "
+            "error names to get a finished export (with its manifest and card) at OUTPUT_DIR.\n",
+            encoding="utf-8")
+    return True
+
+
+def take_chosen_files(chosen: Candidate, name: str, work: Path) -> tuple[Path, list[GGUFFile]]:
+    """The chosen candidate's merged folder (as ``work/NAME``) and files, moved where the final steps expect them."""
+    merged = (chosen.folder / f"merged-{chosen.base}").rename(work / name)
+    for f in chosen.files:
+        f.path = f.path.rename(work / f.path.name)
+    order = {t: n for n, t in enumerate(("F16", "BF16"))}
+    return merged, sorted(chosen.files, key=lambda f: order.get(f.quant_type, 2))
 
 
 def merge_into(settings: ExportSettings, inputs: ExportInputs, candidate: str, nf4: dict | None, work: Path) -> Path:
@@ -205,19 +393,19 @@ def convert_merged_folder(settings: ExportSettings, inputs: ExportInputs, merged
     if "BF16" in settings.quant_types:
         files.append(GGUFFile(gguf.convert_to_gguf(merged, work / f"{inputs.name}-BF16.gguf", "bf16",
                                                    inputs.converter_dir), "BF16"))
-    timings["convert_s"] = time.perf_counter() - t
+    timings["convert_s"] = timings.get("convert_s", 0.0) + time.perf_counter() - t
     return files
 
 
 def quantize_files(settings: ExportSettings, name: str, f16: GGUFFile, work: Path,
-                   timings: dict[str, float]) -> list[GGUFFile]:
-    """Each quantized type from the F16 file, reporting every tensor that could not get the requested type."""
+                   timings: dict[str, float], types: list[str] | None = None) -> list[GGUFFile]:
+    """Each quantized type (of QUANT_TYPES, or ``types``) from the F16 file, reporting every tensor that fell back."""
     from export import gguf
     from export.publish import GGUFFile
 
     t = time.perf_counter()
     files = []
-    for quant in settings.quant_types:
+    for quant in settings.quant_types if types is None else types:
         if quant in CONVERTER_TYPES:
             continue
         log(f"quantizing to {quant}")
@@ -229,7 +417,7 @@ def quantize_files(settings: ExportSettings, name: str, f16: GGUFFile, work: Pat
             log(f"{target.name}: {report.n_fallback} of {report.n_tensors} tensors fell back to other types "
                 f"({', '.join(f'{k}: {v}' for k, v in report.summary().items())})")
         files.append(GGUFFile(target, quant, fallbacks=report.to_json()))
-    timings["quantize_s"] = time.perf_counter() - t
+    timings["quantize_s"] = timings.get("quantize_s", 0.0) + time.perf_counter() - t
     return files
 
 
@@ -244,51 +432,66 @@ def write_lora_gguf(settings: ExportSettings, inputs: ExportInputs, work: Path) 
     return lora_name
 
 
-def verify_files(settings: ExportSettings, inputs: ExportInputs, files: list[GGUFFile], tokenizer,
-                 ladder: LadderRun | None, timings: dict[str, float]) -> None:
-    """Check every file and measure its perplexity (one llama.cpp load each), then score it on the ladder."""
+def check_file(settings: ExportSettings, inputs: ExportInputs, f: GGUFFile, tokenizer, ladder: LadderRun | None,
+               candidate: Candidate, timings: dict[str, float]) -> None:
+    """Check one file and measure its perplexity (one llama.cpp load), score it on the ladder; keep it if it passed.
+
+    A failure deletes the file and raises (VerifyError, LadderError): nothing failed is kept anywhere.
+    """
     from export import verify
 
     t = time.perf_counter()
-    for f in files:
-        log(f"verifying {f.name}")
-        checked, f.token_nll = verify.check_gguf(
-            f.path, tokenizer, inputs.texts, eval_ctx=settings.eval_ctx, eval_tokens=settings.eval_tokens,
-            stop_check=settings.stop_check, threads=settings.threads, stop_prompts=settings.stop_prompts,
-            stop_max_tokens=settings.stop_max_tokens)
+    try:
+        log(f"verifying {f.name} ({candidate.base} base)")
+        try:
+            checked, f.token_nll = verify.check_gguf(
+                f.path, tokenizer, inputs.texts, eval_ctx=settings.eval_ctx, eval_tokens=settings.eval_tokens,
+                stop_check=settings.stop_check, threads=settings.threads, stop_prompts=settings.stop_prompts,
+                stop_max_tokens=settings.stop_max_tokens)
+        except verify.VerifyError:
+            if ladder is not None:  # a failed file's scores still go into the record of the choice
+                with contextlib.suppress(Exception):
+                    score_gguf_rung(settings, f, ladder, candidate, check=False)
+            raise
         f.verification = checked.to_json()
         f.perplexity = math.exp(float(f.token_nll.mean()))
         log(f"{f.name}: checks passed; perplexity {f.perplexity:.3f} ({len(f.token_nll)} tokens)")
         if ladder is not None:
-            score_gguf_rung(settings, f, ladder)
-    timings["verify_s"] = time.perf_counter() - t
+            score_gguf_rung(settings, f, ladder, candidate)
+    except Exception:
+        f.path.unlink(missing_ok=True)
+        raise
+    finally:
+        timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - t
+    candidate.files.append(f)
 
 
-def score_gguf_rung(settings: ExportSettings, f: GGUFFile, ladder: LadderRun) -> None:
+def score_gguf_rung(settings: ExportSettings, f: GGUFFile, ladder: LadderRun, candidate: Candidate,
+                    check: bool = True) -> None:
     """One GGUF's rung, checked against its parent: the merged model for F16/BF16, the F16 file for the rest."""
     from export import ladder as scoring
     from export.ladder_report import log_line
 
     quantized = f.quant_type not in CONVERTER_TYPES
-    parent = ladder.gguf_by_type["F16"] if quantized else ladder.rungs[1]
-    score = scoring.score_gguf(f.quant_type, f.path, parent.rung, ladder.eval_set, ladder.reference,
+    parent = candidate.scores["F16" if quantized else "merged"]
+    score = scoring.score_gguf(f.quant_type, f.path, parent.rung, ladder.eval_sets, ladder.references,
                                n_ctx=settings.eval_ctx, threads=settings.threads, quantized=quantized)
-    ladder.gguf_seconds += score.seconds
-    log(log_line(score))
-    scoring.check_rung(score, parent, ladder.limits[score.kind])
-    ladder.gguf_by_type[f.quant_type] = score
-    ladder.rungs.append(score)
+    ladder.scoring_seconds += score.seconds
+    candidate.scores[f.quant_type] = score
+    log(f"[{candidate.base}] " + log_line(score))
+    if check:
+        scoring.check_rung(score, parent, ladder.limits[score.kind])
 
 
-def ladder_record(ladder: LadderRun | None, timings: dict[str, float]) -> dict:
-    """The ladder as the manifest and the card carry it; its scoring time goes into ``timings``."""
+def ladder_record(ladder: LadderRun | None, chosen: Candidate, timings: dict[str, float]) -> dict:
+    """The ladder of the chosen base as the manifest and the card carry it; its scoring time goes into ``timings``."""
     from export.ladder_report import ladder_json
 
     if ladder is None:
         return {"skipped": True, "reason": "not measured (LADDER=false)"}
-    timings["ladder_s"] = (timings["ladder_trained_s"] + sum(s.seconds for s in ladder.merged_scores.values())
-                           + ladder.gguf_seconds)
-    return ladder_json(ladder.rungs, ladder.eval_set, {k: vars(v) for k, v in ladder.limits.items()})
+    timings["ladder_s"] = timings["ladder_trained_s"] + ladder.scoring_seconds
+    return ladder_json([ladder.trained, *chosen.scores.values()], ladder.eval_sets,
+                       {k: vars(v) for k, v in ladder.limits.items()})
 
 
 def write_card_and_modelfile(inputs: ExportInputs, files: list[GGUFFile], tokenizer, lora_name: str | None,

@@ -45,8 +45,8 @@ class ExportSettings(BaseSettings):
     )
     quant_types: CommaList = Field(
         default_factory=lambda: ["Q4_K_M"],
-        description=f"GGUF types to write besides F16 (always written: it is the source of every "
-        f"quantization and the perplexity reference). One or more of {', '.join(QUANT_TYPES)}.",
+        description=f"GGUF types to write besides F16 (always written: the quantizer's source); the first other "
+        f"than F16 is the shipped type MERGE_BASE=auto judges. One or more of {', '.join(QUANT_TYPES)}.",
     )
     output_dir: Path = Field(Path("outputs/export"), description="Folder for the GGUF files, manifest, card and Modelfile.")
     hub_repo: Annotated[str | None, EmptyIsNone] = Field(
@@ -86,52 +86,42 @@ class ExportSettings(BaseSettings):
     )
     ladder: bool = Field(
         True,
-        description="Score the quality ladder (the model as trained, the merged model in float32, every GGUF on "
-        "the same tokens). Its peak memory is about 4 bytes per parameter (a float32 copy of the merged model) "
-        "plus the log-probs LADDER_TOKENS bounds, checked against the available memory before the export starts. "
-        "`false` skips every rung: no trained-model load, no float32 model, no GGUF scoring; loading, template "
-        "parity, stop checks and perplexity still run, and the manifest and card say the ladder was not measured.",
+        description="Score the quality ladder: the model as trained, the merged model and every GGUF on the "
+        "fine-tune's held-out rows and the general text; its memory is checked first. `false` skips it (the "
+        "manifest and card say so).",
     )
     merge_base: Literal["auto", "original", "nf4"] = Field(
         "auto",
-        description="What the adapter is merged into. `original`: the full-precision base weights. `nf4`: their "
-        "NF4 round trip, the weights a 4-bit (QLoRA) adapter was trained against. `auto`: merge into both, score "
-        "both on the ladder's eval set and keep the one closer to the model as trained (lower KL from rung 1); "
-        "an adapter not trained in 4-bit has only `original`. Both numbers and the choice go into the manifest. "
-        "With LADDER=false, `auto` merges once, unscored: into `nf4` for an adapter trained in 4-bit (it was the "
-        "closer base on every model measured), else into `original`.",
+        description="What the adapter is merged into: `original` (full-precision base), `nf4` (its NF4 round trip, "
+        "what a QLoRA adapter trained against) or `auto` (both, each taken to the shipped type; the manifest's "
+        "rule picks one, the other is the fallback).",
     )
     ladder_tokens: int = Field(
         1024, ge=16, le=65536,
-        description="Most predicted tokens the quality ladder scores (from EVAL_TEXT, in EVAL_CTX windows). "
-        "Bounds its memory: the trained model's log-probs are kept as float32, tokens x vocabulary x 4 bytes.",
+        description="Most predicted tokens the quality ladder scores on each text (held-out rows, EVAL_TEXT). "
+        "Bounds its memory: the trained model's log-probs are kept as float32, 2 x tokens x vocabulary x 4 bytes.",
     )
     ladder_max_nll_rise: float = Field(
         0.02, ge=0.0, le=100.0,
-        description="Full-precision hand-offs (model as trained -> merged model, merged -> F16/BF16 GGUF): most the "
-        "mean token NLL may rise, in nats. Measured on the embedded model's QLoRA demo adapter: +0.00006 "
-        "(merged -> F16) and -0.002 (trained -> merged into the NF4 base); a tiny test model that loses one "
-        "module's delta rises further. 0.02 is far above honest arithmetic and below a real break.",
+        description="Full-precision hand-offs (model as trained -> merged -> F16/BF16): most the mean NLL may rise "
+        "on either text, in nats. Catches a merge or conversion that loses the fine-tune (a dropped delta, a "
+        "wrong base).",
     )
     ladder_max_kl_rise: float = Field(
         0.02, ge=0.0, le=100.0,
-        description="Full-precision hand-offs: most the KL from the model as trained (rung 1) may grow, in nats "
-        "per token. Measured on the embedded model: 0.0003 (trained -> merged into the NF4 base), under 0.00001 "
-        "(merged -> F16); merging a QLoRA adapter into the original base instead costs 0.30 and one dropped "
-        "module's delta 0.2 on the test model, both of which 0.02 fails.",
+        description="Full-precision hand-offs onto training's own base: most the KL from the model as trained may "
+        "grow, in nats/token. Catches broken arithmetic; the original-base merge of a 4-bit adapter is held to "
+        "the NLL only.",
     )
     ladder_max_quant_nll_rise: float = Field(
         1.0, ge=0.0, le=100.0,
-        description="Quantized GGUFs against the F16 one: most the mean token NLL may rise, in nats. Measured on "
-        "the embedded 135M model (small models suffer most): Q8_0 +0.012, Q4_K_M +0.076, Q4_0 +0.53, Q2_K +0.70. "
-        "1.0 fails a broken file (perplexity up 2.7x), not a small model's low-bit cost; set it lower to hold "
-        "quantization to a stricter bar.",
+        description="Quantized GGUFs against the F16 one: most the mean NLL may rise on either text, in nats. "
+        "Catches a broken file, not a small model's low-bit cost (the stop check and MERGE_BASE judge that).",
     )
     ladder_max_quant_kl_rise: float = Field(
         1.0, ge=0.0, le=100.0,
-        description="Quantized GGUFs against the F16 one: most the KL from the model as trained may grow, in nats "
-        "per token. Measured on the embedded model: Q8_0 +0.005, Q4_K_M +0.062, Q4_0 +0.40, Q2_K +0.60; 1.0 "
-        "fails a broken file, not a low-bit one.",
+        description="Quantized GGUFs against the F16 one: most the KL from the model as trained may grow on either "
+        "text, in nats per token. Catches a broken file, not a low-bit one.",
     )
     threads: int = Field(0, ge=0, le=512, description="CPU threads for llama.cpp (0: all cores).")
     model_name: Annotated[str | None, EmptyIsNone] = Field(

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures.adapters import make_adapter
 
-from export.ladder import FULL_PRECISION, LadderError, Limits, RungScore, check_rung
+from export.ladder import FULL_PRECISION, LadderError, Limits, RungScore, TextScore, build_heldout_eval_set, check_rung
 from export.metrics import kl_divergence, log_softmax, score_windows, top1_matches
 
 
@@ -50,9 +50,30 @@ def test_score_windows_gives_nll_kl_and_agreement_over_the_tokenizer_vocab():
     assert top1 == 0.5  # a uniform row's argmax is token 0; rung 1's were token 1, then token 0
 
 
-def _score(rung, nll, kl):
-    return RungScore(rung=rung, what=f"{rung} model", parent=None, kind=FULL_PRECISION, tokens=10, nll=nll,
-                     perplexity=math.exp(nll), kl=kl, top1=1.0, seconds=0.0)
+def test_score_windows_scores_only_the_rows_it_is_given():
+    # Rows 0 and 2 count (they predict tokens 1 and 1); row 1, whose logits would cost log(2), does not.
+    windows, vocab = [[0, 1, 0, 1]], 2
+    sure = [0.0, 50.0]
+    logits = np.array([sure, [0.0, 0.0], sure, [9.0, 9.0]])
+    nll, _, _, reference = score_windows([logits], windows, vocab, None, scored=[[0, 2]])
+    assert nll == pytest.approx(0.0, abs=1e-12) and reference.logp[0].shape == (2, 2)
+    nll, kl, top1, _ = score_windows([np.zeros((4, 2))], windows, vocab, reference, scored=[[0, 2]])
+    assert (nll, top1) == (pytest.approx(math.log(2.0)), 0.0) and kl == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_heldout_rows_are_scored_where_training_put_the_loss():
+    rows = [([5, 6, 7, 8, 9], [-100, -100, 7, 8, -100]),  # predictions of tokens 7 and 8: rows 1 and 2
+            ([1, 2, 3], [-100, -100, -100]),  # nothing in the loss: left out
+            ([4, 3, 2, 1], [-100, 3, 2, 1])]
+    held = build_heldout_eval_set(rows, vocab=10, max_positions=4)
+    assert held.windows == [[5, 6, 7, 8], [4, 3, 2]] and held.scored == [[1, 2], [0, 1]]
+    assert held.positions == 4 and held.longest == 4
+    assert build_heldout_eval_set(rows[1:2], vocab=10, max_positions=4) is None
+
+
+def _score(rung, nll, kl, text="general"):
+    return RungScore(rung=rung, what=f"{rung} model", parent=None, kind=FULL_PRECISION, seconds=0.0,
+                     texts={text: TextScore(tokens=10, nll=nll, perplexity=math.exp(nll), kl=kl, top1=1.0)})
 
 
 def test_a_rung_that_loses_more_than_allowed_is_named_with_its_numbers():
@@ -62,11 +83,14 @@ def test_a_rung_that_loses_more_than_allowed_is_named_with_its_numbers():
     with pytest.raises(LadderError) as err:
         check_rung(_score("F16", 2.0, 0.05), _score("merged", 2.0, 0.01), limits)
     assert str(err.value).startswith(
-        "quality ladder: rung 'F16' (F16 model) lost too much against 'merged': KL from the trained model grew by "
-        "0.0400 nats/token (0.0100 -> 0.0500; allowed 0.02, LADDER_MAX_KL_RISE)."
+        "quality ladder: rung 'F16' (F16 model) lost too much against 'merged': on the general text the KL from the "
+        "trained model grew by 0.0400 nats/token (0.0100 -> 0.0500; allowed 0.02, LADDER_MAX_KL_RISE)."
     )
-    with pytest.raises(LadderError, match=r"mean NLL rose by 0\.5000 nats/token \(2\.0000 -> 2\.5000; allowed 0\.02"):
-        check_rung(_score("merged", 2.5, 0.0), _score("adapter", 2.0, 0.0), limits)
+    with pytest.raises(LadderError, match=r"on the fine-tune's held-out rows the mean NLL rose by 0\.5000 nats/token "
+                                          r"\(2\.0000 -> 2\.5000; allowed 0\.02"):
+        check_rung(_score("merged", 2.5, 0.0, "heldout"), _score("adapter", 2.0, 0.0, "heldout"), limits)
+    # Merged into another base than training's, the KL is the rounding the merge removes: only the NLL counts.
+    check_rung(_score("merged", 1.9, 0.3), _score("adapter", 2.0, 0.0), limits, kl_limited=False)
 
 
 def test_nf4_round_trip_equals_the_weights_bitsandbytes_loads(tiny_llama_dir, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from export.merge_base import unmeasured_merge_base
+from export.merge_base import unmeasured_order
 from loraship.manifest import read_manifest, verify_files
 from tests.fixtures.export_runs import final_files, run_export_cli
 from tests.fixtures.adapters import make_adapter, make_train_output, mark_trained_in_4bit
@@ -61,8 +61,11 @@ def test_ladder_false_writes_verified_files_without_scoring(unladdered_export):
 def test_ladder_false_merges_a_4bit_adapter_into_the_nf4_base_unmeasured(unladdered_export):
     record = read_manifest(unladdered_export)["extra"]["merge_base"]
     assert record == {
-        "setting": "auto", "trained_in_4bit": True, "chosen": "nf4", "candidates": {},
-        "reason": "nf4 (MERGE_BASE=auto, and the adapter was trained in 4-bit; not measured (LADDER=false))",
+        "setting": "auto", "trained_in_4bit": True, "shipped_type": "Q8_0", "chosen": "nf4",
+        "rule": "not measured (LADDER=false): nf4 then original, the first whose files pass every check",
+        "reason": "nf4 (MERGE_BASE=auto, not measured (LADDER=false))",
+        "candidates": {"nf4": {"passed": True, "failure": None, "failed_at": None, "rungs": {},
+                               "files": [f"{NAME}-F16.gguf", f"{NAME}-Q8_0.gguf"]}},
     }
     card = (unladdered_export / "README.md").read_text()
     assert "Quality ladder: not measured (LADDER=false). Merge base: nf4 (" in card
@@ -70,10 +73,8 @@ def test_ladder_false_merges_a_4bit_adapter_into_the_nf4_base_unmeasured(unladde
 
 
 def test_ladder_false_merges_other_adapters_into_the_original_base():
-    assert unmeasured_merge_base("auto", None)["chosen"] == "original"
-    assert unmeasured_merge_base("auto", False)["reason"] == (
-        "original (MERGE_BASE=auto, and the adapter was trained on a full-precision base; not measured (LADDER=false))")
-    assert unmeasured_merge_base("original", True)["chosen"] == "original"
+    assert unmeasured_order("auto", None) == unmeasured_order("auto", False) == ["original"]
+    assert unmeasured_order("original", True) == ["original"]
 
 
 def test_nf4_specs_derived_without_loading_merge_like_those_of_the_loaded_4bit_model(tiny_llama_dir, tmp_path):
@@ -113,7 +114,7 @@ def test_memory_need_counts_every_parameter_in_float32(tiny_llama_dir):
     need = ladder_memory_need(tiny_llama_dir, 1024)
     assert need.parameters == sum(p.numel() for p in model.parameters())
     assert need.model_bytes == 4 * need.parameters
-    assert need.logp_bytes == 1024 * model.config.vocab_size * 4
+    assert need.logp_bytes == 2 * 1024 * model.config.vocab_size * 4  # rung 1 on both texts
     assert need.total == need.model_bytes + need.logp_bytes + GIB + int(0.1 * need.model_bytes)
 
 
