@@ -8,6 +8,7 @@ do run. The whole pipeline per family is tests/families/test_pipeline.py.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,8 @@ from train.settings import TrainSettings
 from train.speed import compiled
 
 pytestmark = pytest.mark.slow
+
+QUOKKA = Path(__file__).resolve().parents[2] / "data" / "quokka" / "train.jsonl"
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -188,3 +191,35 @@ def test_make_fast_runs_the_cuda_levers_a_cpu_can_run_on_each_family(name, famil
     assert all(line.startswith("note: speed: ") for line in lines)
     if name == "mistral":  # untied: the host-memory embedding is planned, and needs Triton on a GPU
         assert any("stays in GPU memory: it needs Triton and a CUDA GPU" in line for line in lines)
+
+
+def test_a_family_template_without_an_end_of_turn_token_is_refused_in_one_line_before_the_model_loads(
+        family_models, tmp_path, monkeypatch):
+    """Qwen2.5's template with its <|im_end|> taken out, in a folder with no weights at all: exit 2, one line."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from loraship.envsettings import settings_rows
+    from train.__main__ import main
+
+    folder = tmp_path / "no-end-of-turn"
+    folder.mkdir()
+    source = family_models("qwen2.5")
+    for path in source.iterdir():
+        if path.name.startswith(("tokenizer", "config")):
+            shutil.copy2(path, folder / path.name)
+    template = (source / "chat_template.jinja").read_text()
+    assert "'<|im_end|>' + '\\n'" in template
+    (folder / "chat_template.jinja").write_text(template.replace("'<|im_end|>' + '\\n'", "'\\n'"))
+    for var, *_ in settings_rows(TrainSettings):
+        monkeypatch.delenv(var, raising=False)
+    result = CliRunner().invoke(main, ["--env-file", str(tmp_path / "no.env")], catch_exceptions=False, env={
+        "BASE_MODEL": str(folder), "DATASET": str(QUOKKA), "OUTPUT_DIR": str(tmp_path / "out"), "REPORT_TO": "none"})
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: BASE_MODEL={str(folder)!r}: its chat template ends an assistant answer without a special token "
+        "(after it: '\\n'; EOS is '<|endoftext|>'), so a model trained on it never learns to stop; give the template "
+        "an end-of-turn token (chat_template in tokenizer_config.json), or CHAT_TEMPLATE for a base without one"]
+    assert "model: loading" not in result.output and "data:" not in result.output
