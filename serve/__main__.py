@@ -49,13 +49,14 @@ def main(ctx: click.Context) -> None:
 def chat(prompt: str | None) -> None:
     """Chat in the terminal; with PROMPT, print one answer on stdout and exit."""
     from serve.chat import ContextOverflow, build_messages, trim_to_context
-    from serve.model import ServeError, load_llama, stream_chat, token_counter
+    from serve.model import ServeError, check_system_prompt, load_llama, stream_chat, token_counter
 
     if prompt is not None and not prompt.strip():
         raise ServeError("PROMPT is empty: give a question, or no argument for an interactive chat")
     settings = load_serve_settings()
     path = _resolve(settings)
     llama = load_llama(path, settings.n_ctx, settings.threads())
+    check_system_prompt(llama, settings.system_prompt)
     count = token_counter(llama)
     history: list[dict] = []
 

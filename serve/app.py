@@ -20,7 +20,7 @@ from typing import Any, Callable
 from pydantic import SecretStr
 
 from serve.chat import ContextOverflow, build_messages, content_text, history_to_messages, trim_to_context
-from serve.model import ServeError, api_sampling_defaults, model_settings, token_counter
+from serve.model import ServeError, api_sampling_defaults, check_system_prompt, model_settings, token_counter
 from serve.settings import ServeSettings
 
 CHAT_PATH = "/v1/chat/completions"
@@ -319,6 +319,7 @@ def build_app(settings: ServeSettings, path: Path):
     # Our own handle on the model the API loaded (its getter is an async
     # generator holding the lock, not something a UI callback can call).
     llama = server._llama_proxy()
+    check_system_prompt(llama, settings.system_prompt)
     count_tokens = token_counter(llama)
     model_name = str(llama.metadata.get("general.name") or path.stem)
 

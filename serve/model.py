@@ -301,6 +301,20 @@ def check_chat_template(llama, path: Path) -> None:
         raise ServeError(f"MODEL={str(path)!r}: the GGUF's chat template cannot be rendered ({err})") from None
 
 
+def check_system_prompt(llama, system_prompt: str | None) -> None:
+    """SYSTEM_PROMPT must be a turn the GGUF's chat template takes (Gemma-2's refuses any system turn), or the
+    first chat would fail instead of the start."""
+    import jinja2
+
+    if not (system_prompt and system_prompt.strip()):
+        return
+    try:
+        token_counter(llama)([{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello"}])
+    except (jinja2.exceptions.TemplateError, ValueError) as err:  # llama-cpp-python's raise_exception: ValueError
+        raise ServeError(f"SYSTEM_PROMPT is set, but the GGUF's chat template refuses a system turn ({err}); "
+                         "unset SYSTEM_PROMPT") from None
+
+
 def token_counter(llama):
     """``count(messages) -> prompt tokens`` exactly as llama-cpp-python's chat handler will build them
     (``count(text)`` for a plain completion prompt).

@@ -106,4 +106,11 @@ def test_serves(run):
     run["seconds"]["serve"] = time.perf_counter() - started
     assert result.exit_code == 0, result.stderr
     assert result.stdout.endswith("\n") and len(result.stdout) > 1  # random weights: an answer (maybe blank lines)
+    if run["name"] == "gemma2":  # its template refuses a system turn: said at the start, in one line
+        refused = CliRunner().invoke(main, ["chat", "Hello!"], catch_exceptions=False, env={
+            "MODEL": str(run["export_dir"]), "N_CTX": "256", "N_THREADS": threads(), "SYSTEM_PROMPT": "Be brief."})
+        assert refused.exit_code == 2 and refused.stdout == ""
+        assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
+            "error: SYSTEM_PROMPT is set, but the GGUF's chat template refuses a system turn (System role not "
+            "supported); unset SYSTEM_PROMPT"]
     print(f"\n{run['name']}: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in run["seconds"].items()))
