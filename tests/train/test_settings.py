@@ -73,6 +73,17 @@ def test_cuda_only_optimizers_are_refused_on_cpu(clean_env):
     assert load_train_settings(NO_DOTENV, cuda=True).optimizer == "paged_adamw_32bit"
 
 
+def test_lora_target_modules_default_to_the_familys_attention_and_a_choice_stands_alone(clean_env):
+    assert load_train_settings(NO_DOTENV, cuda=False).lora_target_modules == ["attention"]
+    clean_env.setenv("LORA_TARGET_MODULES", "q_proj, v_proj")
+    assert load_train_settings(NO_DOTENV, cuda=False).lora_target_modules == ["q_proj", "v_proj"]
+    clean_env.setenv("LORA_TARGET_MODULES", "attention,q_proj")
+    with pytest.raises(SettingsError) as err:
+        load_train_settings(NO_DOTENV, cuda=False)
+    assert err.value.problems == [
+        "LORA_TARGET_MODULES='attention,q_proj': attention stands alone; give it alone, or list module names only"]
+
+
 def test_best_checkpoint_selection_needs_an_eval_split(clean_env):
     clean_env.setenv("EVAL_FRACTION", "0")
     with pytest.raises(SettingsError, match="BEST_BY_EVAL=true: needs an eval split"):
