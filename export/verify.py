@@ -212,7 +212,7 @@ def check_end_of_turn(llm, tokenizer, name: str) -> int:
             f"{name}: the GGUF's chat template ends an assistant turn with {describe(tokenizer, gguf_eot)} "
             f"(renders {gguf_after!r}), training's with {describe(tokenizer, eot)}: the GGUF lost the end-of-turn token"
         )
-    eog = end_of_generation_ids(llm)
+    eog = end_of_generation_ids(llm, eot)
     if eot not in eog:
         raise VerifyError(
             f"{name}: the template's end-of-turn token {describe(tokenizer, eot)} is not one of the GGUF's "
@@ -222,20 +222,21 @@ def check_end_of_turn(llm, tokenizer, name: str) -> int:
     return eot
 
 
-def end_of_generation_ids(llm) -> list[int]:
-    """Every token llama.cpp ends a generation on: EOS and the end-of-turn tokens it knows by their text
-    (Llama-3's ``<|eot_id|>`` and Phi-3's ``<|end|>`` beside an ``<|end_of_text|>`` EOS)."""
+def end_of_generation_ids(llm, *candidates: int | None) -> list[int]:
+    """Which of EOS, the GGUF's end-of-turn id and ``candidates`` llama.cpp ends a generation on. It also knows
+    end-of-turn tokens by their text (Llama-3's ``<|eot_id|>``, Phi-3's ``<|end|>`` beside their EOS)."""
     import llama_cpp
 
-    vocab = llm._model.vocab
-    return [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+    ids = {llm.token_eos(), llm.metadata.get("tokenizer.ggml.eot_token_id"), *candidates}
+    return sorted(int(i) for i in ids if i is not None and 0 <= int(i) < llm.n_vocab()
+                  and llama_cpp.llama_vocab_is_eog(llm._model.vocab, int(i)))
 
 
 def check_stop(llm, tokenizer, name: str, mode: str, *, prompts: int = 1, budget: int = STOP_BUDGET,
                end_of_turn: int | None = None) -> tuple[list[int], str, str, int]:
     """The end-of-generation checks; returns (eos ids, first reply, finish_reason, longest reply in tokens)."""
-    eog = end_of_generation_ids(llm)
     expected = tokenizer.eos_token_id
+    eog = end_of_generation_ids(llm, expected, end_of_turn)
     if expected is None or expected not in eog:
         raise VerifyError(
             f"{name}: the GGUF ends generation on token ids {eog}, the tokenizer's EOS is "
