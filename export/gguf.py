@@ -60,11 +60,21 @@ def convert_to_gguf(model_dir: Path, out_path: Path, outtype: str, converter_dir
     result = subprocess.run(cmd, capture_output=True, text=True, env=converter_env())
     if result.returncode != 0 or not out_path.is_file():
         _raise_if_disk_full(result.stderr + result.stdout, out_path)
-        raise GGUFError(
-            f"llama.cpp's converter failed on {model_dir} (is the architecture supported by llama.cpp?):\n"
-            + _tail(result.stderr or result.stdout)
-        )
+        raise GGUFError(converter_failure(result.stderr + result.stdout, model_dir))
     return out_path
+
+
+def converter_failure(output: str, model_dir: Path) -> str:
+    """What the converter's failure means: one line for a model llama.cpp cannot take, else its last lines."""
+    unsupported = re.search(r"Model (\S+) is not supported", output)
+    if unsupported:
+        return (f"llama.cpp's converter has no {unsupported.group(1)} architecture: {model_dir.name} cannot become a "
+                "GGUF with this llama-cpp-python; export another family's model")
+    if "BPE pre-tokenizer was not recognized" in output:
+        return (f"llama.cpp's converter does not recognize the tokenizer of {model_dir.name} (BPE pre-tokenizer not "
+                "recognized): it converts the tokenizers of the model families it knows, and this one is not among "
+                "them (a tokenizer borrowed from another model?)")
+    return f"llama.cpp's converter failed on {model_dir} (is the architecture supported by llama.cpp?):\n" + _tail(output)
 
 
 def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out_path: Path, converter_dir: Path) -> Path:

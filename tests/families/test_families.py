@@ -223,3 +223,30 @@ def test_a_family_template_without_an_end_of_turn_token_is_refused_in_one_line_b
         "(after it: '\\n'; EOS is '<|endoftext|>'), so a model trained on it never learns to stop; give the template "
         "an end-of-turn token (chat_template in tokenizer_config.json), or CHAT_TEMPLATE for a base without one"]
     assert "model: loading" not in result.output and "data:" not in result.output
+
+
+def test_a_model_llama_cpp_cannot_convert_is_named_in_one_line(embedded_tokenizer, family_converter, tmp_path):
+    """A Qwen2 model with SmolLM2's tokenizer (the issue's case), then an architecture llama.cpp has no converter
+    for: each failure of llama.cpp's converter is one line saying which, not its traceback."""
+    import json
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from export.gguf import GGUFError, convert_to_gguf
+
+    folder = tmp_path / "qwen2-borrowed"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(embedded_tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).save_pretrained(folder)
+    embedded_tokenizer.save_pretrained(folder)
+    with pytest.raises(GGUFError) as err:
+        convert_to_gguf(folder, tmp_path / "x-F16.gguf", "f16", family_converter)
+    assert str(err.value) == (
+        "llama.cpp's converter does not recognize the tokenizer of qwen2-borrowed (BPE pre-tokenizer not "
+        "recognized): it converts the tokenizers of the model families it knows, and this one is not among them "
+        "(a tokenizer borrowed from another model?)")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, architectures=["Qwen9ForCausalLM"])))
+    with pytest.raises(GGUFError) as err:
+        convert_to_gguf(folder, tmp_path / "x-F16.gguf", "f16", family_converter)
+    assert str(err.value) == ("llama.cpp's converter has no Qwen9ForCausalLM architecture: qwen2-borrowed cannot "
+                              "become a GGUF with this llama-cpp-python; export another family's model")
