@@ -1,5 +1,7 @@
 """Training speed on one GPU: ``python -m train``'s path against the plain transformers + peft + bitsandbytes stack.
 
+Long because it holds both stacks, both timing methods and the child-process mode that keeps each run apart.
+
 Every configuration loads the same random-init base 4-bit (NF4, double quant, bf16 compute) and trains a LoRA of
 r8 on q,k,v,o (dropout 0.05, LR 2e-3 constant) over the same rows:
 

@@ -1,5 +1,8 @@
 """Training rows: turn every format into one conversation form, render, mask, filter, split.
 
+Longer than most modules because one place decides what trains: every row format, the masking and the
+end-of-turn checks live together.
+
 The pipeline per row is::
 
     raw row --to_conversation--> [{"role", "content"}, ...]

@@ -1,5 +1,7 @@
 """The training story, top to bottom: settings -> data -> model -> SFT -> adapter folder.
 
+Longer than most modules on purpose: the whole story reads here in order, its helpers below it.
+
 1. decide what 'auto' means on this machine (GPU or not) and say so;
 2. tokenizer + data: every row rendered with the chat template, masked, filtered, split, each answer's
    end-of-turn token checked; the dataset report printed and written (``--dry-run`` stops here);
