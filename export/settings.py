@@ -66,8 +66,8 @@ class ExportSettings(BaseSettings):
     stop_check: Literal["natural", "eos_token"] = Field(
         "natural",
         description="`natural`: a short greedy chat must end by itself (the fine-tune still emits EOS). "
-        "`eos_token`: only check that the GGUF's end-of-generation ids match the tokenizer and that llama.cpp "
-        "stops on them (for random-init test models, which never stop by themselves).",
+        "`eos_token`: only check that llama.cpp stops on the tokenizer's end-of-generation ids (for random-init "
+        "test models).",
     )
     stop_prompts: int = Field(
         3, ge=1, le=5,
@@ -80,9 +80,8 @@ class ExportSettings(BaseSettings):
     eval_ctx: int = Field(256, ge=16, le=8192, description="Context window (tokens) for the perplexity check and the quality ladder.")
     eval_tokens: int = Field(
         256, ge=16, le=65536,
-        description="Most predicted tokens the perplexity check scores per file (the start of EVAL_TEXT, in EVAL_CTX "
-        "windows). Quantized files are compared with F16 on the same tokens; the manifest and card give the count "
-        "and a 95% interval for each ratio. Costs about 15 ms per token for an F16 1B model on 2 cores.",
+        description="Most predicted tokens the perplexity check scores per file (the start of EVAL_TEXT, in "
+        "EVAL_CTX windows). Quantized files are compared with F16 on the same tokens, with a 95% interval.",
     )
     ladder: bool = Field(
         True,
