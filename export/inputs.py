@@ -51,8 +51,10 @@ def resolve_inputs(settings: ExportSettings, token: str | None) -> ExportInputs:
 
     converter_dir, source, adapter, base_name, base_dir = check_inputs(settings, token)
     eval_path = settings.eval_text or DEFAULT_EVAL_TEXT
+    name = settings.model_name or default_name(base_name)
+    check_hub_names(settings, name)
     return ExportInputs(converter_dir=converter_dir, source=source, adapter=adapter, base_name=base_name,
-                        base_dir=base_dir, name=settings.model_name or default_name(base_name),
+                        base_dir=base_dir, name=name,
                         eval_path=eval_path, texts=read_eval_texts(eval_path),
                         heldout_rows=read_adapter_heldout_rows(source.folder))
 
@@ -181,6 +183,11 @@ def check_inputs(settings: ExportSettings, token: str | None):
                    else "was trained on a full-precision base (load_in_4bit=false)")
         problems.append(f"MERGE_BASE=nf4: ADAPTER={settings.adapter!r} {trained}, so there is no NF4 "
                         "base to merge into; use MERGE_BASE=auto or original")
+    if base_dir is not None:
+        try:
+            problems += check_disk_room(settings, base_dir, source)
+        except UserError as err:
+            problems.append(str(err))
     if settings.ladder and base_dir is not None:
         try:
             problems += check_ladder_memory(base_dir, settings.ladder_tokens)
@@ -189,6 +196,51 @@ def check_inputs(settings: ExportSettings, token: str | None):
     if problems:
         raise ExportError("\n".join(problems))
     return converter_dir, source, adapter, base_name, base_dir
+
+
+def check_hub_names(settings: ExportSettings, name: str) -> None:
+    """With HUB_REPO, every uploaded type's ``:TYPE`` selector (llama.cpp, Ollama) must find its own file."""
+    from export.publish import gguf_file_name, lora_file_name, pushed_types, selector_problems
+
+    if not settings.hub_repo:
+        return
+    tags = {t: gguf_file_name(name, t) for t in pushed_types(settings.quant_types, settings.push_f16)}
+    if {"F16", "BF16"} <= set(tags):
+        raise ExportError("PUSH_F16=true with BF16 in QUANT_TYPES: llama.cpp's `-hf REPO:F16` would fetch the BF16 "
+                          "file (it looks for 'F16.' anywhere in a name); upload one of the two")
+    ggufs = list(tags.values()) + ([lora_file_name(name)] if settings.export_lora_gguf else [])
+    problems = selector_problems(ggufs, tags)
+    if problems:
+        raise ExportError(f"MODEL_NAME={name!r}: holds a quant type name, so {problems[0]}; set MODEL_NAME to a name "
+                          "without one")
+
+
+def check_disk_room(settings: ExportSettings, base_dir: Path, source: AdapterSource | None) -> list[str]:
+    """MERGED=true writes a second 16-bit copy of the model: refuse up front when OUTPUT_DIR's disk cannot hold
+    the export's peak (empty when it fits)."""
+    from export.merge_base import merge_candidates
+    from export.merged_folder import amount, export_disk_need
+
+    if not settings.merged:
+        return []
+    candidates = len(merge_candidates(settings.merge_base, bool(source and source.load_in_4bit)))
+    need, explained = export_disk_need(base_dir, settings.quant_types, candidates, settings.merged_dtype)
+    free = free_disk_bytes(settings.output_dir)
+    if need <= free:
+        return []
+    return [f"MERGED=true: OUTPUT_DIR={str(settings.output_dir)!r} has {amount(free)} free and the export with the "
+            f"merged model needs about {amount(need)} ({explained}); free some space, point OUTPUT_DIR elsewhere or "
+            "set MERGED=false"]
+
+
+def free_disk_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds ``folder`` (or would: its nearest existing parent)."""
+    import shutil
+
+    folder = folder.expanduser().absolute()
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def check_ladder_memory(base_dir: Path, ladder_tokens: int) -> list[str]:

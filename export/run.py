@@ -28,7 +28,7 @@ from export.settings import CONVERTER_TYPES, ExportSettings
 if TYPE_CHECKING:
     from export.ladder import EvalSet, RungScore
     from export.metrics import Reference
-    from export.publish import GGUFFile
+    from export.publish import GGUFFile, HubPush
 
 
 def run_export(settings: ExportSettings) -> Path:
@@ -50,23 +50,25 @@ def run_export(settings: ExportSettings) -> Path:
         memory: dict = {}
         chosen, merge_record = build_and_choose(settings, inputs, tokenizer, ladder, work, timings, memory)
         merged, files = take_chosen_files(chosen, inputs.name, work)
+        merged_record = write_merged_model(settings, inputs, merged, ladder, chosen, merge_record, work, timings)
         lora_name = write_lora_gguf(settings, inputs, work)
         shutil.rmtree(merged)
         ladder_table = ladder_record(ladder, chosen, timings)
-        extra_files = write_card_and_modelfile(inputs, files, tokenizer, lora_name, ladder_table, merge_record, work)
+        extra_files, hub = write_card_and_modelfile(settings, inputs, files, tokenizer, lora_name, ladder_table,
+                                                    merge_record, work)
         timings["total_s"] = time.perf_counter() - started
         memory.update(export_process_peak_rss_mib=peak_rss_mib(), largest_child_peak_rss_mib=peak_rss_mib(children=True))
         write_export_manifest(settings, inputs, files, extra_files, work, timings=timings, memory=memory,
-                              ladder_table=ladder_table, merge_record=merge_record)
-        finals = [f.name for f in files] + extra_files
+                              ladder_table=ladder_table, merge_record=merge_record, merged_record=merged_record, hub=hub)
+        finals = [f.name for f in files] + extra_files + ([merged_record["folder"]] if merged_record else [])
         move_into_place(work, out, finals)
     log(f"wrote {', '.join(finals)} and {MANIFEST_NAME} to {out}")
     if (out / INCOMPLETE).is_dir():
         shutil.rmtree(out / INCOMPLETE)
         log(f"removed {out / INCOMPLETE}/ (an earlier failed export's files; this export supersedes them)")
 
-    if settings.hub_repo:
-        publish(out, finals, settings.hub_repo, token)
+    if hub is not None:
+        publish(out, hub, settings.hub_private, token)
     return out
 
 
@@ -371,8 +373,10 @@ def merge_into(settings: ExportSettings, inputs: ExportInputs, candidate: str, n
 
     from export.merge import count_tensors, merge_into_folder
 
-    # Matrices straight in the F16 GGUF's type, unless a BF16 GGUF is wanted too (rounded once, from float32).
-    matrices_as = None if "BF16" in settings.quant_types else "F16"
+    # Matrices straight in the F16 GGUF's type, unless a BF16 GGUF or merged model is wanted too (rounded once,
+    # from float32).
+    bf16 = "BF16" in settings.quant_types or (settings.merged and settings.merged_dtype == "bfloat16")
+    matrices_as = None if bf16 else "F16"
     log(f"merging into the {candidate} base")
     with tqdm(total=count_tensors(inputs.base_dir), desc=f"merge ({candidate})", unit="tensor", disable=None) as bar:
         return merge_into_folder(inputs.base_dir, inputs.adapter, work / f"merged-{candidate}",
@@ -421,15 +425,108 @@ def quantize_files(settings: ExportSettings, name: str, f16: GGUFFile, work: Pat
     return files
 
 
+def write_merged_model(settings: ExportSettings, inputs: ExportInputs, merged: Path, ladder: LadderRun | None,
+                       chosen: Candidate, merge_record: dict, work: Path, timings: dict[str, float]) -> dict | None:
+    """MERGED: the merged model as a Hugging Face folder (``work/merged``), checked like every other artifact;
+    the manifest's record of it, or None."""
+    from export.merged_folder import MERGED_DIR, merged_card, write_merged_folder
+    from export.publish import LIBRARIES, adapter_reference
+    from loraship.envsettings import public_settings
+    from loraship.manifest import build_manifest, write_manifest
+    from loraship.public import public_name, without_local_paths
+
+    if not settings.merged:
+        return None
+    t = time.perf_counter()
+    folder = work / MERGED_DIR
+    log(f"writing the merged model ({settings.merged_dtype} safetensors, files of at most "
+        f"{settings.merged_max_shard_mb} MB)")
+    weights = write_merged_folder(merged, folder, dtype=settings.merged_dtype,
+                                  max_shard_bytes=settings.merged_max_shard_mb * 10**6)
+    rung = check_merged_folder(settings, folder, ladder, chosen)
+    adapter = adapter_reference(inputs.source.given, inputs.source.folder)
+    (folder / "README.md").write_text(merged_card(
+        name=inputs.name, base_model=inputs.base_name, adapter=adapter, dtype=settings.merged_dtype,
+        repo=merged_repo(settings), gguf_repo=settings.hub_repo, merge_reason=merge_record["reason"],
+        scored=rung is not None, kl_limit=settings.ladder_max_kl_rise), encoding="utf-8")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    write_manifest(folder, build_manifest(
+        kind="merged", stage="export", folder=folder, files=files, libraries=LIBRARIES,
+        inputs={"adapter": adapter, "base_model": public_name(inputs.base_name)},
+        settings=without_local_paths(public_settings(settings)),
+        extra={"dtype": settings.merged_dtype, "weight_files": weights, "ladder_rung": rung,
+               "merge_base": merge_record}))
+    timings["merged_model_s"] = time.perf_counter() - t
+    return {"folder": MERGED_DIR, "repo": merged_repo(settings), "dtype": settings.merged_dtype,
+            "weight_files": weights, "ladder_rung": rung}
+
+
+def check_merged_folder(settings: ExportSettings, folder: Path, ladder: LadderRun | None,
+                        chosen: Candidate) -> dict | None:
+    """The merged folder as transformers loads it, scored on the ladder against the merged rung (its JSON);
+    with LADDER=false only loaded."""
+    from export import ladder as scoring
+    from export.ladder_report import log_line
+
+    if ladder is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype="auto")
+        del model
+        log(f"{folder.name}/: transformers loads it (LADDER=false: not scored)")
+        return None
+    model = scoring.merged_model(folder)
+    score, _ = scoring.score_hf(f"merged-{settings.merged_dtype}",
+                                f"the merged model as pushed ({settings.merged_dtype} safetensors; transformers, fp32)",
+                                "merged", model, ladder.eval_sets, ladder.references)
+    del model
+    gc.collect()
+    ladder.scoring_seconds += score.seconds
+    log(log_line(score))
+    scoring.check_rung(score, chosen.scores["merged"], ladder.limits[scoring.FULL_PRECISION])
+    chosen.scores[score.rung] = score
+    return score.to_json()
+
+
+def merged_repo(settings: ExportSettings) -> str | None:
+    """Where MERGED=true pushes the merged model: MERGED_REPO, else HUB_REPO + ``-merged``; None without HUB_REPO."""
+    if not (settings.merged and settings.hub_repo):
+        return None
+    return settings.merged_repo or f"{settings.hub_repo}-merged"
+
+
 def write_lora_gguf(settings: ExportSettings, inputs: ExportInputs, work: Path) -> str | None:
     """The adapter alone as a LoRA GGUF (EXPORT_LORA_GGUF); its file name, or None."""
     from export import gguf
 
     if not settings.export_lora_gguf:
         return None
-    lora_name = f"{inputs.name}-LoRA-F16.gguf"
-    gguf.convert_lora_to_gguf(inputs.source.folder, inputs.base_dir, work / lora_name, inputs.converter_dir)
+    from export.publish import lora_file_name
+
+    lora_name = lora_file_name(inputs.name)
+    gguf.convert_lora_to_gguf(public_adapter_copy(inputs, work / ".tmp-lora-source"), inputs.base_dir,
+                              work / lora_name, inputs.converter_dir)
     return lora_name
+
+
+def public_adapter_copy(inputs: ExportInputs, folder: Path) -> Path:
+    """The adapter's weights and config, its base named as a pushed file may name it, and no model card: llama.cpp's
+    LoRA converter writes the card's metadata and the config's base into the GGUF."""
+    import json
+    import os
+
+    from export.merge import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from loraship.public import public_name
+
+    folder.mkdir()
+    try:
+        os.link(inputs.source.folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
+    except OSError:  # another filesystem (a Hub download's cache)
+        shutil.copy2(inputs.source.folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS)
+    config = json.loads((inputs.source.folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = public_name(inputs.base_name)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return folder
 
 
 def check_file(settings: ExportSettings, inputs: ExportInputs, f: GGUFFile, tokenizer, ladder: LadderRun | None,
@@ -494,37 +591,65 @@ def ladder_record(ladder: LadderRun | None, chosen: Candidate, timings: dict[str
                        {k: vars(v) for k, v in ladder.limits.items()})
 
 
-def write_card_and_modelfile(inputs: ExportInputs, files: list[GGUFFile], tokenizer, lora_name: str | None,
-                             ladder_table: dict, merge_record: dict, work: Path) -> list[str]:
-    """README.md (the model card) and an Ollama Modelfile for the Q4_K_M file (else the last); their names."""
-    from export.publish import model_card, ollama_modelfile
+def write_card_and_modelfile(settings: ExportSettings, inputs: ExportInputs, files: list[GGUFFile], tokenizer,
+                             lora_name: str | None, ladder_table: dict, merge_record: dict,
+                             work: Path) -> tuple[list[str], HubPush | None]:
+    """README.md (the model card), an Ollama Modelfile for the default GGUF and, with HUB_REPO, the files the Hub's
+    Ollama integration reads; their names, and what goes to HUB_REPO (None without it)."""
+    from export.ollama import chat_format_of, hub_ollama_files, modelfile
+    from export.publish import HubPush, adapter_reference, default_file, files_to_push, model_card
 
-    default = next((f for f in files if f.quant_type == "Q4_K_M"), files[-1])
-    eos_texts = sorted({tokenizer.convert_ids_to_tokens(i) for i in default.verification["eos_token_ids"]
-                        if i < len(tokenizer)})
+    fmt = chat_format_of(tokenizer)
+    log(f"Ollama template: {fmt.family if fmt else 'none of the known formats, Ollama reads the GGUF template'}")
+    names = ["README.md", "Modelfile"] + ([lora_name] if lora_name else [])
+    ollama_files: dict[str, str] = {}
+    hub = None
+    if settings.hub_repo:
+        ollama_files = hub_ollama_files(fmt, eos_texts(tokenizer, files[0]))
+        names += list(ollama_files)
+        hub = HubPush(repo=settings.hub_repo, private=settings.hub_private,
+                      files=files_to_push(settings.quant_types, settings.push_f16, files, names),
+                      merged_repo=merged_repo(settings))
+    default = default_file(files, hub.files if hub else None)
     (work / "README.md").write_text(
-        model_card(inputs.name, inputs.base_name, inputs.source.given, files, eval_text=inputs.eval_path.name,
-                   lora_file=lora_name, ladder=ladder_table, merge_base=merge_record),
+        model_card(inputs.name, inputs.base_name, adapter_reference(inputs.source.given, inputs.source.folder), files,
+                   eval_text=inputs.eval_path.name, lora_file=lora_name, ladder=ladder_table,
+                   merge_base=merge_record, hub=hub, ollama_files=bool(ollama_files)),
         encoding="utf-8",
     )
-    (work / "Modelfile").write_text(ollama_modelfile(default.name, eos_texts), encoding="utf-8")
-    return ["README.md", "Modelfile"] + ([lora_name] if lora_name else [])
+    (work / "Modelfile").write_text(modelfile(default.name, inputs.name.lower(), fmt, eos_texts(tokenizer, default)),
+                                    encoding="utf-8")
+    for name, text in ollama_files.items():
+        (work / name).write_text(text, encoding="utf-8")
+    return names, hub
+
+
+def eos_texts(tokenizer, f: GGUFFile) -> list[str]:
+    """The GGUF's end-of-generation tokens as text."""
+    return sorted({tokenizer.convert_ids_to_tokens(i) for i in f.verification["eos_token_ids"] if i < len(tokenizer)})
 
 
 def write_export_manifest(settings: ExportSettings, inputs: ExportInputs, files: list[GGUFFile],
                           extra_files: list[str], work: Path, *, timings: dict[str, float], memory: dict,
-                          ladder_table: dict, merge_record: dict) -> None:
-    """manifest.json: every file with its sha256, the settings without secrets, timings, memory, the ladder."""
-    from export.publish import export_manifest
+                          ladder_table: dict, merge_record: dict, merged_record: dict | None = None,
+                          hub: HubPush | None = None) -> None:
+    """manifest.json: every file with its sha256 (and, with HUB_REPO, whether it is pushed), the settings without
+    secrets or local paths, timings, memory, the ladder, the merged model's record."""
+    from dataclasses import asdict
+
+    from export.publish import adapter_reference, export_manifest
     from loraship.envsettings import public_settings
     from loraship.manifest import write_manifest
+    from loraship.public import public_name, without_local_paths
 
     manifest = export_manifest(
         work, files, extra_files,
-        inputs={"adapter": inputs.source.given, "base_model": inputs.base_name},
-        settings=public_settings(settings),
-        extra={"eval_text": str(inputs.eval_path), "timings": {k: round(v, 2) for k, v in timings.items()},
-               "memory": memory, "ladder": ladder_table, "merge_base": merge_record},
+        inputs={"adapter": adapter_reference(inputs.source.given, inputs.source.folder),
+                "base_model": inputs.base_name if inputs.base_name == "embedded" else public_name(inputs.base_name)},
+        settings=without_local_paths(public_settings(settings)),
+        extra={"eval_text": inputs.eval_path.name, "timings": {k: round(v, 2) for k, v in timings.items()},
+               "memory": memory, "ladder": ladder_table, "merge_base": merge_record, "merged": merged_record,
+               "hub": asdict(hub) if hub else None},
     )
     write_manifest(work, manifest)
 
@@ -536,16 +661,26 @@ def move_into_place(work: Path, out: Path, names: list[str]) -> None:
     # A folder whose manifest is missing is unfinished to every reader: drop the old one first.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for file_name in names + [MANIFEST_NAME]:
+        if (out / file_name).is_dir():  # the merged model's folder: a rename cannot replace a full one
+            shutil.rmtree(out / file_name)
         (work / file_name).replace(out / file_name)
 
 
-def publish(out: Path, names: list[str], repo: str, token: str | None) -> None:
-    """Push exactly the export's files (and its manifest) to HUB_REPO."""
+def publish(out: Path, hub: HubPush, private: bool, token: str | None) -> None:
+    """One commit per repo: the merged model (MERGED=true) to its own repo first, so the GGUF card's link to it
+    resolves; then exactly the GGUF repo's files and the manifest."""
+    from export.merged_folder import MERGED_DIR
     from export.publish import push_export
+    from loraship.hub import push_folder
     from loraship.manifest import MANIFEST_NAME
 
-    url = push_export(out, names + [MANIFEST_NAME], repo, token)
-    log(f"pushed to {repo}: {url}")
+    visibility = "private" if private else "public"
+    if hub.merged_repo:
+        url = push_folder(out / MERGED_DIR, hub.merged_repo, token=token, private=private,
+                          commit_message="Upload merged model with loraship", setting="MERGED_REPO")
+        log(f"pushed {MERGED_DIR}/ to {hub.merged_repo} ({visibility}): {url}")
+    url = push_export(out, hub.files + [MANIFEST_NAME], hub.repo, token, private=private)
+    log(f"pushed {len(hub.files)} files and {MANIFEST_NAME} to {hub.repo} ({visibility}): {url}")
 
 
 # --- plumbing -------------------------------------------------------------------

@@ -127,6 +127,30 @@ class ExportSettings(BaseSettings):
         None,
         description="File name stem for the GGUF files and the Ollama model (default: from the adapter folder).",
     )
+    hub_private: bool = Field(
+        True, description="Create the Hub repos (GGUFs, merged model) as private; `false` makes them public. A repo "
+        "that exists keeps its visibility.",
+    )
+    push_f16: bool = Field(
+        False, description="Also upload the F16 GGUF (always written to OUTPUT_DIR: every quantization is made from "
+        "it). Each type in QUANT_TYPES is uploaded, F16 too when listed there.",
+    )
+    merged: bool = Field(
+        False, description="Also write the merged model as a Hugging Face folder (OUTPUT_DIR/merged: 16-bit "
+        "safetensors, config, tokenizer, card), checked on the quality ladder and pushed to MERGED_REPO.",
+    )
+    merged_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="Weight type of the merged model's safetensors (MERGED=true).",
+    )
+    merged_max_shard_mb: int = Field(
+        5000, ge=1, le=100000,
+        description="Largest safetensors file of the merged model, in MB (10^6 bytes); a tensor larger than this "
+        "gets a file of its own.",
+    )
+    merged_repo: Annotated[str | None, EmptyIsNone] = Field(
+        None, description="Hub repo for the merged model (default: HUB_REPO + `-merged`); MERGED=true pushes it "
+        "when HUB_REPO is set.",
+    )
 
     @field_validator("quant_types")
     @classmethod
@@ -164,6 +188,20 @@ class ExportSettings(BaseSettings):
         parts = value.split("/")
         if len(parts) != 2 or not all(parts):
             raise ValueError("not a Hub repo id; use owner/name")
+        return value
+
+    @field_validator("merged_repo")
+    @classmethod
+    def _merged_repo_id(cls, value: str | None, info) -> str | None:
+        if value is None:
+            return value
+        parts = value.split("/")
+        if len(parts) != 2 or not all(parts):
+            raise ValueError("not a Hub repo id; use owner/name")
+        if not info.data.get("merged") or not info.data.get("hub_repo"):
+            raise ValueError("the merged model is pushed only with MERGED=true and HUB_REPO set")
+        if value == info.data.get("hub_repo"):
+            raise ValueError("the merged model needs its own repo, not HUB_REPO's")
         return value
 
     @field_validator("eval_text")

@@ -35,7 +35,7 @@ def tiny_export(tiny_train_output, converter_dir, tmp_path_factory):
 
 def test_adapter_becomes_f16_and_q4_k_m_gguf_with_card_modelfile_and_manifest(tiny_export):
     assert final_files(tiny_export) == sorted([
-        f"{NAME}-F16.gguf", f"{NAME}-Q4_K_M.gguf", f"{NAME}-LoRA-F16.gguf", "Modelfile", "README.md", "manifest.json",
+        f"{NAME}-F16.gguf", f"{NAME}-Q4_K_M.gguf", f"{NAME}-LoRA.gguf", "Modelfile", "README.md", "manifest.json",
     ])
     for gguf in tiny_export.glob("*.gguf"):
         assert gguf.read_bytes()[:4] == b"GGUF"
@@ -173,7 +173,7 @@ def test_lora_gguf_is_an_adapter_file(tiny_export, converter_dir):
     from export.converter import gguf_py_command
 
     code = "import sys; from gguf import GGUFReader; r = GGUFReader(sys.argv[1]); print(r.fields['general.type'].contents())"
-    result = subprocess.run(gguf_py_command(converter_dir, code, str(tiny_export / f"{NAME}-LoRA-F16.gguf")),
+    result = subprocess.run(gguf_py_command(converter_dir, code, str(tiny_export / f"{NAME}-LoRA.gguf")),
                             capture_output=True, text=True)
     assert result.stdout.strip() == "adapter", result.stderr
 

@@ -110,9 +110,27 @@ def test_hf_token_is_sent_to_the_hub_and_no_key_is_written_anywhere(hub_server, 
     leaks += leaks_in_files(tmp_path)
     leaks += [f"hub: {name}" for name, blob in pushed.items() if any(needle in blob for needle in NEEDLES)]
     assert not leaks, "HF_TOKEN or a tracker key found in:\n" + "\n".join(leaks)
+    # Nor a local path: a pushed file names the base and the data by Hub id or name. checkpoints/ is the trainer's
+    # resume state as it wrote it (trainer_state.json and training_args.bin hold OUTPUT_DIR), for a resumed run only.
+    places = local_places(tmp_path)
+    paths = [f"hub: {name}" for name, blob in pushed.items()
+             if not name.startswith("checkpoints/") and any(place in blob for place in places)]
+    assert not paths, "a local absolute path was pushed in:\n" + "\n".join(paths)
     # The settings were saved, just without the secret.
     saved = json.loads((train_out / "adapter" / "manifest.json").read_text())
     assert "HF_TOKEN" not in json.dumps(saved.get("settings", {}))
+
+
+def local_places(tmp_path: Path) -> list[bytes]:
+    """This machine's absolute paths a pushed file could give away: the tests' temporary root (models, data and
+    outputs all live there), the home folder (caches) and the checkout."""
+    return [str(place).encode() for place in (tmp_path.parent, Path.home(), Path(__file__).resolve().parents[2])]
+
+
+def test_the_path_scan_finds_a_planted_local_path(tmp_path):
+    places = local_places(tmp_path)
+    assert any(place in json.dumps({"base_model": str(tmp_path.parent / "tiny-llama0")}).encode() for place in places)
+    assert not any(place in b'{"base_model": "tiny-llama0", "dataset": "rows.jsonl"}' for place in places)
 
 
 def _glob_match(name: str, pattern: str) -> bool:
