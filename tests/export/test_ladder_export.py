@@ -178,12 +178,18 @@ def test_the_rule_takes_the_lower_heldout_nll_and_breaks_near_ties_by_kl(tmp_pat
 
 
 def test_a_gguf_whose_stop_ids_lost_the_end_of_turn_token_is_named(ladder_export, qlora_train_output, converter_dir,
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch):
     import shutil
     import subprocess
     import sys
 
+    import llama_cpp
+
     from export.verify import VerifyError, check_end_of_turn, load_tokenizer, open_gguf
+
+    # llama.cpp also ends on '<|im_end|>' by its text, whatever the metadata says; a build that did not would run on.
+    is_eog = llama_cpp.llama_vocab_is_eog
+    monkeypatch.setattr(llama_cpp, "llama_vocab_is_eog", lambda vocab, token: token != 2 and is_eog(vocab, token))
 
     broken = tmp_path / "broken.gguf"
     shutil.copy(ladder_export / f"{NAME}-F16.gguf", broken)
