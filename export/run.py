@@ -1,5 +1,8 @@
 """The export, top to bottom: adapter -> merged HF folder -> GGUFs -> verified -> published.
 
+Longer than most modules because every step of the export is here in the order it runs, each a function
+named for what it does, so the stage reads top to bottom in one file.
+
 The quality ladder (export/ladder.py) scores the fine-tune's held-out rows and a general text at every
 hand-off. Each candidate merge base is taken to the shipped type and checked; MERGE_BASE=auto keeps the
 one the rule in export/merge_base.py picks, and tries the next when one fails. Everything is built in a
