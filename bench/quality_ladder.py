@@ -1,19 +1,23 @@
-"""The quality ladder of a real export: what each hand-off costs, and which merge base keeps the trained model.
+"""The quality ladder of real exports: each merge base at F16, Q8_0 and Q4_K_M, judged on the fine-tune's own
+held-out rows and on general text, and the base MERGE_BASE=auto keeps.
 
-Claim measured: merged, F16 and quantized files are scored against the model
-as trained (4-bit NF4 base + unmerged adapter) on the same tokens, and
-MERGE_BASE=auto picks the merge base by measurement.
+Claim measured: the rule in export/merge_base.py (the shipped file must pass every check; then the lower
+held-out NLL at the shipped type; near-ties by KL) picks the base a user would want, and each file's cost
+shows on the texts the user cares about.
 
-By default: trains the demo's Quokka adapter in 4-bit (``RECIPE=demo
-LOAD_IN_4BIT=true``) on the embedded SmolLM2-135M-Instruct, then runs
-``python -m export`` on it with MERGE_BASE=auto and QUANT_TYPES=Q8_0,Q5_K_M,Q4_K_M.
-``--adapter DIR`` (a train OUTPUT_DIR or adapter folder) skips training;
-``--base`` sets BASE_MODEL (default: what the adapter's manifest names).
+Per adapter (``--adapter DIR``, or trained here with ``--train KEY=VALUE ...``):
 
-Usage: ``python bench/quality_ladder.py [--adapter DIR] [--base MODEL] [--quant-types T,..]
-[--workdir DIR] [--max-steps N] [--tag NAME] [--identity]``; prints the ladder and the merge-base
-comparison and writes ``bench/results/quality_ladder-TAG.json`` (``--tag`` default: ``embedded``, the
-embedded SmolLM2's demo adapter).
+1. ``python -m export`` with every default (MERGE_BASE=auto, QUANT_TYPES=Q4_K_M): the rule's choice, or the
+   error and OUTPUT_DIR/incomplete/report.json when no base passes;
+2. per merge base, ``MERGE_BASE=<base> QUANT_TYPES=Q4_K_M,Q8_0 STOP_CHECK=eos_token`` with the ladder's
+   limits lifted, so every file is made and scored; then the export's own natural stop check
+   (export.verify.verify_gguf, STOP_PROMPTS=3) on each file;
+3. ``--identity``: the held-out Quokka identity questions on each base's Q4_K_M (the demo's goal).
+
+Usage: ``python bench/quality_ladder.py --tag NAME [--adapter DIR | --train KEY=VALUE ...] [--base MODEL]
+[--identity] [--workdir DIR] [--reuse]``; prints the table and writes ``bench/results/quality_ladder-NAME.json``.
+``--reuse`` keeps each export of WORKDIR/NAME that finished (its manifest.json is there), so a run cut off
+goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -31,110 +35,150 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+TYPES = ("F16", "Q8_0", "Q4_K_M")
+LIFTED = {"LADDER_MAX_NLL_RISE": "100", "LADDER_MAX_KL_RISE": "100", "LADDER_MAX_QUANT_NLL_RISE": "100",
+          "LADDER_MAX_QUANT_KL_RISE": "100"}
 
-def stage(args: list[str], env: dict[str, str]) -> float:
-    """Run ``python -m <args>`` from the repository; its output streams through. Returns seconds."""
+
+def stage(args: list[str], env: dict[str, str], check: bool = True) -> tuple[int, float]:
+    """Run ``python -m <args>`` from the repository (its output streams through): exit status and seconds."""
     full = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full, check=True)
-    return time.monotonic() - started
+    code = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=full, check=check).returncode
+    return code, time.monotonic() - started
 
 
-def identity_by_merge_base(adapter: Path, base: str | None, workdir: Path, heldout: Path, keyword: str) -> dict:
-    """Export into each merge base (Q8_0 only; the ladder's limits lifted so the forced one may finish) and
-    ask the held-out identity questions: the behaviour the KL stands for."""
-    from evals.generate import gguf_answers
-    from evals.identity import keyword_share, load_heldout, prompt_of
+def finished(out: Path) -> bool:
+    return (out / "manifest.json").is_file()
 
-    rows = [r for r in load_heldout(heldout) if r["kind"] == "identity"]
-    found = {}
-    for merge_base in ("original", "nf4"):
-        out = workdir / f"export-{merge_base}"
+
+def default_export(adapter: Path, out: Path, base: dict, reuse: bool) -> dict:
+    """The export as a user runs it: the manifest's merge-base record, or the failure's report."""
+    if reuse and finished(out):
+        code, seconds = 0, json.loads((out / "manifest.json").read_text(encoding="utf-8"))["extra"]["timings"]["total_s"]
+    else:
         shutil.rmtree(out, ignore_errors=True)
-        env = {"ADAPTER": str(adapter), "OUTPUT_DIR": str(out), "QUANT_TYPES": "Q8_0", "MERGE_BASE": merge_base,
-               "LADDER_MAX_NLL_RISE": "100", "LADDER_MAX_KL_RISE": "100"}
-        if base:
-            env["BASE_MODEL"] = base
-        stage(["export"], env)
-        gguf = next(out.glob("*-Q8_0.gguf"))
-        answers = gguf_answers(gguf, [prompt_of(r) for r in rows], max_new_tokens=48)
-        rung2 = json.loads((out / "manifest.json").read_text())["extra"]["ladder"]["rungs"][1]
-        found[merge_base] = {"identity_share": keyword_share(answers, keyword), "questions": len(rows),
-                             "first_answer": answers[0], "merged_kl": rung2["kl"], "merged_nll": rung2["nll"]}
+        code, seconds = stage(["export"], {"ADAPTER": str(adapter), "OUTPUT_DIR": str(out), **base}, check=False)
+    if code == 0:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        return {"exit": 0, "seconds": round(seconds, 1), "merge_base": manifest["extra"]["merge_base"],
+                "timings": manifest["extra"]["timings"]}
+    report = out / "incomplete" / "report.json"
+    return {"exit": code, "seconds": round(seconds, 1),
+            "report": json.loads(report.read_text(encoding="utf-8")) if report.is_file() else None}
+
+
+def base_rows(adapter: Path, base: str, out: Path, keyword_rows: list[dict] | None, keyword: str,
+              base_model: dict, reuse: bool) -> dict:
+    """One merge base at every type: its ladder rungs, each file's natural stop check, and its identity share."""
+    from export.verify import VerifyError, load_tokenizer, verify_gguf
+
+    if not (reuse and finished(out)):
+        shutil.rmtree(out, ignore_errors=True)
+        stage(["export"], {"ADAPTER": str(adapter), "OUTPUT_DIR": str(out), "MERGE_BASE": base,
+                           "QUANT_TYPES": "Q4_K_M,Q8_0", "STOP_CHECK": "eos_token", **LIFTED, **base_model})
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    rungs = {r["rung"]: r for r in manifest["extra"]["ladder"]["rungs"]}
+    tokenizer = load_tokenizer(adapter / "adapter" if (adapter / "adapter").is_dir() else adapter)
+    found = {"merged": rungs["merged"], "rungs": {}, "stop": {}}
+    for quant in TYPES:
+        gguf = next(out.glob(f"*-{quant}.gguf"))
+        found["rungs"][quant] = rungs[quant]
+        try:
+            checked = verify_gguf(gguf, tokenizer, stop_check="natural", stop_prompts=3)
+            found["stop"][quant] = {"passed": True, "longest_reply_tokens": checked.longest_reply_tokens}
+        except VerifyError as err:
+            found["stop"][quant] = {"passed": False, "error": str(err)}
+    if keyword_rows is not None:
+        from evals.generate import gguf_answers
+        from evals.identity import keyword_share, prompt_of
+
+        answers = gguf_answers(next(out.glob("*-Q4_K_M.gguf")), [prompt_of(r) for r in keyword_rows],
+                               max_new_tokens=48)
+        found["identity_q4_k_m"] = {"share": keyword_share(answers, keyword), "questions": len(keyword_rows)}
     return found
+
+
+def table_rows(name: str, by_base: dict, choice: str) -> list[list[str]]:
+    rows = []
+    for base, found in by_base.items():
+        for quant in TYPES:
+            r, stop = found["rungs"][quant], found["stop"][quant]
+            rows.append([name, base + (" (kept)" if base == choice else ""), quant, f"{r['heldout']['nll']:.4f}",
+                         f"{r['general']['nll']:.4f}", f"{r['heldout']['kl']:.5f}", f"{r['general']['kl']:.5f}",
+                         "stops" if stop["passed"] else "**loops**"])
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", type=Path, help="train OUTPUT_DIR or adapter folder (default: train the demo in 4-bit)")
-    parser.add_argument("--base", help="BASE_MODEL for the export (default: the adapter's manifest)")
-    parser.add_argument("--quant-types", default="Q8_0,Q5_K_M,Q4_K_M")
+    parser.add_argument("--tag", required=True, help="suffix of the result file, e.g. demo, short-run, long-run")
+    parser.add_argument("--adapter", type=Path, help="train OUTPUT_DIR (default: train one with --train)")
+    parser.add_argument("--train", nargs="*", default=[], metavar="KEY=VALUE", help="settings for python -m train")
+    parser.add_argument("--base", help="BASE_MODEL for the exports (default: what the adapter's manifest names)")
     parser.add_argument("--workdir", type=Path, default=ROOT / "outputs" / "bench-ladder")
-    parser.add_argument("--max-steps", type=int, help="MAX_STEPS for the demo training (default: the recipe's)")
-    parser.add_argument("--tag", default="embedded", help="suffix of the result file (e.g. llama-1b-shaped)")
-    parser.add_argument("--identity", action="store_true",
-                        help="also export into each merge base and ask the held-out Quokka identity questions (Q8_0)")
+    parser.add_argument("--identity", action="store_true", help="ask the held-out Quokka identity questions")
     parser.add_argument("--heldout", type=Path, default=ROOT / "data" / "quokka" / "heldout.jsonl")
     parser.add_argument("--keyword", default="Quokka")
+    parser.add_argument("--reuse", action="store_true", help="keep each export of WORKDIR/TAG that finished")
     args = parser.parse_args()
 
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    work = args.workdir / args.tag
+    work.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     adapter = args.adapter
     if adapter is None:
-        adapter = args.workdir / "train"
+        adapter = work / "train"
         shutil.rmtree(adapter, ignore_errors=True)
-        env = {"RECIPE": "demo", "LOAD_IN_4BIT": "true", "OUTPUT_DIR": str(adapter)}
-        if args.max_steps:
-            env["MAX_STEPS"] = str(args.max_steps)
-        seconds["train_s"] = stage(["train"], env)
-    out = args.workdir / "export"
-    shutil.rmtree(out, ignore_errors=True)
-    env = {"ADAPTER": str(adapter), "OUTPUT_DIR": str(out), "QUANT_TYPES": args.quant_types, "MERGE_BASE": "auto"}
-    if args.base:
-        env["BASE_MODEL"] = args.base
-    seconds["export_s"] = stage(["export"], env)
+        env = dict(item.split("=", 1) for item in args.train)
+        _, seconds["train_s"] = stage(["train"], {**env, "OUTPUT_DIR": str(adapter)})
+    train_manifest = json.loads((adapter / "adapter" / "manifest.json").read_text(encoding="utf-8"))
 
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    ladder, merge_base = manifest["extra"]["ladder"], manifest["extra"]["merge_base"]
-    timings = manifest["extra"]["timings"]
-    from export.ladder_report import ladder_markdown
-
-    print()
-    print(f"ladder on {ladder['eval_positions']} tokens ({ladder['windows']} windows):")
-    print(ladder_markdown(ladder["rungs"]))
-    print()
-    print(f"merge base: {merge_base['reason']}")
-    print("| merge base | mean NLL | perplexity | KL vs rung 1 | top-1 agreement |")
-    print("|---|---|---|---|---|")
-    for name, c in merge_base["candidates"].items():
-        print(f"| {name} | {c['nll']:.4f} | {c['perplexity']:.3f} | {c['kl']:.5f} | {100 * c['top1']:.2f}% |")
-    print()
-    print(f"export {timings['total_s']:.1f} s, of which the ladder's scoring {timings['ladder_s']:.1f} s "
-          f"(rung 1 {timings['ladder_trained_s']:.1f} s); wall {seconds['export_s']:.1f} s")
-
-    identity = None
+    t = time.monotonic()
+    base_model = {"BASE_MODEL": args.base} if args.base else {}
+    auto = default_export(adapter, work / "export-default", base_model, args.reuse)
+    seconds["default_export_s"] = time.monotonic() - t
+    keyword_rows = None
     if args.identity:
+        from evals.identity import load_heldout
+
+        keyword_rows = [r for r in load_heldout(args.heldout) if r["kind"] == "identity"]
+    bases = ["original", "nf4"] if train_manifest["inputs"].get("load_in_4bit") else ["original"]
+    by_base = {}
+    for base in bases:
         t = time.monotonic()
-        identity = identity_by_merge_base(adapter, args.base, args.workdir, args.heldout, args.keyword)
-        seconds["identity_s"] = time.monotonic() - t
-        print()
-        print(f"identity questions answered with {args.keyword!r} (Q8_0 of each merge base):")
-        for name, found in identity.items():
-            print(f"  {name}: {100 * found['identity_share']:.1f}% of {found['questions']} "
-                  f"(rung-2 KL {found['merged_kl']:.5f}); first answer: {found['first_answer'][:80]!r}")
+        by_base[base] = base_rows(adapter, base, work / f"export-{base}", keyword_rows, args.keyword, base_model,
+                                   args.reuse)
+        seconds[f"{base}_s"] = time.monotonic() - t
+
+    choice = auto["merge_base"]["chosen"] if auto["exit"] == 0 else None
+    from bench.common import markdown_table
+
+    print()
+    print(markdown_table(["adapter", "base", "type", "held-out NLL", "general NLL", "held-out KL", "general KL",
+                          "stop check"], table_rows(args.tag, by_base, choice)))
+    print()
+    if auto["exit"] == 0:
+        print(f"default export: {auto['merge_base']['reason']} ({auto['seconds']:.0f} s)")
+    else:
+        print(f"default export: exit {auto['exit']} (no base passed); report: {auto['report'] and 'kept'}")
+    for base, found in by_base.items():
+        if "identity_q4_k_m" in found:
+            share = found["identity_q4_k_m"]
+            print(f"{base} Q4_K_M: {100 * share['share']:.1f}% of {share['questions']} identity questions say "
+                  f"{args.keyword!r}")
 
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
         "adapter": str(adapter),
-        "base_model": manifest["inputs"]["base_model"],
-        "quant_types": args.quant_types,
+        "train": {"settings": train_manifest.get("settings"), "global_step": train_manifest["extra"]["global_step"],
+                  "heldout_rows": train_manifest["extra"].get("heldout_rows")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "export_timings": timings,
-        "ladder": ladder,
-        "merge_base": merge_base,
-        "identity_by_merge_base": identity,
+        "default_export": auto,
+        "by_base": by_base,
     }
     from loraship.atomic import write_json
 
