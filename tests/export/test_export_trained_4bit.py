@@ -1,0 +1,63 @@
+"""A new user's first QLoRA export, with every default: 3 steps in 4-bit on a small ShareGPT file of short
+answers with system prompts, then ``python -m export``.
+
+The shipped Q4_K_M file must stop by itself, and the manifest must show both merge bases judged at
+Q4_K_M on the train run's own held-out rows, and the choice the rule made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraship.manifest import read_manifest, verify_files
+from tests.fixtures.export_runs import run_export_cli
+from tests.fixtures.stage_runs import base_env, run_stage
+
+# One 4-bit train and one two-base export on 2 cores: about 10 minutes, past the suite's 900 s default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "data" / "short_answers_sharegpt.jsonl"
+TRAIN = {"BASE_MODEL": "embedded", "LOAD_IN_4BIT": "true", "MAX_STEPS": "3", "EVAL_FRACTION": "0.25",
+         "MAX_SEQ_LENGTH": "256", "DATASET": str(FIXTURE)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, converter_dir):
+    root = tmp_path_factory.mktemp("trained-4bit")
+    run = run_stage("train", [], {**base_env(), **TRAIN, "OUTPUT_DIR": str(root / "train")}, cwd=root, timeout=1800)
+    assert run.exit == 0, run.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        result = run_export_cli({"ADAPTER": str(root / "train"), "OUTPUT_DIR": str(root / "export")})
+    assert result.exit_code == 0, result.stderr[-3000:]
+    return root
+
+
+def test_train_writes_its_eval_split_into_the_adapter(exported):
+    from loraship.heldout import read_heldout_rows
+
+    rows = read_heldout_rows(exported / "train" / "adapter")
+    manifest = read_manifest(exported / "train" / "adapter")
+    assert len(rows) == 11 and manifest["extra"]["heldout_rows"]["rows"] == 11  # 25% of 44
+    assert "heldout_rows.jsonl" in {f["name"] for f in manifest["files"]}
+
+
+def test_the_shipped_q4_k_m_stops_and_both_bases_were_judged_on_the_heldout_rows(exported):
+    out = exported / "export"
+    manifest = read_manifest(out)
+    assert verify_files(out, manifest) == []
+    q4 = manifest["extra"]["files"]["SmolLM2-135M-Instruct-lora-Q4_K_M.gguf"]["verification"]
+    assert (q4["stop_check"], q4["finish_reason"], q4["stop_prompts"]) == ("natural", "stop", 3)
+    record = manifest["extra"]["merge_base"]
+    assert (record["setting"], record["trained_in_4bit"], record["shipped_type"]) == ("auto", True, "Q4_K_M")
+    assert set(record["candidates"]) == {"original", "nf4"}
+    for candidate in record["candidates"].values():
+        heldout = candidate["rungs"]["Q4_K_M"]["heldout"]
+        assert heldout["tokens"] == 110 and heldout["nll"] > 0 and heldout["kl"] > 0
+    chosen = record["candidates"][record["chosen"]]
+    assert chosen["passed"] and chosen["files"] == ["SmolLM2-135M-Instruct-lora-F16.gguf",
+                                                    "SmolLM2-135M-Instruct-lora-Q4_K_M.gguf"]
+    card = (out / "README.md").read_text()
+    assert f"Merge base: {record['reason']}. Rule: {record['rule']}." in card
