@@ -87,8 +87,6 @@ class Options:
     #: At real lengths the timed steps repeat the warm-up's first rows, so every packed length they run has
     #: recorded its CUDA graphs: a long run's steady state.
     recorded_real: bool = False
-    #: Per-layer CUDA graphs with a symbolic packed length on a torch before 2.13 (bench/symbolic_graph_lengths.py).
-    symbolic_graph_lengths: bool = False
     tiny: bool = False
     #: Train settings changed for loraship's runs (``--set``), by environment variable name.
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -104,7 +102,7 @@ class Options:
     def flags(self) -> list[str]:
         """These options as command-line flags (what ``--isolate`` gives each process it starts)."""
         flags = ["--warmup", str(self.warmup), "--timed", str(self.timed)]
-        for name in ("pipelined", "recorded_real", "symbolic_graph_lengths", "tiny"):
+        for name in ("pipelined", "recorded_real", "tiny"):
             if getattr(self, name):
                 flags.append("--" + name.replace("_", "-"))
         for key, value in self.settings.items():
@@ -598,9 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recorded-real", action="store_true",
                         help="real lengths: the timed steps repeat the first warm-up steps' rows, so their packed "
                         "lengths' CUDA graphs are recorded (a long run's steady state); needs --timed <= --warmup")
-    parser.add_argument("--symbolic-graph-lengths", action="store_true",
-                        help="per-layer CUDA graphs with a symbolic packed length even where this torch cannot "
-                        "(before 2.13: bench/symbolic_graph_lengths.py works around its partitioner)")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each configuration in a process of its own (nothing one leaves behind, "
                         "a patched module, a compiled graph, an allocator's cache, reaches the next)")
@@ -624,13 +619,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
     options = Options(device="cuda" if torch.cuda.is_available() and not args.tiny else "cpu", warmup=args.warmup,
                       timed=args.timed, pipelined=args.pipelined, recorded_real=args.recorded_real,
-                      symbolic_graph_lengths=args.symbolic_graph_lengths, tiny=args.tiny, settings=settings)
+                      tiny=args.tiny, settings=settings)
     if args.workdir:
         return run_configs(options, wanted, shapes, Path(args.workdir), args.out, args.isolate)
     with tempfile.TemporaryDirectory(prefix="train-throughput-") as tmp:  # no --workdir: nothing left behind
@@ -650,7 +641,6 @@ def run_configs(options: Options, wanted: list[tuple[str | None, str]], shapes: 
               "settings": {"warmup": options.warmup, "timed": options.timed, "seq": options.seq,
                            "learning_rate": LEARNING_RATE, "pipelined": options.pipelined,
                            "recorded_real": options.recorded_real,
-                           "symbolic_graph_lengths": options.symbolic_graph_lengths,
                            "logging_steps": options.logging_steps, "train_settings": options.settings,
                            "real_lengths_first_40": real_lengths(40)},
               "results": [], "base_build_s": {}}

@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps recorded")
     parser.add_argument("--top", type=int, default=15, help="groups listed")
-    parser.add_argument("--symbolic-graph-lengths", action="store_true",
-                        help="as bench/train_throughput.py: per-layer graphs with a symbolic length before torch 2.13")
     parser.add_argument("--workdir", default=None, help="where the random-init base is saved, and found again")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -167,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("recording needs a CUDA GPU: run it on the device (or --replay a saved trace)")
-        if args.symbolic_graph_lengths:
-            from bench import symbolic_graph_lengths
-
-            print(symbolic_graph_lengths.enable(), flush=True)
-        options = tt.Options(device="cuda", warmup=args.warmup, timed=args.steps, settings=settings,
-                             symbolic_graph_lengths=args.symbolic_graph_lengths)
+        options = tt.Options(device="cuda", warmup=args.warmup, timed=args.steps, settings=settings)
         with tempfile.TemporaryDirectory(prefix="memory-trace-") as tmp:
             base = build_llama_on_device(Path(args.workdir or tmp) / args.shape, args.shape, "cuda")
             results = [record(args.shape, key, base, options, args.top) for key in keys]

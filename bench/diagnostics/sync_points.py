@@ -80,8 +80,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the runs' LOGGING_STEPS (a logged loss is read back from the GPU)")
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps watched")
-    parser.add_argument("--symbolic-graph-lengths", action="store_true",
-                        help="as bench/train_throughput.py: per-layer graphs with a symbolic length before torch 2.13")
     parser.add_argument("--workdir", default=None, help="where the random-init base is saved, and found again")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -93,14 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: run it on the device")
-    if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
     # LOGGING_STEPS is the bench's to set: a loss read back every step unless asked otherwise.
     options = tt.Options(device="cuda", warmup=args.warmup, timed=args.steps, settings={
-        **settings, **({"LOGGING_STEPS": str(args.logging_steps)} if args.logging_steps != tt.LOGGING_STEPS else {})},
-        symbolic_graph_lengths=args.symbolic_graph_lengths)
+        **settings, **({"LOGGING_STEPS": str(args.logging_steps)} if args.logging_steps != tt.LOGGING_STEPS else {})})
     with tempfile.TemporaryDirectory(prefix="sync-points-") as tmp:
         base = build_llama_on_device(Path(args.workdir or tmp) / args.shape, args.shape, "cuda")
         results = [sync_points(args.shape, key, base, options) for key in keys]

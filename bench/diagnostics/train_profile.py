@@ -90,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--active", type=int, default=2, help="optimizer steps profiled")
     parser.add_argument("--top", type=int, default=25, help="operators listed")
-    parser.add_argument("--symbolic-graph-lengths", action="store_true",
-                        help="as bench/train_throughput.py: per-layer graphs with a symbolic length before torch 2.13")
     parser.add_argument("--workdir", default=None, help="where the random-init base is saved, and found again")
     parser.add_argument("--out", default=None)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test on the tiny shape")
@@ -103,13 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if args.symbolic_graph_lengths:
-        from bench import symbolic_graph_lengths
-
-        print(symbolic_graph_lengths.enable(), flush=True)
     options = tt.Options(device="cuda" if torch.cuda.is_available() and not args.tiny else "cpu",
-                         warmup=args.warmup, timed=args.active, tiny=args.tiny, settings=settings,
-                         symbolic_graph_lengths=args.symbolic_graph_lengths)
+                         warmup=args.warmup, timed=args.active, tiny=args.tiny, settings=settings)
     shape = "tiny" if args.tiny else args.shape
     with tempfile.TemporaryDirectory(prefix="train-profile-") as tmp:  # no --workdir: nothing left behind
         base = build_llama_on_device(Path(args.workdir or tmp) / shape, shape, options.device)

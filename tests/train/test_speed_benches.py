@@ -80,19 +80,6 @@ def test_the_pipelined_throughput_bench_times_whole_phases_and_compares_the_logg
     assert loraship["step_losses"] == pytest.approx(plain["step_losses"], rel=1e-2)
 
 
-def test_recorded_real_lengths_time_steps_that_repeat_the_warm_ups_rows(tmp_path):
-    # So every packed length the timed steps run has had its CUDA graphs recorded in the warm-up (a long run's
-    # steady state).
-    out = tmp_path / "t.json"
-    run_bench("train_throughput.py", "--tiny", "--configs", "plain-real", "--warmup", "3", "--timed", "2",
-              "--recorded-real", "--out", str(out))
-    report = json.loads(out.read_text())
-    (result,) = report["results"]
-    assert report["settings"]["recorded_real"] is True
-    tokens = result["tokens_per_step"]
-    assert len(tokens) == 5 and tokens[3:] == tokens[:2] and len(set(tokens[:3])) == 3
-
-
 @pytest.mark.parametrize("args, says", [
     (["--recorded-real", "--warmup", "2", "--timed", "3"], "--timed (3) must not exceed --warmup (2)"),
     (["--set", "BATCH_SIZE=4"], "--set BATCH_SIZE: the bench sets it"),
@@ -105,19 +92,24 @@ def test_the_throughput_bench_refuses_what_it_cannot_measure(args, says):
     assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
 
 
-def test_loraship_runs_per_layer_graphs_at_real_lengths_with_a_symbolic_length_in_each_process_of_its_own(tmp_path):
-    """``--symbolic-graph-lengths`` (torch before 2.13 needs bench/symbolic_graph_lengths.py for it) reaches the
-    processes of ``--isolate``, where loraship's plan is then per-layer CUDA graphs; the packed lengths go through
-    them with the length symbolic, and train as the plain stack does on the same rows."""
+def test_real_lengths_run_per_layer_graphs_each_in_a_process_of_its_own_and_time_recorded_lengths(tmp_path):
+    """``--isolate``: each configuration measures in a process of its own, where loraship's plan is per-layer CUDA
+    graphs; the packed lengths go through them and train as the plain stack does on the same rows.
+    ``--recorded-real``: the timed steps repeat the warm-up's rows, so every packed length they run has had its
+    CUDA graphs recorded (a long run's steady state)."""
     out = tmp_path / "t.json"
-    printed = run_bench("train_throughput.py", "--tiny", "--configs", "plain-real,loraship-real", "--warmup", "1",
-                        "--timed", "2", "--isolate", "--symbolic-graph-lengths", "--out", str(out))
-    assert printed.count("packed length symbolic") == 3  # this process, and each that measures
-    plain, graphs = json.loads(out.read_text())["results"]
+    run_bench("train_throughput.py", "--tiny", "--configs", "plain-real,loraship-real", "--warmup", "3",
+              "--timed", "2", "--recorded-real", "--isolate", "--out", str(out))
+    report = json.loads(out.read_text())
+    plain, graphs = report["results"]
     assert (plain["config"], graphs["config"]) == ("plain-real", "loraship-real"), graphs.get("error")
     assert len({plain["pid"], graphs["pid"], os.getpid()}) == 3
     assert "compile_mode=layers-cudagraphs" in graphs["levers"] and graphs["micro_batching"] == [8, 1]
-    assert graphs["tokens_per_s"] > 0 and len(set(graphs["tokens_per_step"])) == 3  # three packed lengths
+    assert report["settings"]["recorded_real"] is True
+    for result in (plain, graphs):
+        tokens = result["tokens_per_step"]
+        assert len(tokens) == 5 and tokens[3:] == tokens[:2] and len(set(tokens[:3])) == 3  # three packed lengths
+    assert graphs["tokens_per_s"] > 0
     assert graphs["losses"] == pytest.approx(plain["losses"], rel=1e-3)
 
 
@@ -141,11 +133,20 @@ def test_the_cuda_diagnostics_say_they_need_a_gpu(script):
     assert done.returncode == 2 and "needs a CUDA GPU" in done.stderr and "run it on the device" in done.stderr
 
 
-def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_compares_them(tmp_path):
-    out = tmp_path / "scaling.json"
-    printed = run_bench("multi_gpu_scaling.py", "--tiny", "--steps", "8", "--rows", "64", "--batch", "2", "--seq",
-                        "128", "--eval-size", "8", "--logging-steps", "1", "--out", str(out))
-    record = json.loads(out.read_text())
+SCALING = ("--tiny", "--rows", "64", "--batch", "2", "--seq", "128", "--eval-size", "8")
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory):
+    """One full scaling bench (its base, data and runs kept in a workdir): its record, what it printed, the workdir."""
+    root = tmp_path_factory.mktemp("scaling")
+    printed = run_bench("multi_gpu_scaling.py", *SCALING, "--steps", "8", "--logging-steps", "1", "--workdir",
+                        str(root / "work"), "--out", str(root / "scaling.json"))
+    return json.loads((root / "scaling.json").read_text()), printed, root / "work"
+
+
+def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_compares_them(scaling_run):
+    record, printed, _ = scaling_run
     one, two, share = record["results"]
     assert (one["processes"], two["processes"], share["processes"]) == (1, 2, 1)
     assert one["global_batch_size"] == two["global_batch_size"] == 4  # 2 rows x 2 accumulation, 2 rows x 2 processes
@@ -162,14 +163,12 @@ def test_the_scaling_bench_trains_one_and_two_processes_at_one_global_batch_and_
     assert "| 2 processes | 2 | 4 |" in printed
 
 
-def test_the_scaling_bench_runs_the_runs_asked_with_the_settings_given_and_reuses_its_base(tmp_path):
-    common = ("--tiny", "--rows", "48", "--batch", "2", "--seq", "128", "--eval-size", "8", "--workdir",
-              str(tmp_path / "work"))
-    run_bench("multi_gpu_scaling.py", *common, "--steps", "6", "--runs", "one", "--out", str(tmp_path / "a.json"))
-    config = tmp_path / "work" / "base" / "config.json"
+def test_the_scaling_bench_runs_the_runs_asked_with_the_settings_given_and_reuses_its_base(scaling_run, tmp_path):
+    _, _, work = scaling_run
+    config = work / "base" / "config.json"
     built = config.stat().st_mtime_ns
-    printed = run_bench("multi_gpu_scaling.py", *common, "--steps", "6", "--runs", "one", "--set", "MAX_STEPS=8",
-                        "--out", str(tmp_path / "b.json"))
+    printed = run_bench("multi_gpu_scaling.py", *SCALING, "--workdir", str(work), "--steps", "6", "--runs", "one",
+                        "--set", "MAX_STEPS=8", "--out", str(tmp_path / "b.json"))
     record = json.loads((tmp_path / "b.json").read_text())
     (run,) = record["results"]
     assert record["settings"] == {"MAX_STEPS": "8"} and "comparison" not in record
