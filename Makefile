@@ -14,6 +14,8 @@ PIP := $(BIN)/python -m pip
 # ~6 min on 2 cores) and reuse the wheel from $(WHEELS) afterwards.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 PYTEST_ARGS ?=
+# Test processes side by side (pytest-xdist; each test file stays in one of them): CI has 2 cores.
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test train export serve demo chat space bench-serve bench-export clean help readme
 
@@ -46,7 +48,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt $(SDIST)
 	@touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 train: $(STAMP)
 	$(BIN)/python -m train

@@ -49,11 +49,21 @@ def embedded_hf_folder() -> Path:
     4-bit) and export can merge into it shard by shard. Built atomically in the
     cache; later calls reuse it.
     """
-    from loraship.atomic import atomic_path
-
     folder = cache_root() / "embedded" / EMBEDDED_NAME
     if (folder / "config.json").is_file():
         return folder
+    from filelock import FileLock
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):  # two processes starting at once build it once
+        if not (folder / "config.json").is_file():
+            _build_hf_folder(folder)
+    return folder
+
+
+def _build_hf_folder(folder: Path) -> None:
+    from loraship.atomic import atomic_path
+
     gguf = embedded_gguf_path()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,4 +78,3 @@ def embedded_hf_folder() -> Path:
     with atomic_path(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return folder

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from loraship.embedded import EMBEDDED_HUB_ID, embedded_hf_folder
+from loraship.embedded import EMBEDDED_HUB_ID, EMBEDDED_NAME, embedded_hf_folder
 from train.model import hub_id_of, plan_for, resolve_model_path
 from train.settings import TrainSettings
 
@@ -24,6 +27,21 @@ def test_embedded_hf_folder_is_a_float32_llama_with_the_chat_template():
     assert "<|im_start|>" in tokenizer.chat_template
     assert embedded_hf_folder() == folder  # built once, then reused from the cache
     assert resolve_model_path("embedded") == str(folder)
+
+
+@pytest.mark.slow
+def test_two_processes_starting_together_build_the_embedded_folder_once(tmp_path):
+    # Each prints the weights file it was handed; a second build would have replaced the first one's file.
+    code = ("import os; from loraship.embedded import embedded_hf_folder; "
+            "print(os.stat(embedded_hf_folder() / 'model.safetensors').st_ino)")
+    env = {**os.environ, "LORASHIP_CACHE": str(tmp_path / "cache")}
+    starts = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+              for _ in range(2)]
+    handed = [start.communicate(timeout=300)[0].strip() for start in starts]
+    assert [start.returncode for start in starts] == [0, 0]
+    folder = tmp_path / "cache" / "embedded"
+    assert handed == [str(os.stat(folder / EMBEDDED_NAME / "model.safetensors").st_ino)] * 2
+    assert [p.name for p in folder.iterdir() if p.suffix != ".lock"] == [EMBEDDED_NAME]  # no half-built copy left
 
 
 def test_embedded_is_the_default_without_a_gpu_and_cards_cite_its_hub_id():
