@@ -17,7 +17,8 @@ Per adapter (``--adapter DIR``, or trained here with ``--train KEY=VALUE ...``):
 Usage: ``python bench/quality_ladder.py --tag NAME [--adapter DIR | --train KEY=VALUE ...] [--base MODEL]
 [--identity] [--workdir DIR] [--reuse]``; prints the table and writes ``bench/results/quality_ladder-NAME.json``.
 ``--reuse`` keeps each export of WORKDIR/NAME that finished (its manifest.json is there), so a run cut off
-goes on where it stopped.
+goes on where it stopped; ``seconds`` then leaves out each reused export (``reused`` names them), and the
+default export's own ``seconds`` is its manifest's ``total_s``.
 """
 
 from __future__ import annotations
@@ -134,10 +135,13 @@ def main() -> None:
         _, seconds["train_s"] = stage(["train"], {**env, "OUTPUT_DIR": str(adapter)})
     train_manifest = json.loads((adapter / "adapter" / "manifest.json").read_text(encoding="utf-8"))
 
-    t = time.monotonic()
     base_model = {"BASE_MODEL": args.base} if args.base else {}
+    reused = [f"export-{name}" for name in ("default", "original", "nf4")
+              if args.reuse and finished(work / f"export-{name}")]
+    t = time.monotonic()
     auto = default_export(adapter, work / "export-default", base_model, args.reuse)
-    seconds["default_export_s"] = time.monotonic() - t
+    if "export-default" not in reused:
+        seconds["default_export_s"] = time.monotonic() - t
     keyword_rows = None
     if args.identity:
         from evals.identity import load_heldout
@@ -149,7 +153,7 @@ def main() -> None:
         t = time.monotonic()
         by_base[base] = base_rows(adapter, base, work / f"export-{base}", keyword_rows, args.keyword, base_model,
                                    args.reuse)
-        seconds[f"{base}_s"] = time.monotonic() - t
+        seconds[f"{base}_s" if f"export-{base}" not in reused else f"{base}_checks_s"] = time.monotonic() - t
 
     choice = auto["merge_base"]["chosen"] if auto["exit"] == 0 else None
     from bench.common import markdown_table
@@ -177,6 +181,7 @@ def main() -> None:
         "train": {"settings": train_manifest.get("settings"), "global_step": train_manifest["extra"]["global_step"],
                   "heldout_rows": train_manifest["extra"].get("heldout_rows")},
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "reused": reused,
         "default_export": auto,
         "by_base": by_base,
     }
