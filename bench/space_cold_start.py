@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -235,9 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             downloads.append(entry)
 
     load_before = list(os.getloadavg())
-    with pytest.MonkeyPatch.context() as monkeypatch, cpu_priority(not args.share_cpu) as parent:
+    with pytest.MonkeyPatch.context() as monkeypatch, cpu_priority(not args.share_cpu) as parent, \
+            tempfile.TemporaryDirectory(dir=workdir) as hub_files:  # the Hub's copy of the GGUF goes when done
         monkeypatch.setattr(stub._Handler, "_resolve", timed_resolve)
-        with stub.running_stub_hub(monkeypatch, workdir) as hub:
+        with stub.running_stub_hub(monkeypatch, Path(hub_files)) as hub:
             hub.add_file(REPO, GGUF, gguf.read_bytes())
             hub.add_file(REPO, "manifest.json", (gguf.parent / "manifest.json").read_bytes())
             runs = [cold_start(args.image, hub, downloads, env, args.max_tokens, args.cpus, parent)
