@@ -29,18 +29,33 @@ def test_embedded_hf_folder_is_a_float32_llama_with_the_chat_template():
     assert resolve_model_path("embedded") == str(folder)
 
 
-@pytest.mark.slow
 def test_two_processes_starting_together_build_the_embedded_folder_once(tmp_path):
-    # Each prints the weights file it was handed; a second build would have replaced the first one's file.
-    code = ("import os; from loraship.embedded import embedded_hf_folder; "
-            "print(os.stat(embedded_hf_folder() / 'model.safetensors').st_ino)")
+    # The build itself is stood in for by one that takes a second and counts its calls.
+    code = """
+import sys, time
+from pathlib import Path
+import loraship.embedded as embedded
+from loraship.atomic import atomic_path
+
+def build(folder):
+    with open(sys.argv[1], "a") as calls:
+        calls.write("built\\n")
+    time.sleep(1)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+
+embedded._build_hf_folder = build
+print(embedded.embedded_hf_folder())
+"""
     env = {**os.environ, "LORASHIP_CACHE": str(tmp_path / "cache")}
-    starts = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    calls = tmp_path / "calls.txt"
+    starts = [subprocess.Popen([sys.executable, "-c", code, str(calls)], env=env, stdout=subprocess.PIPE, text=True)
               for _ in range(2)]
-    handed = [start.communicate(timeout=300)[0].strip() for start in starts]
+    handed = [start.communicate(timeout=120)[0].strip() for start in starts]
     assert [start.returncode for start in starts] == [0, 0]
     folder = tmp_path / "cache" / "embedded"
-    assert handed == [str(os.stat(folder / EMBEDDED_NAME / "model.safetensors").st_ino)] * 2
+    assert handed == [str(folder / EMBEDDED_NAME)] * 2 and calls.read_text() == "built\n"
     assert [p.name for p in folder.iterdir() if p.suffix != ".lock"] == [EMBEDDED_NAME]  # no half-built copy left
 
 
