@@ -14,7 +14,7 @@ Usage (device)::
     python bench/train_1b_synthetic.py --tokenizer DIR --out DIR [--steps 300]
 
 writes ``adapter.tar.gz`` (the adapter folder), ``train_summary.json``,
-``loss.png`` and ``base.json`` (shape, seed, fingerprint) into ``--out``.
+``run_settings.json``, ``loss.png`` and ``base.json`` (shape, seed, fingerprint) into ``--out``.
 ``--heldout FILE`` alone writes the held-out eval text (no GPU needed).
 """
 
@@ -97,7 +97,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(args.out / "adapter.tar.gz", "w:gz") as tar:
         tar.add(out / "adapter", arcname="adapter")
-    for name in ("train_summary.json", "loss.png"):
+    for name in ("train_summary.json", "run_settings.json", "loss.png"):
         (args.out / name).write_bytes((out / name).read_bytes())
     (args.out / "base.json").write_text(json.dumps(
         {"shape": SHAPE, "seed": SEED, "fingerprint": fingerprint, "build_s": round(build_s, 1),
