@@ -43,14 +43,13 @@ GGUF_REPO, MERGED_REPO, TOKEN = "stub-user/smol-gguf", "stub-user/smol-gguf-merg
 @pytest.fixture(scope="module")
 def merged_push(exported):
     """(export folder, the merged repo's files as pushed) for MERGED=true with HUB_REPO set, other settings default."""
-    root = exported
-    with pytest.MonkeyPatch.context() as patch, running_stub_hub(patch, root) as hub:
-        patch.chdir(root)
-        result = run_export_cli({"ADAPTER": str(root / "train"), "OUTPUT_DIR": str(root / "export-merged"),
+    with pytest.MonkeyPatch.context() as patch, running_stub_hub(patch, exported) as hub:
+        patch.chdir(exported)
+        result = run_export_cli({"ADAPTER": str(exported / "train"), "OUTPUT_DIR": str(exported / "export-merged"),
                                  "MERGED": "true", "HUB_REPO": GGUF_REPO, "HF_TOKEN": TOKEN})
         assert result.exit_code == 0, result.stderr[-3000:]
         assert TOKEN not in result.stderr
-        yield root / "export-merged", hub.repo_files(MERGED_REPO)
+        yield exported / "export-merged", hub.repo_files(MERGED_REPO)
 
 
 def test_train_writes_its_eval_split_into_the_adapter(exported):
@@ -104,8 +103,6 @@ def test_the_merged_4bit_adapter_loads_in_transformers_as_close_to_the_trained_m
 
 
 def test_the_merged_folder_is_pushed_with_a_card_naming_the_embedded_base_by_its_hub_id(merged_push, exported):
-    from pathlib import Path
-
     out, pushed = merged_push
     merged = out / "merged"
     assert pushed.keys() == {p.name for p in merged.iterdir()}
