@@ -5,7 +5,7 @@ against the stand-in Hub on loopback (HF_ENDPOINT), which serves a random-init b
 Prints a table (each stage's exit status, seconds and peak memory) and writes JSON with the library versions:
 
     python bench/rehearsal.py --out bench/results/rehearsal-1b.json          # a CUDA GPU: the 1B shape
-    python bench/rehearsal.py --tiny --steps 2                               # CPU smoke test: tiny shape, demo recipe
+    python bench/rehearsal.py --tiny --steps 6                               # CPU smoke test: tiny shape, demo recipe
 """
 
 from __future__ import annotations

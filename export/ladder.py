@@ -228,12 +228,12 @@ def score_gguf(rung: str, path: Path, parent: str, eval_sets: dict[str, EvalSet]
 
 
 def hf_logits(model, windows: list[list[int]]) -> Iterator["np.ndarray"]:
-    """Logits of a transformers model (CPU) for each window, one window at a time."""
+    """Logits of a transformers model for each window, one window at a time, computed where the model is."""
     import torch
 
     with torch.inference_mode():
         for window in windows:
-            yield model(torch.tensor([window])).logits[0].float().numpy()
+            yield model(torch.tensor([window], device=model.device)).logits[0].float().cpu().numpy()
 
 
 def gguf_logits(llm, windows: list[list[int]]) -> Iterator["np.ndarray"]:
@@ -257,7 +257,9 @@ def trained_model(base_dir: Path, adapter_dir: Path, load_in_4bit: bool):
 
     from export.merge import NF4Spec
 
-    kwargs: dict = {"dtype": torch.float32}
+    # On the CPU even where there is a GPU (bitsandbytes would take it): the path CI measures, and the NF4 merge
+    # base's round trip runs on the CPU too.
+    kwargs: dict = {"dtype": torch.float32, "device_map": {"": "cpu"}}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 

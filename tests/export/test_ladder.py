@@ -121,7 +121,7 @@ def test_nf4_round_trip_equals_the_weights_bitsandbytes_loads(tiny_llama_dir, tm
 def torch_equal(a, b) -> bool:
     import torch
 
-    return a.shape == b.shape and bool(torch.equal(a, b))
+    return a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu()))  # a 4-bit model loads onto a GPU if there is one
 
 
 def test_kl_of_identical_distributions_is_exactly_zero_never_negative():
@@ -133,3 +133,27 @@ def test_kl_of_identical_distributions_is_exactly_zero_never_negative():
     # the same distribution computed along another path differs from logp only by rounding
     again = log_softmax(logp + 7.0)
     assert (kl_divergence(logp, again) >= 0).all() and kl_divergence(logp, logp).max() == 0.0
+
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_machine_the_model_as_trained_is_scored_on_the_cpu_like_its_nf4_merge(tiny_llama_dir, tmp_path):
+    """bitsandbytes would put a 4-bit model on the GPU; the ladder keeps it on the CPU, where CI measures it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from export.ladder import hf_logits, trained_model
+    from export.merge import load_adapter, merge_into_folder
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", r=2)
+    model, specs = trained_model(tiny_llama_dir, adapter, load_in_4bit=True)
+    assert model.device.type == "cpu" and torch.cuda.memory_allocated() == 0
+    windows = [[1, 5, 9, 40, 77, 3], [2, 8, 30]]
+    trained = list(hf_logits(model, windows))
+    merged = AutoModelForCausalLM.from_pretrained(
+        merge_into_folder(tiny_llama_dir, load_adapter(adapter), tmp_path / "merged", nf4=specs), dtype=torch.float32)
+    for as_trained, as_merged, window in zip(trained, hf_logits(merged, windows), windows):
+        assert as_trained.shape == as_merged.shape == (len(window), model.config.vocab_size)
+        # The merge rounds base + adapter once to the stored dtype: the distributions agree to that rounding
+        # (a random-init model's near-flat top tokens may swap, so only the KL is asked).
+        assert float(kl_divergence(log_softmax(as_merged), log_softmax(as_trained)).max()) < 1e-5
