@@ -147,7 +147,7 @@ def test_on_a_gpu_machine_the_model_as_trained_is_scored_on_the_cpu_like_its_nf4
 
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter", r=2)
     model, specs = trained_model(tiny_llama_dir, adapter, load_in_4bit=True)
-    assert model.device.type == "cpu" and torch.cuda.memory_allocated() == 0
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
     windows = [[1, 5, 9, 40, 77, 3], [2, 8, 30]]
     trained = list(hf_logits(model, windows))
     merged = AutoModelForCausalLM.from_pretrained(
