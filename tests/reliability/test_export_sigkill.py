@@ -5,8 +5,8 @@ quantizer children included) and is SIGKILLed at seeded random moments of an
 uninterrupted run's duration: while merging, converting, quantizing or
 verifying. Whatever the moment, OUTPUT_DIR may hold only ``.tmp-*`` scratch
 entries (or, killed while exiting after its last rename, a complete export
-that matches its manifest); then one more run into the same folder must finish, clean the
-scratch up and leave files that match their manifest.
+that matches its manifest); then one more run into the same folder must
+finish, clean the scratch up and leave files that match their manifest.
 """
 
 from __future__ import annotations
